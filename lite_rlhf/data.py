@@ -1,0 +1,197 @@
+"""Prompts and preference pairs: loading with line-level validation, and the one chat template.
+
+Every stage (generation, reward scoring, DPO) turns a prompt into tokens through `prompt_ids`, and a
+prompt plus a response through `encode`. A template mismatch between the reward model and the
+policy is a known cause of a DPO loss stuck at log 2 = 0.69; a test pins that all stages agree.
+
+Formats (TRL's standard format):
+- prompts: JSONL, one object per line: {"prompt": str | [messages]} with optional "id" and any
+  extra fields (kept in `Prompt.meta`, e.g. the demo's gold-check fields);
+- preference pairs: {"prompt", "chosen", "rejected"}, each a string, or lists of chat messages
+  (prompt: the conversation so far; chosen/rejected: the assistant turn(s)).
+Files that are not JSONL (parquet, csv, json arrays) are read with `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: Messages  # the conversation to answer; the last turn is the user's
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _rows(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object or the exception) for each non-empty row of a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist")
+    if path.suffix in (".jsonl", ".ndjson") or path.suffix == "":
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    rows.append((lineno, DataError(f"not valid JSON ({err.msg})")))
+        return rows
+    import datasets
+
+    kind = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+    if kind is None:
+        raise DataError(f"data file '{path}': unknown format '{path.suffix}' (use .jsonl, .json, .csv or .parquet)")
+    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def _messages(value: Any, what: str, roles: tuple[str, ...] = ("system", "user", "assistant")) -> Messages:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"'{what}' is empty")
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        for m in value:
+            if not (isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str)):
+                raise DataError(f"'{what}' must be a string or a list of {{'role', 'content'}} messages")
+        if not any(m["content"].strip() for m in value):
+            raise DataError(f"'{what}' is empty")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"'{what}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def _response(value: Any, what: str) -> str:
+    if isinstance(value, list):
+        msgs = _messages(value, what)
+        value = "".join(m["content"] for m in msgs if m["role"] == "assistant")
+    if not isinstance(value, str):
+        raise DataError(f"'{what}' must be a string or a list of messages, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"'{what}' is empty")
+    return value
+
+
+def _load(path: str | Path, parse, skip_invalid: bool) -> tuple[list, int]:
+    out, skipped = [], 0
+    for lineno, row in _rows(path):
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"expected a JSON object, got {type(row).__name__}")
+            out.append(parse(row, lineno))
+        except DataError as err:
+            if not skip_invalid:
+                raise DataError(f"{path}:{lineno}: {err} (set data.skip_invalid=true to skip such lines)") from None
+            skipped += 1
+    if not out:
+        raise DataError(f"data file '{path}' holds no valid rows")
+    return out, skipped
+
+
+def load_prompts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Prompt], int]:
+    """Prompts from a file; returns (prompts, number of skipped lines)."""
+
+    def parse(row: dict, lineno: int) -> Prompt:
+        if "prompt" not in row:
+            raise DataError("missing field 'prompt'")
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "id")}
+        return Prompt(str(row.get("id", lineno)), _messages(row["prompt"], "prompt"), meta)
+
+    return _load(path, parse, skip_invalid)
+
+
+def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list[PreferencePair], int]:
+    """Preference pairs from a file; returns (pairs, number of skipped lines)."""
+
+    def parse(row: dict, lineno: int) -> PreferencePair:
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DataError(f"missing field '{key}'")
+        return PreferencePair(
+            _messages(row["prompt"], "prompt"), _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected")
+        )
+
+    return _load(path, parse, skip_invalid)
+
+
+# --------------------------------------------------------------------------- the one chat template
+
+
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """Token ids of a prompt under the model's chat template, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def response_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of an assistant answer given as text, closed by the end-of-turn token, as generated."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode(
+    prompt: list[int], response: list[int], max_length: int, truncation: str = "keep_ends"
+) -> tuple[list[int], int] | None:
+    """Concatenate prompt and response ids within `max_length`.
+
+    Rule `keep_ends`: when too long, first cut the response's end (keeping at least half the budget
+    for it), then the prompt's start (keeping its end, where the question and the assistant header
+    are). Rule `drop`: return None. Returns (ids, number of prompt tokens).
+    """
+    if len(prompt) + len(response) <= max_length:
+        return prompt + response, len(prompt)
+    if truncation == "drop":
+        return None
+    keep_response = min(len(response), max(max_length // 2, max_length - len(prompt)))
+    keep_prompt = max_length - keep_response
+    if keep_prompt <= 0:
+        return None
+    prompt = prompt[-keep_prompt:]
+    return prompt + response[:keep_response], len(prompt)
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows to `path` atomically (temporary name, then rename)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
