@@ -1,0 +1,262 @@
+r"""Fused "LM head -> log-softmax -> gather": per-token log-probs without the ``[tokens, vocab]`` logits.
+
+Math. For a row ``n`` with hidden state ``x_n`` (``[H]``), LM head ``W`` (``[V, H]``) and target ``t_n``::
+
+    z_nv      = x_n . W_v                                   logits, never stored for all v
+    lse_n     = log sum_v exp(z_nv)                         online: walk v in blocks, keep (m, s)
+    logp_n    = z_{n,t_n} - lse_n                           0 where t_n == ignore_index
+    p_nv      = exp(z_nv - lse_n)                           softmax
+    dlogp_n / dx_n = W_{t_n} - sum_v p_nv W_v               [H]
+    dlogp_n / dW_v = (1[v == t_n] - p_nv) x_n               [V, H]
+
+Online log-sum-exp over vocabulary blocks: with a running max ``m`` and a running sum
+``s = sum exp(z - m)``, a new block updates ``m' = max(m, max_block z)``,
+``s' = s * exp(m - m') + sum_block exp(z - m')``. The same rescaling keeps a running
+``a = sum_v exp(z_nv - m) W_v`` (``[H]`` per row, as flash attention does with its values), so at the
+end ``sum_v p_nv W_v = a / s``. The gradient with respect to ``hidden`` per unit upstream gradient is
+therefore formed in the forward pass, with one extra matmul per block and no second walk over the
+vocabulary: forward + backward do two ``N x V x H`` matmuls in total, like the naive version. The
+backward only scales it by the upstream gradient. When the LM head trains too, the backward walks the
+vocabulary again (recomputing the logits block by block from the saved ``lse``) to accumulate ``dW``.
+
+Shapes. ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]`` (integer); output ``[...]`` fp32.
+
+Dtypes. fp32, bf16 and fp16 inputs. Everything is accumulated in fp32 (logits, max, sums, the
+gradient accumulator); the log-probs are returned in fp32 and the gradients in the dtype of the input
+they belong to.
+
+Memory. Naive autograd keeps ``[N, V]`` logits, log-softmax and their gradient (3 x 4 x N x V bytes:
+~3 GiB for N = 2048 tokens at V = 128,256). Here the largest temporaries are one block of logits
+(``rows x vocab_block``, a few tens of MiB) and the ``[N, H]`` fp32 gradient saved for backward.
+
+Implementations, chosen by :func:`lite_rlhf.kernels.kernel_path`: Triton kernels (CUDA, or CPU under
+``TRITON_INTERPRET=1``; in ``linear_logprobs_triton.py``), and the chunked torch path below (CPU).
+:func:`linear_logprobs_reference` is the specification and the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import kernel_path, load_triton_module
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Chunked torch path: one logits block holds about this many fp32 values (4M = 16 MiB). Blocks of this
+# size keep the matmuls large enough to run at full speed on a CPU while the memory stays flat.
+_BLOCK_ELEMENTS = 4 * 1024 * 1024
+_MAX_ROWS = 1024  # rows per chunk: bounds the [rows, H] accumulators for very long batches
+
+
+def linear_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """Naive fp32 log p(target): full logits, log-softmax, gather. The specification and the test oracle."""
+    logits = hidden.float() @ weight.float().t()  # [..., V]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    picked = logprobs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0)
+
+
+def _chunk_shape(n_rows: int, vocab: int) -> tuple[int, int]:
+    """(rows, vocab block) for the chunked path: a [rows, vocab block] fp32 block of ~_BLOCK_ELEMENTS."""
+    rows = max(1, min(n_rows, _MAX_ROWS))
+    block = max(256, min(vocab, _BLOCK_ELEMENTS // rows))
+    return rows, block
+
+
+def _chunked_forward(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [N] int64
+    ignore_index: int,
+    need_grad: bool,
+    rows: int,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log p(target) [N], lse [N] and (if need_grad) d logp / d hidden [N, H], all fp32."""
+    n, h_dim = hidden.shape
+    vocab = weight.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    dlogp_dh = torch.empty(n, h_dim, dtype=torch.float32, device=hidden.device) if need_grad else None
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        x = hidden[r0:r1].float()  # [R, H]; a view when hidden is fp32
+        m = torch.full((r1 - r0,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        s = torch.zeros(r1 - r0, dtype=torch.float32, device=hidden.device)
+        acc = dlogp_dh[r0:r1].zero_() if need_grad else None  # running sum_v exp(z - m) W_v, [R, H]
+        for v0 in range(0, vocab, block):
+            w = weight[v0 : v0 + block].float()  # [Vb, H]
+            z = x @ w.t()  # [R, Vb] logits block
+            m_new = torch.maximum(m, z.amax(dim=1))
+            alpha = (m - m_new).exp_()  # rescales what was summed under the old max; 0 on the first block
+            z.sub_(m_new[:, None]).exp_()  # now exp(z - m_new), in place
+            s.mul_(alpha).add_(z.sum(dim=1))
+            if acc is not None:
+                acc.mul_(alpha[:, None]).addmm_(z, w)
+            m = m_new
+            del z, w
+        w_t = weight[safe_targets[r0:r1]].float()  # [R, H] the target rows of W
+        lse_c = m + s.log()
+        lse[r0:r1] = lse_c
+        ok = valid[r0:r1]
+        logp[r0:r1] = torch.where(ok, (x * w_t).sum(dim=1) - lse_c, 0.0)
+        if acc is not None:
+            # d logp / dx = W_t - a / s, and 0 for ignored rows
+            acc.div_(s[:, None]).neg_().add_(w_t).mul_(ok[:, None])
+    return logp, lse, dlogp_dh
+
+
+def _chunked_weight_grad(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [N] int64
+    lse: torch.Tensor,  # [N] fp32
+    grad: torch.Tensor,  # [N] fp32 upstream gradient, already 0 at ignored rows
+    rows: int,
+    block: int,
+) -> torch.Tensor:
+    """dL/dW = sum_n grad_n (onehot(t_n) - p_n) x_n, one vocabulary block at a time (logits recomputed)."""
+    n = hidden.shape[0]
+    vocab = weight.shape[0]
+    x_all = hidden.float()  # [N, H]; a view when hidden is fp32
+    valid = grad != 0
+    grad_weight = torch.empty_like(weight)
+    for v0 in range(0, vocab, block):
+        v1 = min(vocab, v0 + block)
+        w = weight[v0:v1].float()  # [Vb, H]
+        dw = torch.zeros_like(w)  # [Vb, H] fp32
+        for r0 in range(0, n, rows):
+            x = x_all[r0 : r0 + rows]  # [R, H]
+            p = x @ w.t()  # [R, Vb]
+            p.sub_(lse[r0 : r0 + rows, None]).exp_().mul_(-grad[r0 : r0 + rows, None])  # -grad * softmax
+            dw.addmm_(p.t(), x)
+            del p
+        hit = valid & (targets >= v0) & (targets < v1)  # the one-hot part: + grad_n x_n on row t_n
+        dw.index_add_(0, targets[hit] - v0, x_all[hit] * grad[hit, None])
+        grad_weight[v0:v1] = dw
+    return grad_weight
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """Chunked torch path. Saves d logp / d hidden ([N, H] fp32) and, if W trains, only the inputs and lse."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, need_dh, need_dw, rows, block):
+        logp, lse, dlogp_dh = _chunked_forward(hidden, weight, targets, ignore_index, need_dh, rows, block)
+        ctx.need_dh, ctx.need_dw = need_dh, need_dw
+        ctx.ignore_index, ctx.rows, ctx.block = ignore_index, rows, block
+        ctx.hidden_dtype = hidden.dtype
+        if need_dw:
+            ctx.save_for_backward(dlogp_dh, hidden, weight, targets, lse)
+        else:
+            ctx.save_for_backward(dlogp_dh)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        dlogp_dh, *rest = ctx.saved_tensors
+        grad_logp = grad_logp.float()
+        grad_hidden = grad_weight = None
+        if ctx.need_dh:
+            grad_hidden = (dlogp_dh * grad_logp[:, None]).to(ctx.hidden_dtype)
+        if ctx.need_dw:
+            hidden, weight, targets, lse = rest
+            grad = torch.where(targets != ctx.ignore_index, grad_logp, 0.0)
+            grad_weight = _chunked_weight_grad(hidden, weight, targets, lse, grad, ctx.rows, ctx.block)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_logprobs: hidden [..., H] and weight [V, H] disagree: hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)} (pass the LM head weight, e.g. model.lm_head.weight)"
+        )
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"linear_logprobs: targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"linear_logprobs: {name} is {t.dtype}; supported: fp32, bf16, fp16")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"linear_logprobs: targets must be integer token ids, got {targets.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(
+            f"linear_logprobs: tensors on different devices: hidden {hidden.device}, weight {weight.device}, "
+            f"targets {targets.device}"
+        )
+
+
+def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    # Only on CPU: on CUDA the check would synchronize the device on every call.
+    if targets.device.type != "cpu" or targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(
+            f"linear_logprobs: target id {value} is outside the vocabulary [0, {vocab}) and is not "
+            f"ignore_index={ignore_index}: the tokenizer and the LM head disagree"
+        )
+
+
+def linear_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """Per-token ``log softmax(hidden @ weight.T)[target]`` in fp32, without materializing the logits.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (fp32, bf16 or fp16).
+        weight: ``[V, H]`` LM head weight. It may be frozen (LoRA, 4-bit base) or trainable.
+        targets: ``[...]`` token ids; positions equal to ``ignore_index`` give 0 and no gradient.
+        ignore_index: the target value of prompt and padding positions.
+
+    Returns:
+        ``[...]`` fp32 log-probabilities. Differentiable with respect to ``hidden`` and ``weight``.
+    """
+    _check_inputs(hidden, weight, targets)
+    lead_shape = targets.shape
+    h_dim = hidden.shape[-1]
+    x = hidden.reshape(-1, h_dim)  # [N, H]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t = targets.reshape(-1).long()  # [N]
+    _check_target_range(t, weight.shape[0], ignore_index)
+    grad_on = torch.is_grad_enabled()
+    need_dh = grad_on and hidden.requires_grad
+    need_dw = grad_on and weight.requires_grad
+    path = kernel_path(hidden.device)
+    if path == "chunked-torch":
+        rows, block = _chunk_shape(x.shape[0], weight.shape[0])
+        out = _ChunkedLinearLogprobs.apply(x, weight, t, ignore_index, need_dh, need_dw, rows, block)
+    else:
+        triton_impl = load_triton_module("linear_logprobs_triton")
+        out = triton_impl.TritonLinearLogprobs.apply(x, weight, t, ignore_index, need_dh, need_dw)
+    return out.view(lead_shape)
+
+
+def sequence_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each sequence and its number of scored tokens.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states.
+        weight: ``[V, H]`` LM head weight.
+        targets: ``[B, T]`` shifted targets (target ``t`` is predicted from position ``t``), with
+            ``ignore_index`` at prompt and padding positions.
+
+    Returns:
+        ``(sum_logps [B] fp32, n_tokens [B] int64)``. The mean log-prob is ``sum_logps / n_tokens.clamp(min=1)``.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"sequence_logps: hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index)  # [B, T]
+    return logp.sum(dim=-1), (targets != ignore_index).sum(dim=-1)
