@@ -1,0 +1,339 @@
+"""One base model, three roles: policy, reference π0 and reward model (design.md, idea 1).
+
+The base weights are loaded once (fp32/bf16, or 4-bit NF4 through bitsandbytes for QLoRA) and wrapped
+in a single peft model that holds the LoRA adapters:
+
+- policy:    LoRA adapter "policy" (trainable);
+- reference: the base with every adapter disabled, or the frozen adapter "sft" when `model.sft_adapter`
+             is set. Then the policy starts as a copy of the sft adapter (not stacked on it) and the
+             reference is "sft active", not "adapters disabled", which would give the raw base;
+- reward:    LoRA adapter "reward" plus a scalar head `nn.Linear(hidden, 1)` kept outside peft.
+
+Roles are switched explicitly and scoped: `with model.role("reference"): ...` restores the previous
+role on exit. Log-probs go through the fused LM-head kernel (`lite_rlhf.kernels.linear_logprobs`), so
+the `[tokens, vocab]` logits are never built. Sequences are right-padded; masks come from the caller
+(SmolLM2's pad token is its end-of-turn token, so padding cannot be told from the ids).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config
+from .models import resolve_model
+
+ROLES = ("policy", "reference", "reward")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+HEAD_FILE = "head.safetensors"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype`: auto = bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _nf4_config(compute_dtype: torch.dtype):
+    """The only place that needs bitsandbytes (imported by transformers when the model loads)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            "model.quantization=nf4 needs bitsandbytes: `pip install bitsandbytes` (or model.quantization=none)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def keep_nf4_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference (bnb 0.50, AVX512-BF16 CPUs).
+
+    On the first forward in eval mode without grad (our reference role), `Linear4bit` converts its weight
+    in place to a CPU inference layout: the double-quantized scales are rounded to bf16 (the base changes)
+    and every later forward, training included, runs `gemv_4bit`, which has no autograd: gradients no
+    longer flow through the base layers (silently wrong LoRA gradients). Measured on a tiny Llama: policy
+    log-probs moved by ~1e-3 and LoRA gradients by 1.7 (max 32) after one reference pass.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def write_atomic(directory: Path, files: dict[str, callable]) -> None:
+    """Write each file through `writer(tmp_path)` into a temporary dir, then rename it into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=directory) as tmp:
+        for name, writer in files.items():
+            writer(Path(tmp) / name)
+        for name in files:
+            os.replace(Path(tmp) / name, directory / name)
+
+
+class SharedModel:
+    """The base model loaded once, with the policy / reference / reward roles on top of it."""
+
+    def __init__(self, cfg: Config, device: str | torch.device | None = None):
+        from peft import LoraConfig, PeftConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        mcfg = cfg.model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(mcfg.dtype, self.device)
+        self.base_dir = resolve_model(mcfg.name)
+        self.has_sft = mcfg.sft_adapter is not None
+        torch.manual_seed(cfg.run.seed)  # LoRA A matrices and the head are drawn at random
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.tokenizer.padding_side = "right"  # score() reads the last non-padding token
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        kwargs = {
+            "dtype": self.dtype,
+            "device_map": {"": self.device.index or 0} if self.device.type == "cuda" else "cpu",
+        }
+        if mcfg.quantization == "nf4":
+            kwargs["quantization_config"] = _nf4_config(self.dtype)
+        if mcfg.attn_implementation != "auto":
+            kwargs["attn_implementation"] = mcfg.attn_implementation
+        base = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+        if mcfg.quantization == "nf4":
+            keep_nf4_layout(base)
+        for key in ("final_logit_softcapping", "logit_scale"):  # the fused kernel computes plain h @ W.T
+            if getattr(base.config, key, None) not in (None, 1.0):
+                raise ValueError(
+                    f"model '{mcfg.name}' scales its logits ({key}); the log-prob kernel does not support it"
+                )
+        if mcfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
+            sft_dir = Path(mcfg.sft_adapter).expanduser()
+            policy_cfg = copy.deepcopy(PeftConfig.from_pretrained(str(sft_dir)))
+            policy_cfg.inference_mode = False
+        else:
+            policy_cfg = lora
+        self.peft = get_peft_model(base, policy_cfg, adapter_name="policy")
+        self.peft.add_adapter("reward", copy.deepcopy(lora))
+        if self.has_sft:
+            self.peft.load_adapter(str(sft_dir), adapter_name="sft", is_trainable=False)
+            self.copy_adapter("sft", "policy")
+
+        hidden = base.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
+        nn.init.normal_(self.head.weight, std=getattr(base.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.head.bias)
+
+        self._decoder = self.peft.get_base_model().get_decoder()
+        self._role = "policy"
+        self._activate("policy")
+        self.train(False)
+
+    # ------------------------------------------------------------------ roles
+
+    def _activate(self, role: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role '{role}'; one of {ROLES}")
+        tuner = self.peft.base_model
+        if role == "reference" and not self.has_sft:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.enable_adapter_layers()
+            self.peft.set_adapter("sft" if role == "reference" else role)
+        # peft's switches also flip requires_grad; our rule does not depend on the active role:
+        # policy and reward adapters and the head train, the base and the sft adapter never do.
+        for name, p in self.peft.named_parameters():
+            p.requires_grad_(".policy." in name or ".reward." in name)
+        self.head.requires_grad_(True)
+        self._role = role
+
+    @contextlib.contextmanager
+    def role(self, role: str) -> Iterator[SharedModel]:
+        """Make `role` active inside the block; the reference role runs without grad and in eval mode."""
+        previous, was_training = self._role, self.peft.training
+        with contextlib.ExitStack() as stack:
+            self._activate(role)
+            stack.callback(self._activate, previous)
+            if role == "reference":
+                stack.enter_context(torch.no_grad())
+                self.train(False)
+                stack.callback(self.train, was_training)
+            yield self
+
+    @property
+    def active_role(self) -> str:
+        return self._role
+
+    def train(self, mode: bool = True) -> None:
+        self.peft.train(mode)
+        self.head.train(mode)
+
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        """The trainable parameters of `role` ('policy' or 'reward', which includes the head)."""
+        if role not in ("policy", "reward"):
+            raise ValueError(f"role '{role}' has no trainable parameters; use 'policy' or 'reward'")
+        params = [p for n, p in self.peft.named_parameters() if f".{role}." in n]
+        return params + list(self.head.parameters()) if role == "reward" else params
+
+    # ------------------------------------------------------------------ forward passes
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.peft.get_base_model().get_output_embeddings().weight  # [V, H]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states `[B, T, H]` of the active role (after the final norm; no logits)."""
+        out = self._decoder(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+        )
+        return out.last_hidden_state
+
+    def sequence_logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens_or_targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs of the response tokens under the active role: `(sum_logps [B] fp32, n_tokens [B])`.
+
+        `prompt_lens_or_targets` is either `[B]` prompt lengths (tokens before them, and padding, are not
+        scored) or `[B, T]` shifted targets with -100 where nothing is scored.
+        """
+        from lite_rlhf.kernels import linear_logprobs
+
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        targets = prompt_lens_or_targets.to(self.device)
+        if targets.dim() == 1:
+            targets = response_targets(input_ids, attention_mask, targets)
+        valid = targets != -100  # [B, T]
+        hidden = self.hidden_states(input_ids, attention_mask)  # [B, T, H]
+        # Only scored rows go through the LM head: prompt tokens cost nothing there.
+        logp = linear_logprobs(hidden[valid], self.lm_head_weight, targets[valid])  # [N]
+        rows = valid.nonzero()[:, 0]
+        sums = torch.zeros(len(input_ids), dtype=torch.float32, device=self.device).index_add(0, rows, logp)
+        return sums, valid.sum(-1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""
+        attention_mask = attention_mask.to(self.device)
+        with self.role("reward"):
+            hidden = self.hidden_states(input_ids, attention_mask)  # [B, T, H]
+        positions = torch.arange(attention_mask.shape[1], device=self.device)
+        last = (positions * attention_mask.bool()).argmax(-1)  # [B], last position whose mask is 1
+        picked = hidden[torch.arange(len(last), device=self.device), last]  # [B, H]
+        return self.head(picked.float()).squeeze(-1)
+
+    # ------------------------------------------------------------------ adapters on disk
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """Copy the LoRA weights of adapter `src` into adapter `dst` (same shapes)."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.peft, adapter_name=src)
+        result = set_peft_model_state_dict(self.peft, state, adapter_name=dst)
+        if result.unexpected_keys:
+            raise ValueError(f"adapter '{src}' does not fit '{dst}': unexpected {result.unexpected_keys[:3]}")
+
+    def save_adapter(self, name: str, directory: str | Path) -> Path:
+        """Save adapter `name` in peft's format, loadable by `PeftModel.from_pretrained` and vLLM."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        config = copy.deepcopy(self.peft.peft_config[name])
+        config.base_model_name_or_path = str(self.base_dir)
+        config.inference_mode = True
+        state = {
+            k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()
+        }
+
+        def write_config(path: Path) -> None:
+            config.save_pretrained(str(path.parent))  # writes adapter_config.json beside `path`
+
+        directory = Path(directory)
+        write_atomic(
+            directory,
+            {
+                ADAPTER_FILES[0]: write_config,
+                ADAPTER_FILES[1]: lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+            },
+        )
+        return directory
+
+    def load_adapter(self, name: str, directory: str | Path) -> None:
+        """Load a peft adapter directory as adapter `name` (replacing its weights when it exists)."""
+        from peft import PeftConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / ADAPTER_FILES[1]).is_file():
+            raise FileNotFoundError(f"adapter directory '{directory}' has no {ADAPTER_FILES[1]}")
+        new = PeftConfig.from_pretrained(str(directory))
+        old = self.peft.peft_config.get(name)
+        same_shape = old is not None and (new.r, set(new.target_modules)) == (old.r, set(old.target_modules))
+        if same_shape and new.lora_alpha == old.lora_alpha:
+            # In place: the parameters (and an optimizer holding them) stay the same objects.
+            result = set_peft_model_state_dict(
+                self.peft, load_file(str(directory / ADAPTER_FILES[1])), adapter_name=name
+            )
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if result.unexpected_keys or missing:
+                raise ValueError(
+                    f"adapter '{directory}' does not fit '{name}': {(result.unexpected_keys + missing)[:3]}"
+                )
+        else:
+            if old is not None:
+                self.peft.delete_adapter(name)
+            was_training = self.peft.training
+            self.peft.load_adapter(str(directory), adapter_name=name, is_trainable=name != "sft")
+            self.train(was_training)
+        self._activate(self._role)
+
+    def save_reward(self, directory: str | Path) -> Path:
+        """The reward adapter (peft format) plus the score head in `head.safetensors`."""
+        from safetensors.torch import save_file
+
+        directory = self.save_adapter("reward", directory)
+        head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        write_atomic(directory, {HEAD_FILE: lambda path: save_file(head, str(path), metadata={"format": "pt"})})
+        return directory
+
+    def load_reward(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / HEAD_FILE).is_file():
+            raise FileNotFoundError(
+                f"reward directory '{directory}' has no {HEAD_FILE} (train it with `lite-rlhf train-rm`)"
+            )
+        self.load_adapter("reward", directory)
+        state = load_file(str(directory / HEAD_FILE), device=str(self.device))
+        with torch.no_grad():
+            self.head.load_state_dict(state)
+
+
+def response_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    """Shifted targets `[B, T]`: position t predicts token t+1, scored only for response tokens (else -100)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    scored = (positions[None, :] >= prompt_lens[:, None].to(input_ids.device)) & attention_mask.bool()  # [B, T]
+    targets = torch.where(scored, input_ids, -100)[:, 1:]  # token t+1 is the target of position t
+    return torch.cat([targets, torch.full_like(targets[:, :1], -100)], dim=1)

@@ -1,0 +1,291 @@
+"""SharedModel: one base, three roles. Tiny random Llama models; every comparison is against a model
+loaded separately with plain transformers (and plain peft for saved adapters)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from lite_rlhf.config import load_config
+from lite_rlhf.data import encode, prompt_ids, response_ids
+from lite_rlhf.models import make_tiny_model
+from lite_rlhf.reward import pad_right
+from lite_rlhf.roles import SharedModel, keep_nf4_layout
+
+QA = [
+    ("describe the ocean in a few words.", "water is wet. the sun is a star."),
+    ("hello world", "cats and dogs are friendly animals. have a nice day."),
+    ("use the word banana.", "a banana is a yellow fruit."),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine several spin-wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))  # hidden 64: bnb CPU needs in_features >= 64
+
+
+def make(tiny, *overrides):
+    return SharedModel(load_config(None, [f"model.name={tiny}", "lora.r=4", *overrides]))
+
+
+def batch(model):
+    """Right-padded prompt + response batch with prompt lengths."""
+    seqs, lens = [], []
+    for q, a in QA:
+        p = prompt_ids(model.tokenizer, [{"role": "user", "content": q}])
+        ids, n = encode(p, response_ids(model.tokenizer, a), 512)
+        seqs.append(ids)
+        lens.append(n)
+    ids, mask = pad_right(seqs, model.tokenizer.pad_token_id)
+    return ids, mask, torch.tensor(lens)
+
+
+def perturb(model, name, seed=1):
+    """Random non-zero LoRA weights, so that an adapter changes the outputs (B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.peft.named_parameters():
+            if f".{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def plain_logps(plain, ids, mask, lens):
+    """Response log-probs from a plain model's full logits (the specification)."""
+    logits = plain(input_ids=ids, attention_mask=mask).logits.float()  # [B, T, V]
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    pos = torch.arange(1, ids.shape[1])
+    scored = (pos[None] >= lens[:, None]) & mask[:, 1:].bool()
+    return (logp * scored).sum(-1)
+
+
+def load_plain(tiny, dtype, nf4=False):
+    kw = {"dtype": dtype, "device_map": "cpu"}
+    if nf4:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(tiny, **kw).eval()
+    if nf4:  # the same 4-bit arithmetic as SharedModel, whose reference pass runs the training layout
+        keep_nf4_layout(model)
+    return model
+
+
+# Tolerances: fp32 differs only by summation order (the kernel walks the vocabulary in blocks). In bf16 the
+# plain model rounds its logits to bf16 (relative 2^-8, |logit| < 2 here) before log-softmax; the kernel
+# keeps them in fp32: ~1e-2 per token, summed over ~10 tokens.
+CASES = [("float32", False, 1e-5), ("bfloat16", False, 1e-1), ("float32", True, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype,nf4,atol", CASES, ids=["fp32", "bf16", "nf4"])
+def test_reference_is_the_untouched_base(tiny, dtype, nf4, atol):
+    model = make(tiny, f"model.dtype={dtype}", *(["model.quantization=nf4"] if nf4 else []))
+    perturb(model, "policy")
+    perturb(model, "reward", seed=2)
+    plain = load_plain(tiny, getattr(torch, dtype), nf4)
+    ids, mask, lens = batch(model)
+    with model.role("reference"):
+        hidden = model.hidden_states(ids, mask)
+        got, n_tokens = model.sequence_logps(ids, mask, lens)
+    with torch.no_grad():
+        want_hidden = plain.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = plain_logps(plain, ids, mask, lens)
+    diff = (hidden - want_hidden).abs().max().item()
+    assert torch.equal(hidden, want_hidden), f"reference hidden states differ from the base by {diff}"
+    assert_close(got, want, atol=atol, rtol=0, msg=lambda m: f"reference log-probs vs plain base: {m}")
+    assert n_tokens.tolist() == (mask.sum(-1) - lens).tolist()
+    with model.role("policy"), torch.no_grad():
+        policy, _ = model.sequence_logps(ids, mask, lens)
+    assert (policy - want).abs().max() > 1e-2, "the policy adapter should change the log-probs"
+
+
+def policy_step(model, ids, mask, lens, lr=1e-2):
+    opt = torch.optim.SGD(model.parameters("policy"), lr=lr)
+    model.train(True)
+    with model.role("policy"):
+        logps, _ = model.sequence_logps(ids, mask, lens)
+        (-logps.sum()).backward()
+    opt.step()
+    model.train(False)
+
+
+def reward_step(model, ids, mask, lr=1e-2):
+    opt = torch.optim.SGD(model.parameters("reward"), lr=lr)
+    (-model.score(ids, mask).sum()).backward()
+    opt.step()
+
+
+def test_policy_training_leaves_reference_and_reward_alone(tiny):
+    model = make(tiny)
+    perturb(model, "reward")
+    ids, mask, lens = batch(model)
+    with model.role("reference"):
+        ref0, _ = model.sequence_logps(ids, mask, lens)
+    with torch.no_grad():
+        pol0, _ = model.sequence_logps(ids, mask, lens)
+        rew0 = model.score(ids, mask)
+    for _ in range(3):
+        policy_step(model, ids, mask, lens)
+    with model.role("reference"):
+        ref1, _ = model.sequence_logps(ids, mask, lens)
+    with torch.no_grad():
+        pol1, _ = model.sequence_logps(ids, mask, lens)
+        rew1 = model.score(ids, mask)
+    assert_close(ref1, ref0, atol=0, rtol=0, msg=lambda m: f"reference moved: {m}")
+    assert_close(rew1, rew0, atol=0, rtol=0, msg=lambda m: f"reward moved: {m}")
+    assert (pol1 - pol0).min() > 0, f"policy log-probs should rise: {pol0.tolist()} -> {pol1.tolist()}"
+
+
+def policy_grads(model, ids, mask, lens):
+    model.train(True)
+    logps, _ = model.sequence_logps(ids, mask, lens)
+    logps.sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters("policy")])
+    model.peft.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_nf4_reference_pass_keeps_policy_gradients(tiny):
+    """bitsandbytes repacks 4-bit weights on an eval forward without grad, after which no gradient flows
+    through the base layers; SharedModel turns that off (see roles.keep_nf4_layout)."""
+    model = make(tiny, "model.quantization=nf4")
+    perturb(model, "policy")
+    ids, mask, lens = batch(model)
+    before = policy_grads(model, ids, mask, lens)
+    with model.role("reference"):
+        model.sequence_logps(ids, mask, lens)
+    after = policy_grads(model, ids, mask, lens)
+    assert_close(after, before, atol=0, rtol=0, msg=lambda m: f"a reference pass changed the policy grads: {m}")
+
+
+def test_nf4_step_changes_only_lora_and_head(tiny):
+    model = make(tiny, "model.quantization=nf4")
+    ids, mask, lens = batch(model)
+    before = {k: v.clone() for k, v in model.peft.state_dict().items()}
+    with model.role("reference"):  # an eval pass must not touch the 4-bit weights either
+        model.sequence_logps(ids, mask, lens)
+    head = model.head.weight.detach().clone()
+    policy_step(model, ids, mask, lens)
+    reward_step(model, ids, mask)
+    changed = {k for k, v in model.peft.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "nothing trained"
+    bad = sorted(k for k in changed if not (".lora_" in k and (".policy." in k or ".reward." in k)))
+    assert not bad, bad[:8]
+    assert any(".policy." in k for k in changed) and any(".reward." in k for k in changed)
+    assert not torch.equal(model.head.weight, head), "the head did not train"
+
+
+def test_reward_save_load_roundtrip(tiny, tmp_path):
+    model = make(tiny)
+    ids, mask, _ = batch(model)
+    for _ in range(2):
+        reward_step(model, ids, mask)
+    with torch.no_grad():
+        want = model.score(ids, mask)
+    model.save_reward(tmp_path / "reward")
+    assert {p.name for p in (tmp_path / "reward").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+    }
+    fresh = make(tiny, "run.seed=7")  # another seed: another random head and adapter init
+    fresh.load_reward(tmp_path / "reward")
+    with torch.no_grad():
+        got = fresh.score(ids, mask)
+    assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"reward after save/load: {m}")
+
+
+def test_score_reads_last_token_under_right_padding(tiny):
+    model = make(tiny)
+    perturb(model, "reward")
+    ids, mask, _ = batch(model)
+    with torch.no_grad():
+        batched = model.score(ids, mask)
+        alone = torch.cat(
+            [model.score(ids[i : i + 1, : mask[i].sum()], mask[i : i + 1, : mask[i].sum()]) for i in range(3)]
+        )
+    assert_close(batched, alone, atol=1e-5, rtol=0, msg=lambda m: f"padding changed the reward: {m}")
+
+
+def peft_logps(tiny, adapter_dir, ids, mask, lens):
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(load_plain(tiny, torch.float32), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return plain_logps(plain, ids, mask, lens)
+
+
+def test_saved_adapter_loads_in_plain_peft(tiny, tmp_path):
+    model = make(tiny)
+    perturb(model, "policy")
+    ids, mask, lens = batch(model)
+    with torch.no_grad():
+        want, _ = model.sequence_logps(ids, mask, lens)
+    model.save_adapter("policy", tmp_path / "policy")
+    config = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny)
+    keys = list(load_file(tmp_path / "policy" / "adapter_model.safetensors"))
+    assert keys and not any("policy" in k for k in keys), keys[:3]
+    got = peft_logps(tiny, tmp_path / "policy", ids, mask, lens)
+    assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"plain peft vs SharedModel policy: {m}")
+
+
+def test_sft_adapter_is_the_reference_and_the_policy_start(tiny, tmp_path):
+    source = make(tiny)
+    perturb(source, "policy")
+    source.save_adapter("policy", tmp_path / "sft")
+    model = make(tiny, f"model.sft_adapter={tmp_path / 'sft'}")
+    ids, mask, lens = batch(model)
+    want = peft_logps(tiny, tmp_path / "sft", ids, mask, lens)  # base + sft through plain peft
+    with model.role("reference"):
+        ref, _ = model.sequence_logps(ids, mask, lens)
+    with torch.no_grad():
+        pol, _ = model.sequence_logps(ids, mask, lens)
+    raw = plain_logps(load_plain(tiny, torch.float32), ids, mask, lens).detach()
+    assert_close(ref, want, atol=1e-5, rtol=0, msg=lambda m: f"reference vs base + sft: {m}")
+    assert (ref - raw).abs().max() > 1e-2, "reference is the raw base, not base + sft"
+    assert_close(pol, ref, atol=0, rtol=0, msg=lambda m: f"policy does not start as the sft copy: {m}")
+    policy_step(model, ids, mask, lens)
+    with model.role("reference"):
+        ref1, _ = model.sequence_logps(ids, mask, lens)
+    assert_close(ref1, ref, atol=0, rtol=0, msg=lambda m: f"training the policy moved the sft reference: {m}")
+    assert not any(p.requires_grad for n, p in model.peft.named_parameters() if ".sft." in n)
+
+
+def test_role_scope_and_grad(tiny):
+    model = make(tiny)
+    ids, mask, lens = batch(model)
+    with model.role("reward"):
+        with pytest.raises(RuntimeError):
+            with model.role("reference"):
+                assert not torch.is_grad_enabled()
+                raise RuntimeError("boom")
+        assert model.active_role == "reward"
+    assert model.active_role == "policy" and torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="unknown role"):
+        with model.role("critic"):
+            pass
+    logps, _ = model.sequence_logps(ids, mask, lens)
+    assert logps.requires_grad, "the policy role must keep autograd"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    grads = []
+    for flag in ("false", "true"):
+        model = make(tiny, f"model.gradient_checkpointing={flag}")
+        perturb(model, "policy")
+        grads.append(policy_grads(model, *batch(model)))
+    assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
