@@ -197,6 +197,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
