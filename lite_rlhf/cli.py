@@ -1,0 +1,123 @@
+"""`lite-rlhf`: a thin layer that parses, loads the config and calls one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from lite_rlhf.config import Config, ConfigError, load_config, to_yaml
+
+DEMO_CONFIG = "demo.yaml"
+
+_COMMANDS = {
+    "run": "run the online iterative DPO loop (no config: the embedded CPU demo)",
+    "train-rm": "train the Bradley-Terry reward adapter on preference pairs",
+    "generate": "sample n answers per prompt from the base or a policy adapter",
+    "export": "merge a policy adapter into full weights for deployment",
+    "plan": "estimate peak memory per phase and say whether a config fits",
+    "doctor": "check the installation: versions, device, engine, kernel path, embedded model",
+}
+
+_OVERRIDES_HELP = "section.key=value overrides, e.g. dpo.beta=0.2 generation.n=4 (applied after the YAML file)"
+
+
+def packaged_config(name: str) -> Path:
+    return Path(str(resources.files("lite_rlhf.configs") / name))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lite-rlhf",
+        description="Online iterative RLHF on one or two GPUs (and on a CPU, for the demo and the tests).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_ in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if name == "doctor":
+            continue
+        default = " (default: the embedded demo config)" if name == "run" else ""
+        sp.add_argument("config", nargs="?", help=f"YAML config file{default}; later arguments override it")
+        sp.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+        sp.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars (same as run.quiet=true)")
+        if name == "export":
+            sp.add_argument("--adapter", help="adapter directory (default: <run.out_dir>/best/)")
+            sp.add_argument("--out", help="output directory (default: <run.out_dir>/merged/)")
+        if name == "plan":
+            sp.add_argument("--gpu-mem", default="24GB", help="memory of one GPU, e.g. 24GB (default) or 12GB")
+            sp.add_argument("--gpus", type=int, default=1, help="1: engine and training share a card; 2: one each")
+    return p
+
+
+def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The optional config positional may in fact be the first override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    config, overrides = _split_config_arg(args)
+    if config is None and args.command == "run":
+        config = str(packaged_config(DEMO_CONFIG))
+    if args.quiet:
+        overrides.append("run.quiet=true")
+    return load_config(config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        from lite_rlhf.doctor import doctor
+
+        return doctor()
+    try:
+        cfg = resolve(args)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        return _dispatch(args, cfg)
+    except ConfigError as err:
+        print(f"lite-rlhf: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lite-rlhf: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # user-facing input errors get one line; bugs keep their traceback
+        from lite_rlhf.errors import user_errors
+
+        if isinstance(err, user_errors()):
+            print(f"lite-rlhf: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
+    if args.command == "run":
+        from lite_rlhf.loop import main_run
+
+        return main_run(cfg)
+    if args.command == "train-rm":
+        from lite_rlhf.reward import main_train_rm
+
+        return main_train_rm(cfg)
+    if args.command == "generate":
+        from lite_rlhf.generate import main_generate
+
+        return main_generate(cfg)
+    if args.command == "export":
+        from lite_rlhf.export import main_export
+
+        return main_export(cfg, adapter=args.adapter, out=args.out)
+    if args.command == "plan":
+        from lite_rlhf.plan import main_plan
+
+        return main_plan(cfg, gpu_mem=args.gpu_mem, gpus=args.gpus)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

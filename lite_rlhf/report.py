@@ -1,0 +1,121 @@
+"""report.md and PNG plots from a run directory, rewritten after every iteration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lite_rlhf.runstate import write_text
+
+# (column, header, format)
+_COLUMNS = [
+    ("iteration", "iter", "{:d}"),
+    ("pairs_kept", "pairs", "{:d}"),
+    ("pair_margin", "pair margin", "{:.2f}"),
+    ("val_reward", "val reward", "{:.3f}"),
+    ("test_reward", "test reward", "{:.3f}"),
+    ("win_rate", "win vs π0", "{:.2f}"),
+    ("kl", "KL(π‖π0)", "{:.2f}"),
+    ("length_tokens", "tokens", "{:.1f}"),
+    ("length_chars", "chars", "{:.0f}"),
+    ("gold", "gold", "{:.3f}"),
+    ("gold_max_words", "gold: word limit", "{:.3f}"),
+    ("gold_keyword", "gold: keyword", "{:.3f}"),
+    ("gold_instruction", "instruction ok", "{:.3f}"),
+    ("gold_no_repetition", "no repetition", "{:.3f}"),
+    ("gold_on_topic", "on topic", "{:.3f}"),
+    ("tax_words", "tax: words", "{:.1f}"),
+    ("tax_no_repetition", "tax: no rep.", "{:.2f}"),
+    ("tax_on_topic", "tax: on topic", "{:.2f}"),
+]
+
+_PLOTS = [("val_reward", "test_reward"), ("gold",), ("length_tokens",), ("kl",), ("win_rate",)]
+
+
+def eval_rows(root: Path) -> list[dict]:
+    """One row per evaluated iteration, merged with that iteration's pair counts."""
+    rows = []
+    for it in sorted(root.glob("iter_*/eval.json")):
+        rows.append(json.loads(it.read_text()))
+    pairs: dict[int, dict] = {}
+    metrics = root / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") == "pairs":
+                pairs[rec["iteration"]] = rec
+    for row in rows:
+        row.update({k: v for k, v in pairs.get(row["iteration"], {}).items() if k.startswith(("pair", "dropped"))})
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_report(root: Path) -> Path:
+    root = Path(root)
+    rows = eval_rows(root)
+    best = (root / "best").resolve().parent.name if (root / "best").exists() else "–"
+    extra = root / "summary.json"
+    summary = json.loads(extra.read_text()) if extra.exists() else {}
+    parts = [
+        f"# lite-rlhf run: {root.name}",
+        "",
+        f"Best iteration (by validation reward): `{best}`. Iteration 0 is π0.",
+        "",
+        table(rows),
+        "",
+    ]
+    if summary:
+        parts += ["## Summary", "", "```json", json.dumps(summary, indent=2), "```", ""]
+    plots = _plots(root, rows)
+    parts += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = root / "report.md"
+    write_text(path, "\n".join(parts) + "\n")
+    return path
+
+
+def _plots(root: Path, rows: list[dict]) -> list[Path]:
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    (root / "plots").mkdir(exist_ok=True)
+    for keys in _PLOTS:
+        if not any(k in r for r in rows for k in keys):
+            continue
+        fig, ax = plt.subplots(figsize=(4, 3))
+        for k in keys:
+            pts = [(r["iteration"], r[k]) for r in rows if r.get(k) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
+        ax.set_xlabel("iteration")
+        ax.set_title(" / ".join(keys))
+        if len(keys) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = root / "plots" / f"{keys[0]}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(path)
+        out.append(path)
+    return out
