@@ -228,6 +228,10 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
 
 def _build(tree: dict[str, Any], where: str) -> Config:
     sections = _sections()
+    for sec, values in tree.items():
+        if sec not in sections:
+            names = list(values) if isinstance(values, dict) and values else [""]
+            raise _unknown(f"{sec}.{names[0]}".rstrip("."), _all_keys() if names[0] else list(sections), where)
     built = {}
     for sec, cls in sections.items():
         values = tree.get(sec) or {}
@@ -244,9 +248,6 @@ def _build(tree: dict[str, Any], where: str) -> Config:
             _check_range(key, value, fields[name].metadata)
             kwargs[name] = value
         built[sec] = cls(**kwargs)
-    for sec in tree:
-        if sec not in sections:
-            raise _unknown(sec, list(sections), where)
     cfg = Config(**built)
     _check_consistency(cfg)
     return cfg

@@ -25,7 +25,7 @@ from lite_rlhf import data as D
 from lite_rlhf.config import Config
 from lite_rlhf.evaluate import EvalSets
 from lite_rlhf.pairs import Pair, penalized_rewards, select_pairs
-from lite_rlhf.runstate import RunDir, write_dir, write_json
+from lite_rlhf.runstate import RunDir, crash_point, write_dir, write_json
 
 
 def main_run(cfg: Config) -> int:
@@ -188,6 +188,7 @@ def stage_samples(rd: RunDir, t: int, engine, prompts, adapter, cfg: Config, say
     samples = engine.generate(
         prompts, n=cfg.generation.n, adapter=adapter, seed=derive_seed(cfg, t, "generate"), desc=f"iter {t} generate"
     )
+    crash_point(f"iter_{t:03d}/generate")
     D.write_jsonl(path, [dataclasses.asdict(s) for s in samples])
     rd.mark(f"iter_{t:03d}/samples")
     say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts")
@@ -261,7 +262,7 @@ def stage_train(rd: RunDir, t: int, model, history: list[Pair], prompt_ids, cfg:
             prompt_ids,
             cfg,
             seed=derive_seed(cfg, t, "dpo"),
-            log=lambda rec: rd.log({"stage": "dpo", "iteration": t, **rec}),
+            log=lambda rec: (rd.log({"stage": "dpo", "iteration": t, **rec}), crash_point(f"iter_{t:03d}/dpo")),
             progress=None if cfg.run.quiet else _bar,
         )
     write_dir(rd.iter_dir(t) / "policy", lambda tmp: model.save_adapter("policy", tmp))

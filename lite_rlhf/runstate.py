@@ -24,6 +24,15 @@ class RunStateError(RuntimeError):
     """The run directory cannot be used as asked."""
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for the resume tests: `LITE_RLHF_KILL_AT=<name>` makes the process SIGKILL
+    itself here, as a power cut would. Unset (always, outside tests) it does nothing."""
+    if os.environ.get("LITE_RLHF_KILL_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -6,8 +6,9 @@ ranks with it. An answer passes only when it follows the instruction AND answers
 
 - `real_answer`: at least 4 words, mostly letters (no emoji or symbol soup), not a bare echo of
   the instruction;
-- `no_repetition`: no content word more than twice, no word three times in a row, no repeated
-  3-word phrase (a cpu-stack.md trial saw a 135M policy learn "Banana Banana Banana Banana");
+- `no_repetition`: no content word more than max(3, words/8) times, no word three times in a row,
+  no repeated 4-word phrase (a cpu-stack.md trial saw a 135M policy learn "Banana Banana Banana
+  Banana");
 - `on_topic`: names the topic asked about;
 - the instruction's own check.
 
@@ -105,14 +106,14 @@ def quality_checks(text: str, topic_keys: tuple[str, ...], instruction: str = ""
     counts: dict[str, int] = {}
     for w in content:
         counts[w] = counts.get(w, 0) + 1
-    trigrams = [tuple(ws[i : i + 3]) for i in range(len(ws) - 2)]
+    fourgrams = [tuple(ws[i : i + 4]) for i in range(len(ws) - 3)]
     instr = set(words(instruction))
     echo = bool(ws) and sum(w in instr for w in ws) / len(ws) > 0.6
     return {
         "real_answer": len(ws) >= 4 and visible > 0 and letters / visible >= 0.75 and not echo,
-        "no_repetition": (max(counts.values(), default=0) <= 2)
+        "no_repetition": max(counts.values(), default=0) <= max(3, len(ws) // 8)
         and not any(ws[i] == ws[i + 1] == ws[i + 2] for i in range(len(ws) - 2))
-        and len(set(trigrams)) == len(trigrams),
+        and len(set(fourgrams)) == len(fourgrams),
         "on_topic": any(w.startswith(k) for w in ws for k in topic_keys),
     }
 
@@ -128,16 +129,21 @@ def gold_check(meta: dict, text: str) -> dict[str, bool]:
 
 
 def make_prompts() -> list[dict]:
-    """Every (topic, instruction) prompt of the demo, in a fixed order, with its gold-check fields."""
+    """Every demo prompt, in a fixed order, with its gold-check fields: three per topic (a word
+    limit and two keywords, rotating) and the instruction-free version for the alignment-tax panel."""
     rows = []
-    constraints = [Constraint("max_words", n) for n in WORD_LIMITS] + [Constraint("keyword", k) for k in KEYWORDS]
     for i, (topic, keys) in enumerate(TOPICS):
-        # Each topic gets one word limit and one keyword, rotating, so both kinds cover all topics.
-        for c in (constraints[i % len(WORD_LIMITS)], constraints[len(WORD_LIMITS) + i % len(KEYWORDS)]):
+        picks = [
+            Constraint("max_words", WORD_LIMITS[i % len(WORD_LIMITS)]),
+            Constraint("keyword", KEYWORDS[i % len(KEYWORDS)]),
+            Constraint("keyword", KEYWORDS[(i + 3) % len(KEYWORDS)]),
+        ]
+        for j, c in enumerate(picks):
             rows.append(
                 {
-                    "id": f"t{i:03d}-{c.name}",
+                    "id": f"t{i:03d}-{j}",
                     "prompt": f"Describe {topic}. {c.instruction}",
+                    "plain": f"Describe {topic}.",
                     "topic": topic,
                     "topic_keys": list(keys),
                     "constraint": c.kind,
@@ -145,3 +151,18 @@ def make_prompts() -> list[dict]:
                 }
             )
     return rows
+
+
+# Topic ranges of the splits (by topic, so no topic is in two splits).
+SPLITS = {
+    "rm_prompts": range(0, 25),  # π0 samples labelled by the gold checker: the reward model's pairs
+    "rm_eval_prompts": range(25, 32),  # held-out pairs for reward accuracy
+    "prompts": range(32, 72),  # the loop's prompts, sliced over the iterations
+    "val_prompts": range(72, 80),  # choose the best iteration
+    "test_prompts": range(80, 100),  # the reported figures
+}
+
+
+def split_prompts() -> dict[str, list[dict]]:
+    rows = make_prompts()
+    return {name: [r for r in rows if int(r["id"][1:4]) in topics] for name, topics in SPLITS.items()}
