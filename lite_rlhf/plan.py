@@ -1,0 +1,215 @@
+"""`lite-rlhf plan`: estimated peak memory per phase, before a run, and whether it fits.
+
+An estimate from the model's shape and the config, not a measurement. Terms:
+- training copy of the base: 2 bytes/param in bf16 (4 in fp32); NF4 keeps linear layers in
+  ~0.53 bytes/param (4 bits + double-quantized scales) and embeddings / LM head in 16 bits;
+- LoRA: policy and reward adapters in fp32, plus the policy's gradient and AdamW state
+  (4 + 4 + 8 bytes per trainable parameter) during training;
+- activations kept for backward, per token per layer (16-bit on GPUs): 6·H + 2·kv + 5·I values
+  without checkpointing (norm outputs, q/k/v, attention output, residuals, the MLP's gate/up/act/
+  product), H with checkpointing (layer inputs) plus one layer recomputed;
+- log-probs: our kernel keeps [tokens, H] fp32 gradients and one vocabulary block; full logits
+  would be tokens × V × 4 bytes × 3 (logits, log-softmax, gradient);
+- the vLLM engine: its own copy of the base (bf16, or bitsandbytes 4-bit) plus KV cache; on one
+  GPU it takes `generation.gpu_memory_utilization` of the card while awake and sleeps (weights
+  offloaded, cache dropped) during training; on two GPUs it has its own card;
+- ~0.5 GiB of CUDA context per process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lite_rlhf.config import Config, ConfigError
+
+GiB = 1024**3
+_CUDA_CONTEXT = 0.5 * GiB
+
+# Shapes of common models, for planning without their weights on disk.
+KNOWN_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    ),
+    "meta-llama/Meta-Llama-3-8B": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    ),
+    "mistralai/Mistral-7B-Instruct-v0.3": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def linear_params(self) -> int:
+        kv = self.kv_heads * self.head_dim
+        return self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.inter)
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+
+def model_shape(name: str) -> Shape:
+    if name in KNOWN_SHAPES:
+        c = KNOWN_SHAPES[name]
+    else:
+        from lite_rlhf.models import EMBEDDED_MODEL, embedded_model_dir
+
+        path = embedded_model_dir() if name == EMBEDDED_MODEL else Path(name)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            if name == EMBEDDED_MODEL:
+                from lite_rlhf.models import ensure_embedded_model
+
+                cfg_file = ensure_embedded_model() / "config.json"
+            else:
+                raise ConfigError(
+                    f"cannot plan for model '{name}': no config.json there; pass a local model directory "
+                    f"or one of: {', '.join(KNOWN_SHAPES)}"
+                )
+        c = json.loads(cfg_file.read_text())
+    return Shape(
+        c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+        c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"], bool(c.get("tie_word_embeddings")),
+    )  # fmt: skip
+
+
+def lora_params(s: Shape, cfg: Config) -> int:
+    kv = s.kv_heads * s.head_dim
+    dims = {
+        "q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (s.hidden, s.hidden),
+        "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter), "down_proj": (s.inter, s.hidden),
+    }  # fmt: skip
+    return s.layers * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
+
+
+def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
+    """Bytes per component for each phase of one iteration, on the training device (and the engine's)."""
+    s = model_shape(cfg.model.name)
+    act_bytes = 2 if cuda and cfg.model.dtype != "float32" else 4
+    w_bytes = act_bytes
+    if cfg.model.quantization == "nf4":
+        train_weights = 0.53 * s.linear_params + 2 * s.embed_params
+    else:
+        train_weights = w_bytes * (s.linear_params + s.embed_params)
+    lora = lora_params(s, cfg)
+    adapters = 2 * 4 * lora + 4 * s.hidden  # policy + reward, fp32, and the head
+    optimizer = (4 + 8) * lora  # gradient + AdamW moments of the policy
+
+    tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
+    kv = s.kv_heads * s.head_dim
+    per_token_layer = (s.hidden if cfg.model.gradient_checkpointing else 6 * s.hidden + 2 * kv + 5 * s.inter)
+    activations = act_bytes * tokens * s.layers * per_token_layer
+    if cfg.model.gradient_checkpointing:
+        activations += act_bytes * tokens * (6 * s.hidden + 2 * kv + 5 * s.inter)  # one layer recomputed
+    logprob_block = 4 * tokens * s.hidden * 2 + 4 * 1024 * 2048  # hidden grads + one vocabulary block
+    full_logits = 3 * 4 * tokens * s.vocab
+    score_tokens = cfg.reward.score_batch * cfg.data.max_length
+    forward_only = act_bytes * score_tokens * (4 * s.hidden + s.inter)  # a layer's worth at a time
+
+    if cfg.model.quantization == "nf4" and cuda:
+        engine_weights = 0.53 * s.linear_params + 2 * s.embed_params
+    else:
+        engine_weights = w_bytes * (s.linear_params + s.embed_params)
+    kv_per_token = 2 * s.layers * kv * act_bytes
+    kv_need = cfg.generation.n * cfg.data.max_length * kv_per_token  # one prompt's n answers in flight, at least
+    base = {"training weights": train_weights, "adapters + head": adapters}
+    engine = {"engine weights": engine_weights, "engine KV cache (minimum)": kv_need}
+    phases = {
+        "generate": {**base, **engine},
+        "score": {**base, "activations (no grad)": forward_only},
+        "reference log-probs": {**base, "activations (no grad)": forward_only},
+        "train": {
+            **base,
+            "optimizer + grads": optimizer,
+            "activations": activations,
+            "log-prob kernel block": logprob_block,
+        },
+        "evaluate": {**base, **engine},
+    }
+    return {"phases": phases, "full_logits_bytes": full_logits, "kv_per_token": kv_per_token}
+
+
+def parse_size(text: str) -> float:
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GB|GiB|G|MB|MiB|M)?\s*", text, re.I)
+    if not m:
+        raise ConfigError(f"--gpu-mem '{text}' is not a size such as 24GB")
+    scale = {"m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get((m.group(2) or "G").lower(), 1.0)
+    return float(m.group(1)) * scale * GiB
+
+
+def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
+    est = estimate(cfg, cuda=True)
+    lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
+             f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)", ""]  # fmt: skip
+    lines += ["| phase | training GPU | engine | total on card 0 |", "|---|---|---|---|"]
+    ok = True
+    engine_share = cfg.generation.gpu_memory_utilization * gpu_mem
+    worst_phase, worst = "", 0.0
+    for phase, parts in est["phases"].items():
+        train = sum(v for k, v in parts.items() if not k.startswith("engine")) + _CUDA_CONTEXT
+        engine_needed = sum(v for k, v in parts.items() if k.startswith("engine"))
+        if gpus == 1:
+            # The engine holds its share while awake; it sleeps during training (weights to CPU).
+            engine_on_card = max(engine_share, engine_needed) if phase in ("generate", "evaluate") else 0.05 * GiB
+            total = train + engine_on_card + (_CUDA_CONTEXT if phase != "train" else 0)
+        else:
+            engine_on_card, total = 0.0, train
+        if total > worst:
+            worst_phase, worst = phase, total
+        ok &= total <= gpu_mem
+        if gpus > 1:
+            ok &= engine_needed + _CUDA_CONTEXT <= gpu_mem
+        lines.append(f"| {phase} | {train / GiB:.1f} GiB | {engine_needed / GiB:.1f} GiB | {total / GiB:.1f} GiB |")
+    lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {gpu_mem / GiB:.0f} GiB"]
+    lines.append(f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them")
+    if ok:
+        lines.append("fits")
+    else:
+        lines.append("does NOT fit; try, in order: " + ", ".join(_suggestions(cfg, worst_phase, gpus)))
+    return "\n".join(lines), ok
+
+
+def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
+    out = []
+    if phase == "train":
+        if not cfg.model.gradient_checkpointing:
+            out.append("model.gradient_checkpointing=true")
+        if cfg.dpo.micro_batch > 1:
+            out.append(f"dpo.micro_batch={cfg.dpo.micro_batch // 2} (with dpo.grad_accum={cfg.dpo.grad_accum * 2})")
+        if cfg.model.quantization != "nf4":
+            out.append("model.quantization=nf4")
+        out.append(f"data.max_length={cfg.data.max_length // 2}")
+    else:
+        if gpus == 1:
+            out.append(f"generation.gpu_memory_utilization={cfg.generation.gpu_memory_utilization * 0.75:.2f}")
+        if cfg.model.quantization != "nf4":
+            out.append("model.quantization=nf4")
+        out.append("a second GPU for the engine (generation.device=cuda:1)")
+    return out
+
+
+def main_plan(cfg: Config, gpu_mem: str = "24GB", gpus: int = 1) -> int:
+    text, ok = fit_report(cfg, parse_size(gpu_mem), gpus)
+    print(text)
+    return 0 if ok else 1
