@@ -88,7 +88,7 @@ def _chunked_forward(
         x = hidden[r0:r1].float()  # [R, H]; a view when hidden is fp32
         m = torch.full((r1 - r0,), float("-inf"), dtype=torch.float32, device=hidden.device)
         s = torch.zeros(r1 - r0, dtype=torch.float32, device=hidden.device)
-        acc = dlogp_dh[r0:r1].zero_() if need_grad else None  # running sum_v exp(z - m) W_v, [R, H]
+        acc = dlogp_dh[r0:r1] if need_grad else None  # running sum_v exp(z - m) W_v, [R, H]
         for v0 in range(0, vocab, block):
             w = weight[v0 : v0 + block].float()  # [Vb, H]
             z = x @ w.t()  # [R, Vb] logits block
@@ -96,7 +96,9 @@ def _chunked_forward(
             alpha = (m - m_new).exp_()  # rescales what was summed under the old max; 0 on the first block
             z.sub_(m_new[:, None]).exp_()  # now exp(z - m_new), in place
             s.mul_(alpha).add_(z.sum(dim=1))
-            if acc is not None:
+            if acc is not None and v0 == 0:
+                torch.mm(z, w, out=acc)
+            elif acc is not None:
                 acc.mul_(alpha[:, None]).addmm_(z, w)
             m = m_new
             del z, w

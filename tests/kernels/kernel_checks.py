@@ -1,0 +1,169 @@
+"""Shared cases and checks for the kernel tests: the chunked torch path (test_*.py) and the Triton path
+(triton_cases.py, run under TRITON_INTERPRET=1) go through the very same table and tolerances."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, linear_logprobs, linear_logprobs_reference
+from torch.testing import assert_close
+
+# The package re-exports functions named like their modules; reach the modules themselves this way.
+llp_module = importlib.import_module("lite_rlhf.kernels.linear_logprobs")
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lead: tuple[int, ...]  # leading shape of hidden / shape of targets
+    hidden_size: int
+    vocab: int
+    ignore: str = "some"  # none | some (prompt prefix + padding) | rows (whole rows) | all
+    logit_scale: float = 2.0  # std of the logits; 12 gives peaked rows whose max moves between blocks
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case("3x37 H64 V1000", (3, 37), 64, 1000),
+    Case("one-token rows", (5, 1), 48, 257),
+    Case("ignored rows", (4, 9), 32, 300, ignore="rows"),
+    Case("all ignored", (2, 6), 32, 100, ignore="all"),
+    Case("flat H72 V513 peaked", (50,), 72, 513, ignore="none", logit_scale=12.0),
+    Case("single row, no batch dims", (), 40, 130, ignore="none"),
+    Case("empty", (0, 5), 16, 64, ignore="none"),
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Forward: both sides compute in fp32 from the very same input values (the reference upcasts the
+# bf16/fp16 inputs too), so the log-probs differ only by fp32 summation order: dot products of H
+# terms and a log-sum-exp of V terms, ~(H + log V) * 1.2e-7 * |logit| <= ~1e-5 for |logits| <= 60
+# here. Observed: ~1e-6. The same tolerance therefore holds for every input dtype.
+LOGP_TOL = {"rtol": 1e-5, "atol": 2e-5}
+
+# Gradients: the fp32 gradients agree to ~1e-6 (sums of V or N terms of size <= 1, observed <= 2e-6);
+# for bf16/fp16 inputs both sides then round that fp32 value to the input dtype, so they can differ
+# by one unit in the last place where the two fp32 values straddle a rounding boundary: 2^-7
+# relative for bf16 (8-bit significand) and 2^-10 for fp16 (11-bit). atol covers the fp32
+# disagreement on entries near zero (gradient entries here are O(0.1..1)).
+GRAD_TOL = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 2**-7, "atol": 1e-5},
+    torch.float16: {"rtol": 2**-10, "atol": 1e-5},
+}
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    """hidden [*lead, H] and weight [V, H] in `dtype` (leaf tensors, no grad), targets [*lead] int64."""
+    g = torch.Generator().manual_seed(seed)
+    h_dim, vocab = case.hidden_size, case.vocab
+    hidden = torch.randn(*case.lead, h_dim, generator=g)
+    weight = torch.randn(vocab, h_dim, generator=g) * (case.logit_scale / h_dim**0.5)
+    targets = torch.randint(0, vocab, case.lead, generator=g)
+    if case.ignore == "all":
+        targets.fill_(IGNORE)
+    elif case.ignore == "rows":
+        targets[::2] = IGNORE
+    elif case.ignore == "some" and len(case.lead) == 2 and case.lead[1] > 1:
+        seq = case.lead[1]
+        for row in range(case.lead[0]):  # prompt prefix and right padding, of random lengths
+            prompt = int(torch.randint(0, seq // 2, (1,), generator=g))
+            pad = int(torch.randint(0, seq // 3, (1,), generator=g))
+            targets[row, :prompt] = IGNORE
+            targets[row, seq - pad :] = IGNORE
+    elif case.ignore == "some":  # one-token rows: ignore some rows
+        targets.view(-1)[1::3] = IGNORE
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def _msg(label: str):
+    return lambda default: f"{label}: {default}"  # assert_close's default text holds the observed difference
+
+
+def check_logprobs(case: Case, dtype: torch.dtype, train_weight: bool, fn=linear_logprobs, seed: int = 0) -> None:
+    """Forward and backward of `fn` against linear_logprobs_reference on one case."""
+    hidden, weight, targets = make_inputs(case, dtype, seed)
+    upstream = torch.randn(case.lead, generator=torch.Generator().manual_seed(seed + 1))
+    results = []
+    for impl in (fn, linear_logprobs_reference):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(train_weight)
+        out = impl(h, w, targets, ignore_index=IGNORE)
+        (out * upstream).sum().backward()
+        results.append((out, h.grad, w.grad))
+    (out, gh, gw), (ref, ref_gh, ref_gw) = results
+    label = f"{case} {dtype} train_weight={train_weight}"
+    assert out.dtype == torch.float32 and out.shape == targets.shape, label
+    assert_close(out, ref, **LOGP_TOL, msg=_msg(f"log-probs, {label}"))
+    assert bool((out[targets == IGNORE] == 0).all()), f"ignored positions must give 0: {label}"
+    assert gh.dtype == dtype, label
+    assert_close(gh, ref_gh, **GRAD_TOL[dtype], msg=_msg(f"hidden grad, {label}"))
+    if train_weight:
+        assert gw.dtype == dtype, label
+        assert_close(gw, ref_gw, **GRAD_TOL[dtype], msg=_msg(f"weight grad, {label}"))
+    else:
+        assert gw is None and ref_gw is None
+
+
+# Fused DPO: the loss is a smooth function of per-sequence sums of <= 40 log-probs, each within 2e-5
+# of the reference (LOGP_TOL), so the sums agree to ~1e-4 at worst; sigmoid and hinge have
+# |dL/dh| <= beta = 0.1 and ipo averages over >= 1 token then has |dL/dh| = 2|h - 1/(2 beta)| <= ~30
+# here. Observed differences are ~1e-6 (most of the per-token errors cancel in the sums).
+DPO_LOSS_TOL = {"rtol": 1e-5, "atol": 1e-4}
+# Gradients: products of the per-row coefficient (exact up to rounding) and d logp / d hidden (GRAD_TOL).
+DPO_CASES = [
+    # (name, B pairs, T, H, V)
+    ("2 pairs x 37 tokens", 2, 37, 64, 1000),
+    ("3 pairs x 1 token", 3, 1, 32, 130),
+]
+DPO_LOSS_SETTINGS = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.1, 0.2), ("ipo", 0.1, 0.0), ("hinge", 0.1, 0.0)]
+
+
+def make_dpo_inputs(n_pairs: int, seq: int, h_dim: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+    """hidden [2B, T, H], weight [V, H], targets [2B, T] with prompts, padding and one all-ignored
+    rejected row; summed reference log-probs [B] near the policy's so the losses are not saturated."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * n_pairs, seq, h_dim, generator=g)
+    weight = torch.randn(vocab, h_dim, generator=g) * (2.0 / h_dim**0.5)
+    targets = torch.randint(0, vocab, (2 * n_pairs, seq), generator=g)
+    for row in range(2 * n_pairs):
+        prompt = int(torch.randint(0, max(1, seq // 3), (1,), generator=g))
+        targets[row, :prompt] = IGNORE
+    targets[-1] = IGNORE  # a rejected answer with no scored token (its log-prob sum is 0)
+    with torch.no_grad():
+        sums = linear_logprobs_reference(hidden, weight, targets, ignore_index=IGNORE).sum(dim=1)
+    ref = sums + torch.randn(2 * n_pairs, generator=g) * 3.0
+    return hidden.to(dtype), weight.to(dtype), targets, ref[:n_pairs].clone(), ref[n_pairs:].clone()
+
+
+def check_fused_dpo(
+    n_pairs, seq, h_dim, vocab, loss_type, beta, label_smoothing, dtype, train_weight, fn=fused_dpo_loss
+) -> None:
+    """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss")."""
+    hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(n_pairs, seq, h_dim, vocab, dtype)
+    kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "ignore_index": IGNORE}
+    results = []
+    for impl in (fn, fused_dpo_loss_reference):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(train_weight)
+        loss, chosen_rewards, rejected_rewards = impl(h, w, targets, ref_c, ref_r, **kwargs)
+        loss.backward()
+        results.append((loss, chosen_rewards, rejected_rewards, h.grad, w.grad))
+    label = f"{loss_type} eps={label_smoothing} B={n_pairs} T={seq} {dtype} train_weight={train_weight}"
+    (loss, cr, rr, gh, gw), (ref_loss, ref_cr, ref_rr, ref_gh, ref_gw) = results
+    assert loss.dtype == torch.float32 and loss.dim() == 0, label
+    assert not cr.requires_grad and not rr.requires_grad, label
+    assert_close(loss, ref_loss, **DPO_LOSS_TOL, msg=_msg(f"loss, {label}"))
+    assert_close(cr, ref_cr, **DPO_LOSS_TOL, msg=_msg(f"chosen rewards, {label}"))
+    assert_close(rr, ref_rr, **DPO_LOSS_TOL, msg=_msg(f"rejected rewards, {label}"))
+    assert_close(gh, ref_gh, **GRAD_TOL[dtype], msg=_msg(f"hidden grad, {label}"))
+    if train_weight:
+        assert_close(gw, ref_gw, **GRAD_TOL[dtype], msg=_msg(f"weight grad, {label}"))
+    else:
+        assert gw is None
