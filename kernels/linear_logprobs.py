@@ -66,6 +66,16 @@ def _chunk_shape(n_rows: int, vocab: int) -> tuple[int, int]:
     return rows, block
 
 
+def _block_buffer(n_rows: int, vocab: int, rows: int, block: int, device: torch.device) -> torch.Tensor:
+    """One buffer reused for every logits block: allocating (and page-faulting) a fresh block each
+    time costs as much memory traffic as the naive version's full logits."""
+    return torch.empty(min(n_rows, rows) * min(vocab, block), dtype=torch.float32, device=device)
+
+
+def _block_view(buffer: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    return buffer[: n_rows * n_cols].view(n_rows, n_cols)  # contiguous, also for the tail blocks
+
+
 def _chunked_forward(
     hidden: torch.Tensor,  # [N, H]
     weight: torch.Tensor,  # [V, H]
@@ -83,6 +93,7 @@ def _chunked_forward(
     dlogp_dh = torch.empty(n, h_dim, dtype=torch.float32, device=hidden.device) if need_grad else None
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
+    z_buffer = _block_buffer(n, vocab, rows, block, hidden.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         x = hidden[r0:r1].float()  # [R, H]; a view when hidden is fp32
@@ -91,7 +102,7 @@ def _chunked_forward(
         acc = dlogp_dh[r0:r1] if need_grad else None  # running sum_v exp(z - m) W_v, [R, H]
         for v0 in range(0, vocab, block):
             w = weight[v0 : v0 + block].float()  # [Vb, H]
-            z = x @ w.t()  # [R, Vb] logits block
+            z = torch.mm(x, w.t(), out=_block_view(z_buffer, r1 - r0, w.shape[0]))  # [R, Vb] logits block
             m_new = torch.maximum(m, z.amax(dim=1))
             alpha = (m - m_new).exp_()  # rescales what was summed under the old max; 0 on the first block
             z.sub_(m_new[:, None]).exp_()  # now exp(z - m_new), in place
@@ -101,7 +112,6 @@ def _chunked_forward(
             elif acc is not None:
                 acc.mul_(alpha[:, None]).addmm_(z, w)
             m = m_new
-            del z, w
         w_t = weight[safe_targets[r0:r1]].float()  # [R, H] the target rows of W
         lse_c = m + s.log()
         lse[r0:r1] = lse_c
@@ -127,6 +137,7 @@ def _chunked_weight_grad(
     vocab = weight.shape[0]
     x_all = hidden.float()  # [N, H]; a view when hidden is fp32
     valid = grad != 0
+    p_buffer = _block_buffer(n, vocab, rows, block, hidden.device)
     grad_weight = torch.empty_like(weight)
     for v0 in range(0, vocab, block):
         v1 = min(vocab, v0 + block)
@@ -134,10 +145,9 @@ def _chunked_weight_grad(
         dw = torch.zeros_like(w)  # [Vb, H] fp32
         for r0 in range(0, n, rows):
             x = x_all[r0 : r0 + rows]  # [R, H]
-            p = x @ w.t()  # [R, Vb]
+            p = torch.mm(x, w.t(), out=_block_view(p_buffer, x.shape[0], w.shape[0]))  # [R, Vb]
             p.sub_(lse[r0 : r0 + rows, None]).exp_().mul_(-grad[r0 : r0 + rows, None])  # -grad * softmax
             dw.addmm_(p.t(), x)
-            del p
         hit = valid & (targets >= v0) & (targets < v1)  # the one-hot part: + grad_n x_n on row t_n
         dw.index_add_(0, targets[hit] - v0, x_all[hit] * grad[hit, None])
         grad_weight[v0:v1] = dw

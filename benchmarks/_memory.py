@@ -1,0 +1,124 @@
+"""Peak-memory measurement on CPU for the benchmarks: one variant per fresh process.
+
+Why a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (docs/cpu-stack.md, "Measuring memory on
+CPU"): glibc keeps freed chunks in its heap, so in a long-lived process a chunked run looks as big as
+a naive one, and ``ru_maxrss`` never goes down. With the threshold at 64 KiB every tensor buffer is its
+own mmap, returned to the OS when freed, and a new process starts from a clean high-water mark.
+
+Usage, from a benchmark script::
+
+    # parent: run `python <script> --worker '<json spec>'` and read the JSON it prints last
+    result = run_worker(Path(__file__), {"variant": "naive", ...})
+
+    # worker: build the inputs, then
+    with PeakMeter() as meter:
+        run_forward_backward()
+    print(json.dumps({"extra_peak_mib": meter.extra_mib, ...}))
+
+``PeakMeter.extra_mib`` is the peak resident memory reached inside the ``with`` block above the
+resident memory at its start (the inputs, the imports): it counts every temporary, the outputs and the
+gradients the block creates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+MMAP_THRESHOLD = "65536"
+
+
+def current_rss_mib() -> float:
+    """Resident memory now (VmRSS), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def maxrss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss, KiB on Linux), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's high-water mark to the current RSS (Linux >= 4.0: ``5 > /proc/self/clear_refs``).
+
+    Without it, a temporary made while building the inputs would hide up to its size of the
+    measured block's peak. Returns False where the kernel refuses.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMeter:
+    """``with PeakMeter() as m: ...`` then ``m.extra_mib``: peak RSS in the block above RSS at its start."""
+
+    def __enter__(self) -> PeakMeter:
+        self.reset_ok = reset_peak()
+        self.rss_before = current_rss_mib()
+        self.maxrss_before = maxrss_mib()
+        # If the old high-water mark could not be reset and lies above the current RSS, the block's
+        # peak is only visible once it exceeds that mark: report how much could be hidden.
+        self.hidden_slack_mib = max(0.0, self.maxrss_before - self.rss_before)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.maxrss_after = maxrss_mib()
+        self.extra_mib = self.maxrss_after - self.rss_before
+
+
+def run_worker(script: Path, spec: dict, *, timeout: float = 3600.0, extra_env: dict | None = None) -> dict:
+    """Run ``python script --worker <json spec>`` in a fresh process with the mmap threshold set.
+
+    The worker must print one JSON object as the last line of its stdout; it is returned as a dict.
+    Raises RuntimeError with the worker's output when it fails.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, **(extra_env or {}))
+    env.pop("TRITON_INTERPRET", None)  # a CPU benchmark of the interpreter would measure nothing useful
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+def machine_description() -> str:
+    """'<cpu model>, <n> cores' from /proc/cpuinfo."""
+    model = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def git_revision(cwd: Path) -> str:
+    """Short git revision of the working tree, '+dirty' when benchmarked files differ from it."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kernels", "benchmarks"], cwd=cwd, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
