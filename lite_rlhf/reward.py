@@ -113,6 +113,8 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
 
 def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]) -> dict:
     """Held-out accuracy, mean margin, length-only baseline, reward/length correlation."""
+    if not pairs:
+        return {"eval_pairs": 0, "eval_accuracy": None, "length_baseline_accuracy": None, "length_correlation": None}
     enc = encode_pairs(model.tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
     if not enc.kept:
         raise DataError(f"no held-out preference pair fits data.max_length={cfg.data.max_length}")
@@ -240,10 +242,10 @@ def main_train_rm(cfg: Config) -> int:
         eval_pairs, eval_skipped = load_preferences(cfg.data.eval_preferences, cfg.data.skip_invalid)
         info.update(eval_file=str(cfg.data.eval_preferences), eval_skipped_lines=eval_skipped)
     else:  # hold out a seeded share of the training pairs
-        shuffled = random.Random(cfg.run.seed).sample(pairs, len(pairs))
-        k = max(1, round(EVAL_SPLIT * len(pairs)))
         if len(pairs) < 2:
             raise DataError(f"{cfg.data.preferences}: one pair cannot be split; set data.eval_preferences")
+        shuffled = random.Random(cfg.run.seed).sample(pairs, len(pairs))
+        k = max(1, round(EVAL_SPLIT * len(pairs)))
         eval_pairs, pairs = shuffled[:k], shuffled[k:]
         info["eval_file"] = f"{EVAL_SPLIT:.0%} of the training file"
 

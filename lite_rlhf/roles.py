@@ -43,7 +43,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _nf4_config(compute_dtype: torch.dtype):
+def nf4_config(compute_dtype: torch.dtype):
     """The only place that needs bitsandbytes (imported by transformers when the model loads)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise RuntimeError(
@@ -86,14 +86,15 @@ def write_atomic(directory: Path, files: dict[str, callable]) -> None:
 class SharedModel:
     """The base model loaded once, with the policy / reference / reward roles on top of it."""
 
-    def __init__(self, cfg: Config, device: str | torch.device | None = None):
+    def __init__(self, cfg: Config, device: str | torch.device | None = None, model_dir: str | Path | None = None):
+        """Load `model_dir` (default: `resolve_model(cfg.model.name)`) on `device` (default: cuda if available)."""
         from peft import LoraConfig, PeftConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         mcfg = cfg.model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(mcfg.dtype, self.device)
-        self.base_dir = resolve_model(mcfg.name)
+        self.base_dir = Path(model_dir) if model_dir is not None else resolve_model(mcfg.name)
         self.has_sft = mcfg.sft_adapter is not None
         torch.manual_seed(cfg.run.seed)  # LoRA A matrices and the head are drawn at random
 
@@ -107,7 +108,7 @@ class SharedModel:
             "device_map": {"": self.device.index or 0} if self.device.type == "cuda" else "cpu",
         }
         if mcfg.quantization == "nf4":
-            kwargs["quantization_config"] = _nf4_config(self.dtype)
+            kwargs["quantization_config"] = nf4_config(self.dtype)
         if mcfg.attn_implementation != "auto":
             kwargs["attn_implementation"] = mcfg.attn_implementation
         base = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
@@ -189,6 +190,13 @@ class SharedModel:
     def train(self, mode: bool = True) -> None:
         self.peft.train(mode)
         self.head.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
 
     def parameters(self, role: str) -> list[nn.Parameter]:
         """The trainable parameters of `role` ('policy' or 'reward', which includes the head)."""
