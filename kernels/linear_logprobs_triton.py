@@ -13,10 +13,17 @@ Loaded only through :func:`lite_rlhf.kernels.backend.load_triton_module`, on CUD
   recomputes the logits block, forms ``g (onehot - p)`` from the saved ``lse`` and accumulates
   ``dW`` into an fp32 ``[V, H]`` buffer it owns.
 
-Under the interpreter ``tl.dot`` on bf16 operands gives wrong numbers, so operands are cast to fp32
-there (``DOT_FP32``); on a GPU bf16/fp16 operands go to the tensor cores with fp32 accumulation, and
-fp32 operands use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` allows it (torch's rule).
-GPU block sizes are a first guess, not tuned: no GPU was available when this was written.
+Dot products. The logits dot takes the inputs as they are on a GPU (bf16/fp16 products are exact in
+fp32, accumulated in fp32); under the interpreter ``tl.dot`` on bf16 operands gives wrong numbers, so
+there, and for mixed dtypes, operands are cast to fp32 first (``DOT_FP32``). The two gradient dots
+(``p @ W`` and ``dz^T @ x``) keep the probabilities in fp32 and cast the other operand to fp32, so the
+GPU computes the same thing the interpreter tests check (rounding p to bf16 would cost ~3 digits).
+fp32 dots use TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` allows it (torch's rule).
+
+Not tuned: block sizes are a first guess and the forward launches one program per 32 rows (64
+programs for 2048 tokens), which may leave SMs idle on a large GPU; the accumulator read-modify-write
+per vocabulary block is L2 traffic. No GPU was available when this was written: measure with
+``benchmarks/bench_logprobs.py`` on one before relying on its speed.
 """
 
 from __future__ import annotations
@@ -93,10 +100,7 @@ def _logprobs_fwd_kernel(
                 a_ptrs = dlogp_ptr + rows[:, None] * stride_dn + hc[None, :]
                 a_mask = row_ok[:, None] & h_ok[None, :]
                 a = tl.load(a_ptrs, a_mask, other=0.0) * alpha[:, None]
-                if DOT_FP32:
-                    a = tl.dot(p, w.to(tl.float32), a, input_precision=DOT_PRECISION)
-                else:
-                    a = tl.dot(p.to(w.dtype), w, a, input_precision=DOT_PRECISION)
+                a = tl.dot(p, w.to(tl.float32), a, input_precision=DOT_PRECISION)  # p stays fp32
                 tl.store(a_ptrs, a, a_mask)
 
     lse = m + tl.log(s)
@@ -171,10 +175,7 @@ def _logprobs_dweight_kernel(
             d_ptrs = dweight_ptr + cols[:, None] * stride_dv + hc[None, :]
             d_mask = col_ok[:, None] & h_ok[None, :]
             acc = tl.load(d_ptrs, d_mask, other=0.0)
-            if DOT_FP32:
-                acc = tl.dot(dz_t, x.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(dz_t.to(x.dtype), x, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dz_t, x.to(tl.float32), acc, input_precision=DOT_PRECISION)  # dz stays fp32
             tl.store(d_ptrs, acc, d_mask)
 
 

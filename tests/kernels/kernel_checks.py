@@ -167,3 +167,24 @@ def check_fused_dpo(
         assert_close(gw, ref_gw, **GRAD_TOL[dtype], msg=_msg(f"weight grad, {label}"))
     else:
         assert gw is None
+
+
+def check_mixed_dtypes(fn=linear_logprobs) -> None:
+    """bf16 hidden states with an fp32 LM head (and the reverse): each gradient in its input's dtype."""
+    case = CASES[0]
+    for h_dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float16)):
+        hidden, _, targets = make_inputs(case, h_dtype)
+        _, weight, _ = make_inputs(case, w_dtype)
+        grads = []
+        for impl in (fn, linear_logprobs_reference):
+            h = hidden.clone().requires_grad_(True)
+            w = weight.clone().requires_grad_(True)
+            out = impl(h, w, targets, ignore_index=IGNORE)
+            out.sum().backward()
+            grads.append((out, h.grad, w.grad))
+        (out, gh, gw), (ref, ref_gh, ref_gw) = grads
+        label = f"hidden {h_dtype}, weight {w_dtype}"
+        assert gh.dtype == h_dtype and gw.dtype == w_dtype, label
+        assert_close(out, ref, **LOGP_TOL, msg=_msg(f"log-probs, {label}"))
+        assert_close(gh, ref_gh, **GRAD_TOL[h_dtype], msg=_msg(f"hidden grad, {label}"))
+        assert_close(gw, ref_gw, **GRAD_TOL[w_dtype], msg=_msg(f"weight grad, {label}"))

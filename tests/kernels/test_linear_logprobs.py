@@ -5,7 +5,7 @@ The Triton path runs the same table in triton_cases.py, under TRITON_INTERPRET=1
 
 import pytest
 import torch
-from kernel_checks import CASES, DTYPES, LOGP_TOL, Case, check_logprobs, llp_module, make_inputs
+from kernel_checks import CASES, DTYPES, LOGP_TOL, Case, check_logprobs, check_mixed_dtypes, llp_module, make_inputs
 from lite_rlhf.kernels import kernel_path, linear_logprobs, linear_logprobs_reference, sequence_logps
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +31,10 @@ def test_matches_reference_with_small_chunks(case, dtype, train_weight, monkeypa
     # so the online log-sum-exp rescaling and the block-wise weight gradient are exercised.
     monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
     check_logprobs(case, dtype, train_weight)
+
+
+def test_mixed_dtypes():
+    check_mixed_dtypes()
 
 
 def test_bf16_and_fp16_inputs_give_fp32_output():

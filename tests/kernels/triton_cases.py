@@ -24,6 +24,7 @@ from kernel_checks import (  # noqa: E402
     Case,
     check_fused_dpo,
     check_logprobs,
+    check_mixed_dtypes,
     llp_module,
     make_inputs,
 )
@@ -97,3 +98,7 @@ def test_fused_dpo_matches_logprobs_then_loss(case, loss_type, beta, eps, dtype,
     with mock.patch.object(triton_dpo, "TritonDpoLoss", wraps=triton_dpo.TritonDpoLoss) as spy:
         check_fused_dpo(n_pairs, seq, h_dim, vocab, loss_type, beta, eps, dtype, train_weight)
     assert spy.apply.call_count == 1, "fused_dpo_loss did not use the Triton loss kernel"
+
+
+def test_mixed_dtypes():
+    check_mixed_dtypes()
