@@ -116,12 +116,14 @@ def fused_dpo_loss(
     """
     check_loss_args(beta, loss_type, label_smoothing)
     _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps)
+    ref_chosen_logps = ref_chosen_logps.to(device=hidden.device, dtype=torch.float32)
+    ref_rejected_logps = ref_rejected_logps.to(device=hidden.device, dtype=torch.float32)
     logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index)  # [2B, T]
     if kernel_path(hidden.device) == "chunked-torch":
         terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
         return dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     triton_impl = load_triton_module("fused_dpo_triton")
     return triton_impl.TritonDpoLoss.apply(
-        logp, targets.long(), ref_chosen_logps.float(), ref_rejected_logps.float(),
+        logp, targets.long(), ref_chosen_logps, ref_rejected_logps,
         beta, loss_type, label_smoothing, ignore_index,
     )  # fmt: skip

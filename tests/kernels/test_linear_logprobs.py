@@ -5,7 +5,17 @@ The Triton path runs the same table in triton_cases.py, under TRITON_INTERPRET=1
 
 import pytest
 import torch
-from kernel_checks import CASES, DTYPES, LOGP_TOL, Case, check_logprobs, check_mixed_dtypes, llp_module, make_inputs
+from kernel_checks import (
+    CASES,
+    DTYPES,
+    GRAD_TOL,
+    LOGP_TOL,
+    Case,
+    check_logprobs,
+    check_mixed_dtypes,
+    llp_module,
+    make_inputs,
+)
 from lite_rlhf.kernels import kernel_path, linear_logprobs, linear_logprobs_reference, sequence_logps
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -43,6 +53,14 @@ def test_bf16_and_fp16_inputs_give_fp32_output():
         assert linear_logprobs(hidden, weight, targets).dtype == torch.float32
         sums, counts = sequence_logps(hidden, weight, targets)
         assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+
+
+def test_only_weight_trains():
+    hidden, weight, targets = make_inputs(CASES[0], torch.float32)
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    linear_logprobs(hidden, w1, targets).sum().backward()
+    linear_logprobs_reference(hidden, w2, targets).sum().backward()
+    assert_close(w1.grad, w2.grad, **GRAD_TOL[torch.float32], msg=lambda m: f"weight grad, frozen hidden: {m}")
 
 
 def test_non_contiguous_hidden_and_int32_targets():
