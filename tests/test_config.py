@@ -27,7 +27,7 @@ def test_precedence_file_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["dpo.bta=0.2"], "unknown config key 'dpo.bta'; did you mean 'dpo.beta'?"),
+        (["dpo.bta=0.2"], "unknown config key 'dpo.bta' (command line); did you mean 'dpo.beta'?"),
         (["genration.n=4"], "did you mean 'generation.n'?"),
         (["dpo.beta=abc"], "config key 'dpo.beta' must be float, got 'abc'"),
         (["dpo.loss_type=kto"], "config key 'dpo.loss_type' must be one of 'sigmoid', 'ipo', 'hinge', got 'kto'"),
