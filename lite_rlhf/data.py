@@ -136,7 +136,9 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
             if key not in row:
                 raise DataError(f"missing field '{key}'")
         return PreferencePair(
-            _messages(row["prompt"], "prompt"), _response(row["chosen"], "chosen"), _response(row["rejected"], "rejected")
+            _messages(row["prompt"], "prompt"),
+            _response(row["chosen"], "chosen"),
+            _response(row["rejected"], "rejected"),
         )
 
     return _load(path, parse, skip_invalid)

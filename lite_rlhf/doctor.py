@@ -31,7 +31,7 @@ def _version(dist: str) -> str | None:
 def doctor() -> int:
     problems: list[str] = []
     print(f"python        {sys.version.split()[0]} ({platform.machine()}, {platform.system()})")
-    for dist, module, required, why in _PACKAGES:
+    for dist, _module, required, why in _PACKAGES:
         version = _version(dist)
         if version is None:
             (problems.append if required else print)(f"{dist} is not installed ({why})")

@@ -60,10 +60,13 @@ def pair_batch(pairs: list[Pair], prompt_ids: dict[str, list[int]], pad_id: int,
 
 def fits(pair: Pair, prompt_ids: dict[str, list[int]], cfg: Config) -> bool:
     n = len(prompt_ids[pair.prompt_id])
-    return all(
-        encode(prompt_ids[pair.prompt_id], r, cfg.data.max_length, cfg.data.truncation) is not None
-        for r in (pair.chosen_ids, pair.rejected_ids)
-    ) and n < cfg.data.max_length
+    return (
+        all(
+            encode(prompt_ids[pair.prompt_id], r, cfg.data.max_length, cfg.data.truncation) is not None
+            for r in (pair.chosen_ids, pair.rejected_ids)
+        )
+        and n < cfg.data.max_length
+    )
 
 
 @torch.no_grad()
@@ -85,7 +88,9 @@ def add_reference_logps(model, pairs: list[Pair], prompt_ids: dict[str, list[int
             logps = sequence_logps(model, *pair_batch(chunk, prompt_ids, model.pad_id, cfg))
             b = len(chunk)
             for j, p in enumerate(chunk):
-                out.append(dataclasses.replace(p, ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[b + j])))
+                out.append(
+                    dataclasses.replace(p, ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[b + j]))
+                )
     return out
 
 

@@ -44,7 +44,9 @@ def gold_rows(prompts: list[Prompt], samples: list) -> list[dict]:
     for s in samples:
         p = by_id[s.prompt_id]
         if has_gold(p):
-            rows.append({"prompt_id": s.prompt_id, "constraint": p.meta.get("constraint"), **gold_check(p.meta, s.text)})
+            rows.append(
+                {"prompt_id": s.prompt_id, "constraint": p.meta.get("constraint"), **gold_check(p.meta, s.text)}
+            )
     return rows
 
 
@@ -86,7 +88,9 @@ def win_rate(rewards: dict[tuple[str, int], float], base: dict[tuple[str, int], 
     return _mean(1.0 if rewards[k] > base[k] else 0.5 if rewards[k] == base[k] else 0.0 for k in common)
 
 
-def bootstrap_diff(a: dict[str, float], b: dict[str, float], *, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_diff(
+    a: dict[str, float], b: dict[str, float], *, rounds: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95% interval of mean(a - b) over prompts, resampling prompts (paired)."""
     keys = sorted(set(a) & set(b))
     if not keys:

@@ -12,10 +12,9 @@ from lite_rlhf import evaluate as E
 from lite_rlhf.config import Config
 
 
-def evaluate_policy(rd, t: int, engine, model, cfg: Config, sets: E.EvalSets, *, adapter) -> dict:
+def evaluate_policy(rd, t: int, engine, model, scorer, cfg: Config, sets: E.EvalSets, *, adapter) -> dict:
     """Figures for the policy of iteration t (π0 when t == 0); samples are kept in iter_t/eval_samples.jsonl."""
     from lite_rlhf.loop import derive_seed
-    from lite_rlhf.reward import score_texts
 
     def limit(prompts):
         return prompts[: cfg.eval.max_prompts] if cfg.eval.max_prompts else prompts
@@ -25,9 +24,7 @@ def evaluate_policy(rd, t: int, engine, model, cfg: Config, sets: E.EvalSets, *,
     seed = derive_seed(cfg, 0, "eval")  # the same seed every iteration: only the policy changes
     samples = engine.generate(val + test + tax, n=k, adapter=adapter, seed=seed, desc=f"iter {t} eval")
     prompts = {p.id: p for p in val + test + tax}
-    rewards = score_texts(
-        model, [prompts[s.prompt_id].messages for s in samples], [s.token_ids for s in samples], cfg.reward.score_batch
-    )
+    rewards = scorer([prompts[s.prompt_id].messages for s in samples], samples)
     rows = [dict(dataclasses.asdict(s), reward=r) for s, r in zip(samples, rewards, strict=True)]
     D.write_jsonl(rd.iter_dir(t) / "eval_samples.jsonl", rows)
 

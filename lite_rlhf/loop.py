@@ -26,6 +26,7 @@ from lite_rlhf.config import Config
 from lite_rlhf.evaluate import EvalSets
 from lite_rlhf.pairs import Pair, penalized_rewards, select_pairs
 from lite_rlhf.runstate import RunDir, crash_point, write_dir, write_json
+from lite_rlhf.scoring import make_scorer
 
 
 def main_run(cfg: Config) -> int:
@@ -55,13 +56,14 @@ def run(cfg: Config) -> int:
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir)
     ensure_reward(rd, model, cfg, say)
+    scorer = make_scorer(cfg, model)
     prompt_ids = {p.id: D.prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
     engine = make_engine(
         model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
     )
     initial_policy(rd, model, cfg)
 
-    evaluate_stage(rd, 0, engine, model, cfg, task.eval_sets, adapter=cfg.model.sft_adapter, say=say)
+    evaluate_stage(rd, 0, engine, model, scorer, cfg, task.eval_sets, adapter=cfg.model.sft_adapter, say=say)
     history: list[Pair] = stage_offline(rd, model, task, prompt_ids, cfg)
     for t in range(1, cfg.loop.iterations + 1):
         it = rd.iter_dir(t)
@@ -70,14 +72,14 @@ def run(cfg: Config) -> int:
         prompts_t = task.slice(t, cfg.loop.iterations, cfg.loop.prompts_per_iteration)
 
         samples = stage_samples(rd, t, engine, prompts_t, serve, cfg, say)
-        rewards = stage_scores(rd, t, model, task, samples, cfg)
+        rewards = stage_scores(rd, t, scorer, task, samples, cfg)
         pairs_t = stage_pairs(rd, t, model, samples, rewards, prompt_ids, cfg, say)
         history += pairs_t
         if not rd.done(f"iter_{t:03d}/policy"):
             engine.sleep()
             stage_train(rd, t, model, history, prompt_ids, cfg, say)
             engine.wake()
-        evaluate_stage(rd, t, engine, model, cfg, task.eval_sets, adapter=it / "policy", say=say)
+        evaluate_stage(rd, t, engine, model, scorer, cfg, task.eval_sets, adapter=it / "policy", say=say)
         best = update_best(rd, t)
         from lite_rlhf.report import write_report
 
@@ -114,7 +116,7 @@ def demo_file(name: str) -> Path:
 def load_task(cfg: Config) -> Task:
     d = cfg.data
     demo = d.prompts == "demo"
-    path = (lambda p, demo_name: demo_file(demo_name) if demo and p is None else p)
+    path = lambda p, demo_name: demo_file(demo_name) if demo and p is None else p
     prompts, _ = D.load_prompts(demo_file("prompts.jsonl") if demo else d.prompts, d.skip_invalid)
     val_path, test_path = path(d.val_prompts, "val_prompts.jsonl"), path(d.test_prompts, "test_prompts.jsonl")
     if val_path is None or test_path is None:
@@ -124,7 +126,11 @@ def load_task(cfg: Config) -> Task:
     val, _ = D.load_prompts(val_path, d.skip_invalid)
     test, _ = D.load_prompts(test_path, d.skip_invalid)
     # The alignment-tax panel: test prompts that carry an instruction-free version ("plain").
-    tax = [D.Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta) for p in test if "plain" in p.meta]
+    tax = [
+        D.Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta)
+        for p in test
+        if "plain" in p.meta
+    ]
     offline = D.load_preferences(d.offline_pairs, d.skip_invalid)[0] if d.offline_pairs else []
     return Task(prompts, EvalSets(val, test, tax), offline)
 
@@ -133,8 +139,12 @@ def load_task(cfg: Config) -> Task:
 
 
 def ensure_reward(rd: RunDir, model, cfg: Config, say) -> None:
-    """Stage 0: the reward adapter, trained here unless `reward.adapter` names one."""
+    """Stage 0: the reward adapter, trained here unless `reward.adapter` names one (or a separate
+    `reward.model` scores instead)."""
     from lite_rlhf.reward import train_reward
+
+    if cfg.reward.model:
+        return
 
     source = Path(cfg.reward.adapter) if cfg.reward.adapter else rd.root / "reward"
     if not cfg.reward.adapter and not rd.done("reward"):
@@ -171,7 +181,15 @@ def stage_offline(rd: RunDir, model, task: Task, prompt_ids: dict, cfg: Config) 
         return [Pair(**row) for row in D.read_jsonl(path)]
     tok = model.tokenizer
     pairs = [
-        Pair(f"offline-{i}", D.response_ids(tok, op.chosen), D.response_ids(tok, op.rejected), op.chosen, op.rejected, 0.0, 0.0)
+        Pair(
+            f"offline-{i}",
+            D.response_ids(tok, op.chosen),
+            D.response_ids(tok, op.rejected),
+            op.chosen,
+            op.rejected,
+            0.0,
+            0.0,
+        )
         for i, op in enumerate(task.offline_pairs)
     ]
     pairs = add_reference_logps(model, [p for p in pairs if fits(p, prompt_ids, cfg)], prompt_ids, cfg)
@@ -195,17 +213,13 @@ def stage_samples(rd: RunDir, t: int, engine, prompts, adapter, cfg: Config, say
     return samples
 
 
-def stage_scores(rd: RunDir, t: int, model, task: Task, samples, cfg: Config) -> list[float]:
+def stage_scores(rd: RunDir, t: int, scorer, task: Task, samples, cfg: Config) -> list[float]:
     """Reward of every sample, and the length-penalized reward used for ranking."""
-    from lite_rlhf.reward import score_texts
-
     path = rd.iter_dir(t) / "scores.jsonl"
     if path.exists():
         return [row["penalized"] for row in D.read_jsonl(path)]
     by_id = {p.id: p for p in task.prompts}
-    rewards = score_texts(
-        model, [by_id[s.prompt_id].messages for s in samples], [s.token_ids for s in samples], cfg.reward.score_batch
-    )
+    rewards = scorer([by_id[s.prompt_id].messages for s in samples], samples)
     penalized = penalized_rewards(samples, rewards, cfg.pairs)
     rows = [
         {"prompt_id": s.prompt_id, "index": s.index, "reward": r, "penalized": p}
@@ -269,7 +283,7 @@ def stage_train(rd: RunDir, t: int, model, history: list[Pair], prompt_ids, cfg:
     rd.mark(f"iter_{t:03d}/policy")
 
 
-def evaluate_stage(rd: RunDir, t: int, engine, model, cfg: Config, sets: EvalSets, adapter, say) -> dict:
+def evaluate_stage(rd: RunDir, t: int, engine, model, scorer, cfg: Config, sets: EvalSets, adapter, say) -> dict:
     from lite_rlhf.evaluate_run import evaluate_policy
 
     path = rd.iter_dir(t) / "eval.json"
@@ -277,7 +291,7 @@ def evaluate_stage(rd: RunDir, t: int, engine, model, cfg: Config, sets: EvalSet
         import json
 
         return json.loads(path.read_text())
-    figures = evaluate_policy(rd, t, engine, model, cfg, sets, adapter=adapter)
+    figures = evaluate_policy(rd, t, engine, model, scorer, cfg, sets, adapter=adapter)
     write_json(path, figures)
     rd.log({"stage": "eval", **figures})
     rd.mark(f"iter_{t:03d}/eval")

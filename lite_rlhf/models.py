@@ -112,9 +112,7 @@ def resolve_model(name: str) -> Path:
             raise ModelNotFound(f"model directory '{path}' has no config.json")
         return path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotFound(
-            f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'"
-        )
+        raise ModelNotFound(f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'")
     try:
         from huggingface_hub import snapshot_download
 

@@ -97,7 +97,8 @@ def model_shape(name: str) -> Shape:
 def lora_params(s: Shape, cfg: Config) -> int:
     kv = s.kv_heads * s.head_dim
     dims = {
-        "q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (s.hidden, s.hidden),
+        "q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv),
+        "o_proj": (s.hidden, s.hidden),
         "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter), "down_proj": (s.inter, s.hidden),
     }  # fmt: skip
     return s.layers * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
@@ -118,7 +119,7 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
 
     tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
     kv = s.kv_heads * s.head_dim
-    per_token_layer = (s.hidden if cfg.model.gradient_checkpointing else 6 * s.hidden + 2 * kv + 5 * s.inter)
+    per_token_layer = s.hidden if cfg.model.gradient_checkpointing else 6 * s.hidden + 2 * kv + 5 * s.inter
     activations = act_bytes * tokens * s.layers * per_token_layer
     if cfg.model.gradient_checkpointing:
         activations += act_bytes * tokens * (6 * s.hidden + 2 * kv + 5 * s.inter)  # one layer recomputed
@@ -182,7 +183,9 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
             ok &= engine_needed + _CUDA_CONTEXT <= gpu_mem
         lines.append(f"| {phase} | {train / GiB:.1f} GiB | {engine_needed / GiB:.1f} GiB | {total / GiB:.1f} GiB |")
     lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {gpu_mem / GiB:.0f} GiB"]
-    lines.append(f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them")
+    lines.append(
+        f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them"
+    )
     if ok:
         lines.append("fits")
     else:

@@ -57,6 +57,16 @@ def test_missing_data_file_is_one_line_exit_2(tmp_path):
 def test_doctor_reports_the_stack():
     out = cli("doctor")
     assert out.returncode == 0, out.stdout + out.stderr
-    for word in ("torch", "triton", "transformers", "peft", "bitsandbytes", "engine", "device", "kernel path",
-                 "generation", "demo model"):
+    for word in (
+        "torch",
+        "triton",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "engine",
+        "device",
+        "kernel path",
+        "generation",
+        "demo model",
+    ):
         assert word in out.stdout, word

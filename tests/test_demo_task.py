@@ -48,8 +48,11 @@ class S:
 def test_figures():
     p = Prompt("k", [{"role": "user", "content": "Describe the ocean. Use the word 'banana'."}], KEYWORD)
     q = Prompt("m", [{"role": "user", "content": "Describe a cat. Answer in fewer than 15 words."}], LIMIT)
-    samples = [S("k", "The ocean is vast and blue, and a banana boat floats on it."), S("k", "Banana Banana Banana"),
-               S("m", "A cat is a small furry animal that purrs.")]
+    samples = [
+        S("k", "The ocean is vast and blue, and a banana boat floats on it."),
+        S("k", "Banana Banana Banana"),
+        S("m", "A cat is a small furry animal that purrs."),
+    ]
     figs = gold_figures(gold_rows([p, q], samples))
     assert figs["gold"] == 2 / 3 and figs["gold_keyword"] == 0.5 and figs["gold_max_words"] == 1.0
     tax = tax_figures([p], [S("k", "The ocean is big."), S("k", "sea sea sea sea")])
