@@ -31,9 +31,8 @@ def test_wheel_contents_and_package_data(tmp_path):
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    code = (
-        "import lite_rlhf, lite_rlhf.kernels, lite_rlhf.cli as c; print(lite_rlhf.__file__); c.main(['run', '--dry-run'])"
-    )
+    code = "import lite_rlhf, lite_rlhf.kernels, lite_rlhf.cli as c; print(lite_rlhf.__file__); "
+    code += "c.main(['run', '--dry-run'])"
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].startswith(str(target)), "imported from the editable checkout, not the wheel"
