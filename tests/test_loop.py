@@ -39,9 +39,10 @@ def setup(tmp_path_factory):
         "model": {"name": str(model), "dtype": "float32"},
         "lora": {"r": 8, "alpha": 16},
         "data": {"prompts": str(files["prompts"]), "val_prompts": str(files["val"]),
-                 "test_prompts": str(files["test"]), "preferences": str(files["prefs"]), "max_length": 96},
+                 "test_prompts": str(files["test"]), "preferences": str(files["prefs"]), "max_length": 256},
         "reward": {"lr": 1e-3, "micro_batch": 4, "grad_accum": 1},
         "generation": {"backend": "vllm", "n": 3, "temperature": 1.0, "max_new_tokens": 12, "kv_cache_gib": 0.25},
+        "pairs": {"allow_truncated": True},  # a random model rarely stops by itself
         "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0},
         "loop": {"iterations": 2, "prompts_per_iteration": 4},
         "eval": {"samples_per_prompt": 2},
