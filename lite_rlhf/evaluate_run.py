@@ -67,7 +67,7 @@ def kl_estimate(model, prompts: dict, samples: list, cfg: Config) -> float:
     return sum(diffs) / len(diffs) if diffs else 0.0
 
 
-def noise_figures(rd, engine, model, cfg: Config, sets: E.EvalSets, adapter) -> dict:
+def noise_figures(engine, cfg: Config, sets: E.EvalSets, adapter) -> dict:
     """π0's gold on the test prompts under a second sampling seed: how much two runs of the same
     policy differ (the noise the demo's gain must beat)."""
     from lite_rlhf.loop import derive_seed

@@ -64,6 +64,7 @@ def run(cfg: Config) -> int:
     initial_policy(rd, model, cfg)
 
     evaluate_stage(rd, 0, engine, model, scorer, cfg, task.eval_sets, adapter=cfg.model.sft_adapter, say=say)
+    stage_noise(rd, engine, cfg, task.eval_sets, adapter=cfg.model.sft_adapter)
     history: list[Pair] = stage_offline(rd, model, task, prompt_ids, cfg)
     for t in range(1, cfg.loop.iterations + 1):
         it = rd.iter_dir(t)
@@ -86,7 +87,12 @@ def run(cfg: Config) -> int:
         write_report(rd.root)
         say(f"iteration {t} done; best so far: iteration {best}; {time.time() - t_start:.0f} s since start")
     engine.close()
-    return update_best(rd, cfg.loop.iterations)
+    best = update_best(rd, cfg.loop.iterations)
+    write_summary(rd, task, best, time.time() - t_start)
+    from lite_rlhf.report import write_report
+
+    write_report(rd.root)
+    return best
 
 
 # --------------------------------------------------------------------------- task
@@ -126,11 +132,11 @@ def load_task(cfg: Config) -> Task:
     val, _ = D.load_prompts(val_path, d.skip_invalid)
     test, _ = D.load_prompts(test_path, d.skip_invalid)
     # The alignment-tax panel: test prompts that carry an instruction-free version ("plain").
-    tax = [
-        D.Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta)
-        for p in test
-        if "plain" in p.meta
-    ]
+    plain = {}  # one per distinct instruction-free text (the demo asks each topic three ways)
+    for p in test:
+        if "plain" in p.meta and p.meta["plain"] not in plain:
+            plain[p.meta["plain"]] = D.Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta)
+    tax = list(plain.values())
     offline = D.load_preferences(d.offline_pairs, d.skip_invalid)[0] if d.offline_pairs else []
     return Task(prompts, EvalSets(val, test, tax), offline)
 
@@ -297,6 +303,50 @@ def evaluate_stage(rd: RunDir, t: int, engine, model, scorer, cfg: Config, sets:
     rd.mark(f"iter_{t:03d}/eval")
     say("eval " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     return figures
+
+
+def stage_noise(rd: RunDir, engine, cfg: Config, sets: EvalSets, adapter) -> None:
+    """π0's gold figures under a second sampling seed: the run-to-run noise a gain must beat."""
+    from lite_rlhf.evaluate import has_gold
+    from lite_rlhf.evaluate_run import noise_figures
+
+    path = rd.iter_dir(0) / "noise.json"
+    if not path.exists() and any(has_gold(p) for p in sets.test):
+        write_json(path, noise_figures(engine, cfg, sets, adapter))
+
+
+def write_summary(rd: RunDir, task: Task, best: int, seconds: float) -> None:
+    """summary.json: the best iteration's gold on the test prompts against π0's, beside the noise
+    (π0 under a second seed) and a 95% bootstrap interval of the gain over prompts."""
+    import json
+
+    from lite_rlhf.evaluate import bootstrap_diff, gold_rows, per_prompt_gold
+
+    def load(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def gold_per_prompt(t: int) -> dict[str, float]:
+        from lite_rlhf.generate import Sample
+
+        rows = D.read_jsonl(rd.iter_dir(t) / "eval_samples.jsonl")
+        samples = [Sample(**{k: v for k, v in r.items() if k != "reward"}) for r in rows]
+        return per_prompt_gold(gold_rows(task.eval_sets.test, [s for s in samples if s.prompt_id in test_ids]))
+
+    test_ids = {p.id for p in task.eval_sets.test}
+    base, top = load(rd.iter_dir(0) / "eval.json"), load(rd.iter_dir(best) / "eval.json")
+    noise = load(rd.iter_dir(0) / "noise.json")
+    summary = {"best_iteration": best, "wall_seconds": round(seconds, 1)}
+    if "gold" in base:
+        lo, hi = bootstrap_diff(gold_per_prompt(best), gold_per_prompt(0))
+        summary |= {
+            "gold_pi0": base["gold"],
+            "gold_pi0_second_seed": noise.get("gold"),
+            "gold_noise": abs(base["gold"] - noise["gold"]) if "gold" in noise else None,
+            "gold_best": top["gold"],
+            "gold_gain": top["gold"] - base["gold"],
+            "gold_gain_ci95": [lo, hi],
+        }
+    write_json(rd.root / "summary.json", summary)
 
 
 def update_best(rd: RunDir, last: int) -> int:
