@@ -204,10 +204,9 @@ def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
             out.append("model.quantization=nf4")
         out.append(f"data.max_length={cfg.data.max_length // 2}")
     else:
-        if gpus == 1:
-            out.append(f"generation.gpu_memory_utilization={cfg.generation.gpu_memory_utilization * 0.75:.2f}")
         if cfg.model.quantization != "nf4":
             out.append("model.quantization=nf4")
+        out.append(f"data.max_length={cfg.data.max_length // 2} (a smaller KV cache for the engine)")
         out.append("a second GPU for the engine (generation.device=cuda:1)")
     return out
 

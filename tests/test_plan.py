@@ -1,0 +1,52 @@
+"""`lite-rlhf plan`: parameter counts against a real model, fit verdicts, suggestions."""
+
+import pytest
+
+from lite_rlhf.config import ConfigError, load_config
+from lite_rlhf.models import make_tiny_model
+from lite_rlhf.plan import GiB, estimate, fit_report, model_shape, parse_size
+
+LLAMA = "configs/llama3-8b_qlora_24gb.yaml"
+
+
+def test_parameter_count_matches_a_real_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
+    shape = model_shape(str(path))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert shape.linear_params + shape.embed_params == sum(p.numel() for p in model.parameters()) - norms
+
+
+def test_llama3_8b_counts():
+    shape = model_shape("meta-llama/Meta-Llama-3-8B-Instruct")
+    total = shape.linear_params + shape.embed_params
+    assert abs(total - 8.03e9) / 8.03e9 < 0.01, total  # Llama-3-8B has 8.03B parameters
+
+
+def test_fit_verdicts():
+    cfg = load_config(LLAMA)
+    text, ok = fit_report(cfg, 24 * GiB, 1)
+    assert ok and "fits" in text
+    text, ok = fit_report(cfg, 12 * GiB, 1)
+    assert not ok and "second GPU" in text
+    no_ckpt = load_config(LLAMA, ["model.gradient_checkpointing=false", "dpo.micro_batch=4"])
+    text, ok = fit_report(no_ckpt, 24 * GiB, 2)
+    assert not ok and "model.gradient_checkpointing=true" in text
+
+
+def test_checkpointing_and_kernel_terms_move_the_estimate():
+    base = estimate(load_config(LLAMA))["phases"]["train"]["activations"]
+    off = estimate(load_config(LLAMA, ["model.gradient_checkpointing=false"]))["phases"]["train"]["activations"]
+    assert off > 10 * base
+    est = estimate(load_config(LLAMA))
+    assert est["full_logits_bytes"] > 20 * est["phases"]["train"]["log-prob kernel block"]
+
+
+def test_sizes_and_unknown_models(tmp_path):
+    assert parse_size("24GB") == 24 * GiB and parse_size("512MB") == 0.5 * GiB
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+    with pytest.raises(ConfigError, match="cannot plan"):
+        model_shape(str(tmp_path))
