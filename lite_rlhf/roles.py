@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, ConfigError
 from .models import resolve_model
 
 ROLES = ("policy", "reference", "reward")
@@ -46,8 +46,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def nf4_config(compute_dtype: torch.dtype):
     """The only place that needs bitsandbytes (imported by transformers when the model loads)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(
-            "model.quantization=nf4 needs bitsandbytes: `pip install bitsandbytes` (or model.quantization=none)"
+        raise ConfigError(
+            "config key 'model.quantization': nf4 needs bitsandbytes; `pip install bitsandbytes` or set it to none"
         )
     from transformers import BitsAndBytesConfig
 
@@ -116,8 +116,8 @@ class SharedModel:
             keep_nf4_layout(base)
         for key in ("final_logit_softcapping", "logit_scale"):  # the fused kernel computes plain h @ W.T
             if getattr(base.config, key, None) not in (None, 1.0):
-                raise ValueError(
-                    f"model '{mcfg.name}' scales its logits ({key}); the log-prob kernel does not support it"
+                raise ConfigError(
+                    f"config key 'model.name': '{mcfg.name}' scales its logits ({key}), which the log-prob kernel lacks"
                 )
         if mcfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -132,6 +132,10 @@ class SharedModel:
         )
         if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
             sft_dir = Path(mcfg.sft_adapter).expanduser()
+            if not (sft_dir / ADAPTER_FILES[0]).is_file():
+                raise ConfigError(
+                    f"config key 'model.sft_adapter': '{sft_dir}' has no {ADAPTER_FILES[0]} (a peft adapter)"
+                )
             policy_cfg = copy.deepcopy(PeftConfig.from_pretrained(str(sft_dir)))
             policy_cfg.inference_mode = False
         else:
@@ -294,7 +298,7 @@ class SharedModel:
 
         directory = Path(directory)
         if not (directory / ADAPTER_FILES[1]).is_file():
-            raise FileNotFoundError(f"adapter directory '{directory}' has no {ADAPTER_FILES[1]}")
+            raise ConfigError(f"adapter directory '{directory}' has no {ADAPTER_FILES[1]} (a peft adapter)")
         new = PeftConfig.from_pretrained(str(directory))
         old = self.peft.peft_config.get(name)
         same_shape = old is not None and (new.r, set(new.target_modules)) == (old.r, set(old.target_modules))
@@ -330,9 +334,7 @@ class SharedModel:
 
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
-            raise FileNotFoundError(
-                f"reward directory '{directory}' has no {HEAD_FILE} (train it with `lite-rlhf train-rm`)"
-            )
+            raise ConfigError(f"reward directory '{directory}' has no {HEAD_FILE} (train it with `lite-rlhf train-rm`)")
         self.load_adapter("reward", directory)
         state = load_file(str(directory / HEAD_FILE), device=str(self.device))
         with torch.no_grad():

@@ -289,3 +289,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         perturb(model, "policy")
         grads.append(policy_grads(model, *batch(model)))
     assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
+
+
+def test_missing_sft_adapter_names_the_key(tiny, tmp_path):
+    from lite_rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.sft_adapter"):
+        make(tiny, f"model.sft_adapter={tmp_path / 'nowhere'}")
