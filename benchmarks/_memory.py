@@ -18,6 +18,15 @@ Usage, from a benchmark script::
 ``PeakMeter.extra_mib`` is the peak resident memory reached inside the ``with`` block above the
 resident memory at its start (the inputs, the imports): it counts every temporary, the outputs and the
 gradients the block creates.
+
+Which peak counter. ``ru_maxrss`` of a process started by ``subprocess`` begins at the *parent's* peak
+(Python spawns with vfork/exec, and exec folds the old address space's high-water mark into the
+process's ``maxrss``): a parent that once held 300 MiB gives every child ``ru_maxrss >= 300 MiB``
+(measured). So the peak is read from ``VmHWM`` in ``/proc/self/status``, the high-water mark of this
+process's own address space, first reset to the current RSS (``5 > /proc/self/clear_refs``, Linux >= 4.0)
+so that temporaries made while building the inputs do not hide part of the block's peak. Where that
+reset or ``VmHWM`` is unavailable, ``ru_maxrss`` before/after is used and ``hidden_slack_mib`` says how
+much of the block's peak it could hide.
 """
 
 from __future__ import annotations
@@ -32,13 +41,24 @@ from pathlib import Path
 MMAP_THRESHOLD = "65536"
 
 
+def _status_mib(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in MiB, or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def current_rss_mib() -> float:
     """Resident memory now (VmRSS), in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = _status_mib("VmRSS")
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status: these measurements need Linux")
+    return rss
 
 
 def maxrss_mib() -> float:
@@ -67,14 +87,15 @@ class PeakMeter:
         self.reset_ok = reset_peak()
         self.rss_before = current_rss_mib()
         self.maxrss_before = maxrss_mib()
-        # If the old high-water mark could not be reset and lies above the current RSS, the block's
-        # peak is only visible once it exceeds that mark: report how much could be hidden.
-        self.hidden_slack_mib = max(0.0, self.maxrss_before - self.rss_before)
+        self.use_hwm = self.reset_ok and _status_mib("VmHWM") is not None
+        # With ru_maxrss, a high-water mark above the current RSS hides that much of the block's peak.
+        self.hidden_slack_mib = 0.0 if self.use_hwm else max(0.0, self.maxrss_before - self.rss_before)
         return self
 
     def __exit__(self, *exc) -> None:
         self.maxrss_after = maxrss_mib()
-        self.extra_mib = self.maxrss_after - self.rss_before
+        peak = _status_mib("VmHWM") if self.use_hwm else self.maxrss_after
+        self.extra_mib = peak - self.rss_before
 
 
 def run_worker(script: Path, spec: dict, *, timeout: float = 3600.0, extra_env: dict | None = None) -> dict:

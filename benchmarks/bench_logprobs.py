@@ -14,11 +14,12 @@ Two batch shapes of the same 2048 tokens: one pair of 1024-token sequences (``1x
 128-token sequences (``8x128``). The LM head is frozen (LoRA / 4-bit base), and separately trainable.
 
 "Extra peak" is the peak resident memory above the inputs (hidden, weight, targets): it includes the
-outputs and the hidden gradient. Each CPU measurement runs in a fresh process with
-``MALLOC_MMAP_THRESHOLD_=65536`` (see ``_memory.py``). Time is the median of ``--repeat`` runs after the
-measured one. Timings taken beside another job are 2-5x slow: the load average is recorded.
+outputs and the hidden gradient. Each memory measurement runs in a fresh process with
+``MALLOC_MMAP_THRESHOLD_=65536`` (see ``_memory.py``). Times are taken in one process where the variants
+take turns on the same inputs (a warm-up round, then ``--repeat`` rounds; the table shows the best, the
+CSV also the median). Timings taken beside another job are 2-5x slow: the load average is recorded.
 
-    .venv/bin/python benchmarks/bench_logprobs.py                    # full run (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_logprobs.py                    # full run (~30 min on 2 busy cores)
     .venv/bin/python benchmarks/bench_logprobs.py --quick            # tiny smoke run, no CSV
     .venv/bin/python benchmarks/bench_logprobs.py --vocab 128256 --shape 8x128 --repeat 2
 
@@ -101,31 +102,43 @@ def make_step(variant: str, hidden, weight, targets, ref_chosen, ref_rejected):
 
 
 def worker(spec: dict) -> dict:
-    """Runs in a fresh process: the measured run (memory and first time), then `repeat` timed runs."""
-    import torch
+    """Runs in a fresh process: one forward + backward, its peak memory above the inputs and its time."""
     from lite_rlhf.kernels import kernel_path
 
+    # One tiny step first, so one-time set-up (thread pools, lazy imports) is not counted as the kernel's.
+    tiny = {**spec, "vocab": 256, "hidden": 64, "pairs": 1, "seq": 16}
+    make_step(spec["variant"], *make_inputs(tiny))()
     inputs = make_inputs(spec)
     step = make_step(spec["variant"], *inputs)
     with PeakMeter() as meter:
         t0 = time.perf_counter()
         step()
         first = time.perf_counter() - t0
-    times = []
-    for _ in range(spec["repeat"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
     return {
         "extra_peak_mib": meter.extra_mib,
         "hidden_slack_mib": meter.hidden_slack_mib,
         "peak_reset": meter.reset_ok,
         "first_s": first,
-        "time_s": statistics.median(times) if times else first,
-        "times": times,
-        "threads": torch.get_num_threads(),
         "path": kernel_path("cpu") if spec["variant"] == "chunked" else "",
     }
+
+
+def time_interleaved(spec: dict, variants: list[str], repeat: int) -> dict[str, list[float]]:
+    """Wall times of forward + backward, the variants taking turns in this one process on the same inputs.
+
+    Taking turns spreads a change in the machine's load over all variants instead of one; the first
+    round is a warm-up and is dropped.
+    """
+    inputs = make_inputs(spec)
+    steps = {v: make_step(v, *inputs) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(repeat + 1):
+        for variant, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if round_ > 0:
+                times[variant].append(time.perf_counter() - t0)
+    return times
 
 
 def gpu_measure(spec: dict) -> dict:  # pragma: no cover - needs a CUDA device
@@ -142,7 +155,7 @@ def gpu_measure(spec: dict) -> dict:  # pragma: no cover - needs a CUDA device
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20
     ms = triton.testing.do_bench(step, warmup=2, rep=max(1, spec["repeat"]) * 20)
-    return {"extra_peak_mib": extra, "time_s": ms / 1000, "first_s": float("nan"), "path": "triton"}
+    return {"extra_peak_mib": extra, "time_s": ms / 1000, "time_median_s": ms / 1000, "first_s": float("nan")}
 
 
 def load_average() -> float:
@@ -154,7 +167,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="vocabulary sizes")
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="batch shapes")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs after the measured one (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed rounds after a warm-up round")
     parser.add_argument("--no-trainable", action="store_true", help="skip the trainable-LM-head rows")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (H=64, V=1000, 256 tokens), no CSV")
     parser.add_argument("--csv", type=Path, default=None, help=f"CSV to append to (default {RESULTS})")
@@ -172,7 +185,6 @@ def main() -> None:
     scale = 8 if args.quick else 1  # --quick: 256 tokens instead of 2048
     csv_path = args.csv or (None if args.quick else RESULTS)
     cuda = torch.cuda.is_available()
-    variants = list(args.variants) + (["triton"] if cuda else [])
     configs = [(v, s, False) for v in vocabs for s in args.shape]
     if not args.no_trainable:
         configs += [(v, args.shape[0], True) for v in vocabs]
@@ -180,23 +192,24 @@ def main() -> None:
     rows = []
     for vocab, shape, trainable in configs:
         pairs, seq = SHAPES[shape]
-        for variant in variants:
-            spec = {
-                "variant": variant,
-                "vocab": vocab,
-                "hidden": hidden_size,
-                "pairs": pairs,
-                "seq": seq // scale,
-                "trainable": trainable,
-                "repeat": args.repeat,
-            }
-            load = load_average()
-            print(
-                f"running {variant:8s} V={vocab} shape={shape} trainable={trainable} (load {load:.1f}) ...", flush=True
-            )
-            result = gpu_measure(spec) if variant == "triton" else run_worker(Path(__file__), spec)
-            label = shape if scale == 1 else f"{pairs}x{seq // scale}"
-            rows.append({**spec, "shape": label, "load": load, **result})
+        label = shape if scale == 1 else f"{pairs}x{seq // scale}"
+        spec = {"vocab": vocab, "hidden": hidden_size, "pairs": pairs, "seq": seq // scale, "trainable": trainable}
+        what = f"V={vocab} shape={label} LM head {'trainable' if trainable else 'frozen'}"
+        config_rows = {}
+        for variant in args.variants:  # memory: one fresh process per variant
+            print(f"memory {variant:8s} {what} (load {load_average():.1f}) ...", flush=True)
+            result = run_worker(Path(__file__), {**spec, "variant": variant})
+            config_rows[variant] = {**spec, "variant": variant, "shape": label, **result}
+        load_start = load_average()
+        print(f"timing {' / '.join(args.variants)} in turns, {what} (load {load_start:.1f}) ...", flush=True)
+        times = time_interleaved(spec, list(args.variants), args.repeat)
+        load = (load_start + load_average()) / 2
+        for variant, ts in times.items():
+            config_rows[variant].update(time_s=min(ts), time_median_s=statistics.median(ts), load=load)
+        if cuda:
+            result = gpu_measure({**spec, "variant": "triton", "repeat": args.repeat})
+            config_rows["triton"] = {**spec, "variant": "triton", "shape": label, "load": float("nan"), **result}
+        rows.extend(config_rows.values())
 
     # ratios to naive in the same configuration
     naive = {(r["vocab"], r["shape"], r["trainable"]): r for r in rows if r["variant"] == "naive"}
@@ -206,8 +219,11 @@ def main() -> None:
         r["time_ratio"] = r["time_s"] / ref["time_s"] if ref else float("nan")
 
     tokens = 2 * SHAPES[args.shape[0]][0] * SHAPES[args.shape[0]][1] // scale
-    print(f"\nDPO loss forward + backward, fp32, {tokens} tokens, H={hidden_size}; {machine_description()}, "
-          f"torch {torch.__version__}, {rows[0]['threads'] if 'threads' in rows[0] else '?'} threads")  # fmt: skip
+    print(
+        f"\nDPO loss (sigmoid) forward + backward, fp32, {tokens} tokens, H={hidden_size}; {machine_description()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads. Time: best of {args.repeat} rounds "
+        "(median in the CSV); load: 1-min load average while timing."
+    )
     print("\n| V | shape (pairs x tokens) | LM head | variant | extra peak MiB | vs naive | time s | vs naive | load |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -244,7 +260,8 @@ def write_csv(path: Path, rows: list[dict], tokens: int, hidden_size: int) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [
         "timestamp", "git_rev", "torch", "machine", "variant", "vocab", "shape", "lm_head", "tokens", "hidden",
-        "dtype", "extra_peak_mib", "mem_vs_naive", "time_s", "time_vs_naive", "first_run_s", "load_avg_1min",
+        "dtype", "extra_peak_mib", "mem_vs_naive", "time_s", "time_vs_naive", "time_median_s", "first_run_s",
+        "load_avg_1min",
     ]  # fmt: skip
     new = not path.exists()
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -271,6 +288,7 @@ def write_csv(path: Path, rows: list[dict], tokens: int, hidden_size: int) -> No
                     "mem_vs_naive": round(r["mem_ratio"], 4),
                     "time_s": round(r["time_s"], 3),
                     "time_vs_naive": round(r["time_ratio"], 3),
+                    "time_median_s": round(r["time_median_s"], 3),
                     "first_run_s": round(r["first_s"], 3),
                     "load_avg_1min": round(r["load"], 2),
                 }
