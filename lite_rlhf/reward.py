@@ -125,9 +125,16 @@ def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]
     # "The longer answer wins": a tie counts half, the expected accuracy of a coin flip.
     longer = [(len(p.chosen) > len(p.rejected)) + 0.5 * (len(p.chosen) == len(p.rejected)) for p in kept]
     lengths = [len(p.chosen) for p in kept] + [len(p.rejected) for p in kept]
+
+    def accuracy_where(chosen_longer: bool) -> float | None:  # a length-biased reward fails one of the two
+        ms = [m for m, p in zip(margins, kept, strict=True) if (len(p.chosen) > len(p.rejected)) == chosen_longer]
+        return sum(m > 0 for m in ms) / len(ms) if ms else None
+
     return {
         "eval_pairs": n,
         "eval_accuracy": sum(m > 0 for m in margins) / n,
+        "eval_accuracy_chosen_longer": accuracy_where(True),
+        "eval_accuracy_chosen_not_longer": accuracy_where(False),
         "eval_loss": sum(-F.logsigmoid(torch.tensor(m)).item() for m in margins) / n,
         "eval_margin": sum(margins) / n,
         "length_baseline_accuracy": sum(longer) / n,
