@@ -479,6 +479,11 @@ class HFEngine(Engine):
         if quantization != "nf4":
             self.model.to(self.device)
         self.model.eval()
+        # torch 2.13 on CPU: a bf16 F.linear with a frozen weight (requires_grad=False, as peft leaves the
+        # base) on a strided [B, 1, H] input, the slice `logits_to_keep` hands the LM head at prefill,
+        # materializes the weight once per row: B x 54 MiB for SmolLM2, ~14 GiB at B=256 (the 15 GiB peak
+        # of docs/cpu-stack.md). A contiguous input takes the ordinary GEMM.
+        self.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         # EOS as vLLM sees it: generation_config.json's eos ids plus the tokenizer's.
         eos = HFGenerationConfig.from_model_config(self.model.config).eos_token_id
         if (model_dir / "generation_config.json").is_file():
