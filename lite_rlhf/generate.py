@@ -339,6 +339,9 @@ class VllmEngine(Engine):
             # that a resumed run samples exactly what an uninterrupted one did.
             enable_prefix_caching=False,
         )
+        from lite_rlhf import cpu_lora_ops
+
+        cpu_lora_ops.install()  # LoRA without a per-token copy of the adapter (see cpu_lora_ops)
         # The in-process worker replaces torch.set_num_threads with a no-op for the whole process (which
         # would also pin the training that follows): the original is put back after start-up.
         set_num_threads = torch.set_num_threads
