@@ -31,6 +31,7 @@ much of the block's peak it could hide.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import resource
@@ -59,6 +60,25 @@ def current_rss_mib() -> float:
     if rss is None:
         raise RuntimeError("no VmRSS in /proc/self/status: these measurements need Linux")
     return rss
+
+
+def peak_mib() -> float:
+    """VmHWM of this process (peak resident memory since the last `reset_peak`), in MiB."""
+    hwm = _status_mib("VmHWM")
+    if hwm is None:
+        raise RuntimeError("no VmHWM in /proc/self/status: these measurements need Linux")
+    return hwm
+
+
+def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append `rows` to the CSV at `path` (keys outside `fields` are dropped); a header when it is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            out.writeheader()
+        out.writerows(rows)
 
 
 def maxrss_mib() -> float:

@@ -71,7 +71,6 @@ Prints a markdown table (ratios to ``a``) and the targets, appends rows to the C
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import hashlib
 import json
@@ -87,7 +86,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _memory import _status_mib, current_rss_mib, git_revision, machine_description, reset_peak, run_worker  # noqa: E402
+from _memory import (  # noqa: E402
+    append_csv,
+    current_rss_mib,
+    git_revision,
+    machine_description,
+    peak_mib,
+    reset_peak,
+    run_worker,
+)
 
 RESULTS = HERE / "results" / "bench_dpo_step.csv"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -199,14 +206,6 @@ class SeenBatches:
 # --------------------------------------------------------------------------- measuring
 
 
-def _hwm_mib() -> float:
-    """VmHWM of this process (peak resident memory since the last reset), in MiB."""
-    hwm = _status_mib("VmHWM")
-    if hwm is None:
-        raise RuntimeError("no VmHWM in /proc/self/status: these measurements need Linux")
-    return hwm
-
-
 class ForwardClock:
     """Wall time spent inside decoder forwards, split by grad mode: with grad (policy), without (reference).
 
@@ -245,7 +244,7 @@ class StepMeter:
     """Baseline RSS, the set-up peak, the training peak, the end time and forward times of every optimizer step."""
 
     def __init__(self):
-        self.hwm_imports = _hwm_mib()  # whole-process peak so far (imports, tokenizer)
+        self.hwm_imports = peak_mib()  # whole-process peak so far (imports, tokenizer)
         self.baseline = current_rss_mib()
         self.reset_ok = reset_peak()
         self.t_start = time.perf_counter()
@@ -256,7 +255,7 @@ class StepMeter:
     def train_start(self) -> None:
         self.setup_s = time.perf_counter() - self.t_start
         self.setup_rss = current_rss_mib()
-        self.setup_hwm = _hwm_mib()
+        self.setup_hwm = peak_mib()
         reset_peak()
         self.clock.take()  # forwards before step 1 (reference log-probs) are set-up
         self.t_train = time.perf_counter()
@@ -266,7 +265,7 @@ class StepMeter:
         self.forwards.append(self.clock.take())
 
     def result(self) -> dict:
-        train_hwm = _hwm_mib()
+        train_hwm = peak_mib()
         ends = [self.t_train, *self.step_ends]
         steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         timed = steps[1:]
@@ -725,53 +724,33 @@ def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.da
         "same_tokens_as_a", "lora", "gradient_checkpointing",
         "optimizer", "threads", "load_start", "load_end", "peak_reset",
     ]  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    stamp = started.isoformat(timespec="seconds")
-    rev, machine = git_revision(REPO), machine_description()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {
-                    "timestamp": stamp,
-                    "git_rev": rev,
-                    "machine": machine,
-                    **{k: versions[k] for k in ("torch", "transformers", "trl", "peft")},
-                    "shape": r["shape"],
-                    "variant": r["variant"],
-                    "pairs_per_step": r["pairs_per_step"],
-                    "steps": r["steps"],
-                    "baseline_mib": round(r["baseline_mib"], 1),
-                    "peak_mib": round(r["peak_mib"], 1),
-                    "peak_vs_a": round(r["peak_vs_a"], 3),
-                    "setup_peak_mib": round(r["setup_peak_mib"], 1),
-                    "train_peak_mib": round(r["train_peak_mib"], 1),
-                    "process_peak_mib": round(r["process_peak_mib"], 1),
-                    "process_peak_vs_a": round(r["process_peak_vs_a"], 3),
-                    "s_per_step": round(r["s_per_step"], 3),
-                    "time_vs_a": round(r["time_vs_a"], 3),
-                    "pairs_per_s": round(r["pairs_per_s"], 3),
-                    "pairs_per_s_vs_a": round(r["pairs_per_s_vs_a"], 3),
-                    "first_step_s": round(r["first_step_s"], 3),
-                    "step_s": " ".join(f"{s:.3f}" for s in r["step_s"]),
-                    "policy_fwd_s": round(r["policy_fwd_s"], 3),
-                    "ref_fwd_s": round(r["ref_fwd_s"], 3),
-                    "setup_s": round(r["setup_s"], 2),
-                    "attn_implementation": r["attn_implementation"],
-                    "tokens_seen": sum(n for b in r["seen"] for n in b["lengths"]),
-                    "same_tokens_as_a": r.get("same_tokens", ""),
-                    "lora": r["lora"],
-                    "gradient_checkpointing": r["gradient_checkpointing"],
-                    "optimizer": r["optimizer"],
-                    "threads": r["threads"],
-                    "load_start": round(r["load_start"], 2),
-                    "load_end": round(r["load_end"], 2),
-                    "peak_reset": r["peak_reset"],
-                }
-            )
+    # figures rounded to these many digits; the other fields are written as they are
+    digits = {
+        "baseline_mib": 1, "peak_mib": 1, "peak_vs_a": 3, "setup_peak_mib": 1, "train_peak_mib": 1,
+        "process_peak_mib": 1, "process_peak_vs_a": 3, "s_per_step": 3, "time_vs_a": 3, "pairs_per_s": 3,
+        "pairs_per_s_vs_a": 3, "first_step_s": 3, "policy_fwd_s": 3, "ref_fwd_s": 3, "setup_s": 2,
+        "load_start": 2, "load_end": 2,
+    }  # fmt: skip
+    plain = ["shape", "variant", "pairs_per_step", "steps", "attn_implementation", "lora", "gradient_checkpointing",
+             "optimizer", "threads", "peak_reset"]  # fmt: skip
+    common = {
+        "timestamp": started.isoformat(timespec="seconds"),
+        "git_rev": git_revision(REPO),
+        "machine": machine_description(),
+        **{k: versions[k] for k in ("torch", "transformers", "trl", "peft")},
+    }
+    out = [
+        {
+            **common,
+            **{k: r[k] for k in plain},
+            **{k: round(r[k], n) for k, n in digits.items()},
+            "step_s": " ".join(f"{s:.3f}" for s in r["step_s"]),
+            "tokens_seen": sum(n for b in r["seen"] for n in b["lengths"]),
+            "same_tokens_as_a": r.get("same_tokens", ""),
+        }
+        for r in rows
+    ]
+    append_csv(path, fields, out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ Prints a markdown table with vLLM/HF ratios and appends rows to ``benchmarks/res
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -41,21 +40,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _memory import git_revision, machine_description  # noqa: E402
+from _memory import append_csv, current_rss_mib, git_revision, machine_description, peak_mib  # noqa: E402
 
 RESULTS = HERE / "results" / "bench_generation.csv"
 MODEL = "smollm2-135m-instruct"
 TARGET_SPEEDUP_LORA = 1.5  # vLLM / HF tokens/s with the adapter (issue 5)
 TARGET_RSS_GIB = 4.0  # whole process, resident
-
-
-def status_gib(field: str) -> float:
-    """A kB field of /proc/self/status (VmRSS now, VmHWM peak) in GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def make_adapter(model_dir: Path, out: Path, rank: int = 8) -> Path:
@@ -105,7 +95,7 @@ def worker(spec: dict) -> dict:
         from lite_rlhf import cpu_lora_ops
 
         cpu_lora_ops.install(grouped=False)
-    rss_loaded = status_gib("VmRSS")
+    rss_loaded = current_rss_mib() / 1024
     adapter = spec["adapter"]
     engine.generate(prompts[:1], n=1, adapter=adapter, seed=0, max_new_tokens=4, desc="warm-up")
     start = time.perf_counter()
@@ -121,7 +111,7 @@ def worker(spec: dict) -> dict:
         "stopped": sum(s.finish_reason == "stop" for s in samples),
         "samples": len(samples),
         "rss_loaded_gib": round(rss_loaded, 2),
-        "peak_rss_gib": round(status_gib("VmHWM"), 2),
+        "peak_rss_gib": round(peak_mib() / 1024, 2),
     }
 
 
@@ -187,7 +177,7 @@ def main() -> None:
         lora = str(make_adapter(model_dir, Path(tmp) / "lora-r8"))
         # (adapter, backend, LoRA ops); the ops only matter for vLLM with an adapter
         ops = args.vllm_lora_ops.split(",")
-        runs = [(adapter, backend, "grouped") for adapter in (None, lora) for backend in backends]
+        runs = [(adapter, b, "grouped" if b == "vllm" else "") for adapter in (None, lora) for b in backends]
         if "grouped" not in ops:
             runs = [r for r in runs if not (r[0] and r[1] == "vllm")]
         if "vllm" in backends and "vllm" in ops:
@@ -273,17 +263,12 @@ def main() -> None:
         "samples",
         "load_avg_1min",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        if new:
-            out.writeheader()
-        for r in results:
-            x = ratio(r) if r["backend"] == "vllm" else None
-            out.writerow(
-                {**common, **r, "adapter": "lora-r8" if r["adapter"] else "none", "vllm_over_hf": x and round(x, 3)}
-            )
+    rows = []
+    for r in results:
+        x = ratio(r) if r["backend"] == "vllm" else None
+        adapter = "lora-r8" if r["adapter"] else "none"
+        rows.append({**common, **r, "adapter": adapter, "vllm_over_hf": x and round(x, 3)})
+    append_csv(RESULTS, fields, rows)
     print(f"appended {len(results)} rows to {RESULTS.relative_to(HERE.parent)}")
 
 

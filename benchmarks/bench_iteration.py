@@ -32,7 +32,6 @@ Prints a markdown table; writes benchmarks/results/bench_iteration.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -44,18 +43,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _memory import current_rss_mib, git_revision, machine_description, reset_peak, run_worker  # noqa: E402
+from _memory import (  # noqa: E402
+    append_csv,
+    current_rss_mib,
+    git_revision,
+    machine_description,
+    peak_mib,
+    reset_peak,
+    run_worker,
+)
 
 RESULTS = HERE / "results"
 TARGET_RATIO = 0.25  # |estimate / measured - 1| per phase
-
-
-def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class Phases:
@@ -71,7 +70,7 @@ class Phases:
         start = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - start
-        row = {"phase": name, "seconds": round(seconds, 2), "peak_above_baseline_mib": _hwm_mib() - self.baseline}
+        row = {"phase": name, "seconds": round(seconds, 2), "peak_above_baseline_mib": peak_mib() - self.baseline}
         self.rows.append(row)
         print(f"  {name:<20} {seconds:7.1f} s  peak +{row['peak_above_baseline_mib']:.0f} MiB", flush=True)
         return out
@@ -136,8 +135,9 @@ def worker(spec: dict) -> dict:
     )
     pairs = [p for p in pairs if fits(p, prompt_ids, cfg)]
     pairs = ph.run("reference log-probs", lambda: add_reference_logps(model, pairs, prompt_ids, cfg))
-    widths = [pair_batch([p], prompt_ids, model.pad_id, cfg)[0].shape[1] for p in pairs]
-    train_tokens = sum(int(pair_batch([p], prompt_ids, model.pad_id, cfg)[1].sum()) for p in pairs) * cfg.dpo.epochs
+    masks = [pair_batch([p], prompt_ids, model.pad_id, cfg)[1] for p in pairs]  # [2, width] per pair
+    widths = [m.shape[1] for m in masks]
+    train_tokens = sum(int(m.sum()) for m in masks) * cfg.dpo.epochs
     model.load_adapter("policy", policy)
     ph.run(
         "train", lambda: train_dpo(model, pairs, prompt_ids, cfg, seed=derive_seed(cfg, 1, "dpo"), log=lambda r: None)
@@ -247,16 +247,8 @@ def main() -> None:
     (RESULTS / "bench_iteration.md").write_text(header + text + "\n")
     fields = ["timestamp", "git_rev", "phase", "seconds", "peak_above_baseline_mib", "estimate_mib",
               "estimate_over_measured", "load_avg_before", "load_avg_after"]  # fmt: skip
-    path = RESULTS / "bench_iteration.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        if new:
-            out.writeheader()
-        for r in res["rows"]:
-            out.writerow(
-                {**r, "timestamp": stamp, "git_rev": rev, "load_avg_before": load_before, "load_avg_after": load_after}
-            )
+    common = {"timestamp": stamp, "git_rev": rev, "load_avg_before": load_before, "load_avg_after": load_after}
+    append_csv(RESULTS / "bench_iteration.csv", fields, [{**r, **common} for r in res["rows"]])
     print(f"wrote {RESULTS.relative_to(HERE.parent)}/bench_iteration.md and appended to bench_iteration.csv")
 
 

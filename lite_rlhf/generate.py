@@ -256,9 +256,8 @@ def cpu_serving_threads(setting: int = 0) -> int:
     usable core.
 
     Measured on an idle 2-core machine (benchmarks/bench_generation.py): 139 tokens/s on one thread,
-    278 on two. On a machine where other jobs keep the cores busy, one thread is the better choice
-    (36 tokens/s against 5.5 on two, where every op waited for a descheduled thread): set
-    generation.cpu_threads=1 there."""
+    278 on two. Where other jobs keep the cores busy, every op may wait for a descheduled second
+    thread, and generation.cpu_threads=1 may be faster (not measured in benchmarks/results)."""
     if setting > 0:
         return setting
     value = os.environ.get("OMP_NUM_THREADS", "")

@@ -104,8 +104,12 @@ def test_mismatched_indices_raise():
 def test_install_and_restore():
     from vllm.lora.punica_wrapper import punica_cpu
 
-    cpu_lora_ops.install()
-    assert all(getattr(punica_cpu, name) is getattr(cpu_lora_ops, name) for name in cpu_lora_ops.OPS)
-    cpu_lora_ops.install(grouped=False)
-    assert all(getattr(punica_cpu, name) is getattr(torch_ops, name) for name in cpu_lora_ops.OPS)
-    cpu_lora_ops.install()
+    before = {name: getattr(punica_cpu, name) for name in cpu_lora_ops.OPS}
+    try:
+        cpu_lora_ops.install()
+        assert all(getattr(punica_cpu, name) is getattr(cpu_lora_ops, name) for name in cpu_lora_ops.OPS)
+        cpu_lora_ops.install(grouped=False)
+        assert all(getattr(punica_cpu, name) is getattr(torch_ops, name) for name in cpu_lora_ops.OPS)
+    finally:  # leave the process as found: the engine test checks that the engine installs them itself
+        for name, op in before.items():
+            setattr(punica_cpu, name, op)

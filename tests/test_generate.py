@@ -125,6 +125,17 @@ def test_vllm_known_answer(vllm_engine):
 
 
 @pytest.mark.slow
+def test_vllm_cpu_engine_serves_lora_through_grouped_ops(vllm_engine):
+    """The engine on CPU must route LoRA through lite_rlhf.cpu_lora_ops (vllm-cpu's own ops copy the
+    adapter per token: half the throughput, see benchmarks/bench_generation.py)."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from lite_rlhf import cpu_lora_ops
+
+    assert all(getattr(punica_cpu, name) is getattr(cpu_lora_ops, name) for name in cpu_lora_ops.OPS)
+
+
+@pytest.mark.slow
 def test_vllm_adapter_changes_answers(vllm_engine, adapters):
     base = vllm_engine.generate([FRANCE, COLORS], n=1, adapter=None, seed=0, temperature=0.0)
     tuned = vllm_engine.generate([FRANCE, COLORS], n=1, adapter=adapters["a"], seed=0, temperature=0.0)
