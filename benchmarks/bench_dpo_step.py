@@ -306,7 +306,7 @@ def run_lite(spec: dict, pairs: list[dict], meter: StepMeter, seen: SeenBatches)
         Pair(p["id"], p["chosen_ids"], p["rejected_ids"], p["chosen_text"], p["rejected_text"], 1.0, 0.0) for p in pairs
     ]
     t0 = time.perf_counter()
-    canonical = dpo.add_reference_logps(model, canonical, prompt_map, cfg)
+    canonical = dpo.add_reference_logps(model, canonical, prompt_map, cfg.data, cfg.dpo.micro_batch)
     ref_s = time.perf_counter() - t0
 
     # train_dpo visits pairs[order[0]], pairs[order[1]], ... with order = randperm(n) seeded by `seed` (one
@@ -317,17 +317,18 @@ def run_lite(spec: dict, pairs: list[dict], meter: StepMeter, seen: SeenBatches)
     for j, i in enumerate(order):
         fed[i] = canonical[j]
 
-    original_pair_batch = dpo.pair_batch
+    original_make_batch = dpo.make_batch
 
-    def recording_pair_batch(chunk, prompt_ids, pad_id, cfg_):
-        input_ids, mask, targets = original_pair_batch(chunk, prompt_ids, pad_id, cfg_)
-        seen.record(input_ids, mask, (targets != dpo.IGNORE).sum(-1))
-        return input_ids, mask, targets
+    def recording_make_batch(*args):
+        batch = original_make_batch(*args)
+        seen.record(batch.input_ids, batch.mask, (batch.targets != dpo.IGNORE).sum(-1))
+        return batch
 
-    dpo.pair_batch = recording_pair_batch  # train_dpo looks it up in its module at each micro-batch
+    dpo.make_batch = recording_make_batch  # train_dpo looks it up in its module at each micro-batch
     meter.clock.attach(model.peft.get_base_model().get_decoder())
     meter.train_start()
-    dpo.train_dpo(model, fed, prompt_map, cfg, seed=seed, log=lambda summary: meter.step_end())
+    dpo.train_dpo(model, fed, prompt_map, cfg.dpo, cfg.data, seed=seed, quiet=True,
+                  on_step=lambda summary: meter.step_end())  # fmt: skip
     return {
         "ref_logps_s": ref_s,
         "trainable_params": sum(p.numel() for p in model.parameters("policy")),

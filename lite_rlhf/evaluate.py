@@ -16,12 +16,31 @@ Figures (one `metrics.jsonl` line per evaluation):
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import torch
+from tqdm.auto import tqdm
+
+from lite_rlhf.batching import make_batch
+from lite_rlhf.config import DataConfig, EvalConfig
 from lite_rlhf.data import Prompt
+
+KL_SAMPLES = 64  # KL costs two forward passes per answer: estimated on the first KL_SAMPLES test answers
+
+
+@dataclass(frozen=True)
+class Gold:
+    """A task's gold checker, plugged in by the task (the demo's plays the paper's human annotators)."""
+
+    applies: Callable[[dict], bool]  # prompt meta -> does this prompt carry a gold check?
+    check: Callable[[dict, str], dict[str, bool]]  # (meta, answer) -> checks, `passed` their conjunction
+    tax: Callable[[dict, str], dict]  # (meta, instruction-free answer) -> `words` and quality checks
 
 
 @dataclass(frozen=True)
@@ -30,22 +49,118 @@ class EvalSets:
     test: list[Prompt]
     tax: list[Prompt]  # test prompts without their instruction (alignment tax); may be empty
 
+    def limit(self, max_prompts: int) -> EvalSets:
+        cut = (lambda ps: ps[:max_prompts]) if max_prompts else (lambda ps: ps)
+        return EvalSets(cut(self.val), cut(self.test), cut(self.tax))
 
-def has_gold(prompt: Prompt) -> bool:
-    return "topic_keys" in prompt.meta
+
+def evaluate_policy(
+    engine,
+    model,
+    score,
+    sets: EvalSets,
+    prompt_ids: dict[str, list[int]],
+    ev: EvalConfig,
+    d: DataConfig,
+    *,
+    iteration: int,
+    adapter,
+    seed: int,
+    temperature: float,
+    gold: Gold | None,
+    base_rows: list[dict] | None,
+    score_batch: int,
+) -> tuple[dict, list[dict]]:
+    """Figures for the policy of `iteration` (π0 when 0) and its answers as `eval_samples.jsonl` rows.
+    `base_rows`: π0's answers, for the win rate (None when this is π0)."""
+    sets = sets.limit(ev.max_prompts)
+    val, test, tax = sets.val, sets.test, sets.tax
+    k = ev.samples_per_prompt
+    samples = engine.generate(val + test + tax, n=k, adapter=adapter, seed=seed, desc=f"iter {iteration} eval")
+    prompts = {p.id: p for p in val + test + tax}
+    val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
+    # The alignment-tax figures need no reward: only validation and test answers are scored.
+    scored = [s for s in samples if s.prompt_id not in tax_ids]
+    rewards = score([prompts[s.prompt_id].messages for s in scored], scored)
+    reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
+    rows = [dict(dataclasses.asdict(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
+
+    test_samples = [s for s in samples if s.prompt_id in test_ids]
+    figures: dict = {"iteration": iteration}
+    figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
+    figures["test_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in test_ids)
+    base = {(row["prompt_id"], row["index"]): row["reward"] for row in (base_rows if base_rows is not None else rows)}
+    figures["win_rate"] = win_rate({key: v for key, v in reward_of.items() if key[0] in test_ids}, base)
+    figures["length_tokens"] = mean(s.n_tokens for s in test_samples)
+    figures["length_chars"] = mean(len(s.text) for s in test_samples)
+    kl_samples = test_samples[:KL_SAMPLES]
+    figures["kl"] = kl_estimate(model, prompt_ids, kl_samples, d, score_batch) if iteration > 0 else 0.0
+    if gold is not None:
+        figures.update(gold_figures(gold_rows(gold, test, test_samples)))
+        figures.update(tax_figures(gold, tax, [s for s in samples if s.prompt_id in tax_ids]))
+    figures["eval_decoding"] = f"{k} samples/prompt, temperature {temperature}, seed {seed}"
+    return figures, rows
 
 
-def gold_rows(prompts: list[Prompt], samples: list) -> list[dict]:
+@torch.no_grad()
+def kl_estimate(model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int) -> float:
+    """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens."""
+    diffs = []
+    for i in tqdm(range(0, len(samples), batch_size), desc="KL estimate", unit="batch", leave=False):
+        chunk = samples[i : i + batch_size]
+        batch = make_batch(
+            [(prompt_ids[s.prompt_id], s.token_ids) for s in chunk], model.pad_id, d.max_length, "keep_ends"
+        )
+        with model.role("policy"):
+            pol = model.sequence_logps(batch)[0].float().cpu()
+        with model.role("reference"):
+            ref = model.sequence_logps(batch)[0].float().cpu()
+        diffs += (pol - ref).tolist()
+    return sum(diffs) / len(diffs) if diffs else 0.0
+
+
+def noise_figures(engine, test: list[Prompt], k: int, adapter, seed: int, gold: Gold) -> dict:
+    """π0's gold on the test prompts under a second sampling seed: how much two runs of the same
+    policy differ (the noise a gain must beat)."""
+    samples = engine.generate(test, n=k, adapter=adapter, seed=seed, desc="noise")
+    return gold_figures(gold_rows(gold, test, samples))
+
+
+def summary(
+    gold: Gold | None, test: list[Prompt], best: int, evals: dict[int, dict], rows: dict[int, list[dict]], noise: dict
+) -> dict:
+    """The best iteration's gold on the test prompts against π0's (`evals[0]`), beside the noise (π0
+    under a second seed) and a 95% bootstrap interval of the gain over prompts."""
+    out: dict = {"best_iteration": best}
+    if gold is None or "gold" not in evals[0]:
+        return out
+
+    def per_prompt(t: int) -> dict[str, float]:
+        answers = [SimpleNamespace(**r) for r in rows[t] if r["prompt_id"] in test_ids]
+        return per_prompt_gold(gold_rows(gold, test, answers))
+
+    test_ids = {p.id for p in test}
+    base, top = evals[0], evals[best]
+    lo, hi = bootstrap_diff(per_prompt(best), per_prompt(0))
+    return out | {
+        "gold_pi0": base["gold"],
+        "gold_pi0_second_seed": noise.get("gold"),
+        "gold_noise": abs(base["gold"] - noise["gold"]) if "gold" in noise else None,
+        "gold_best": top["gold"],
+        "gold_gain": top["gold"] - base["gold"],
+        "gold_gain_ci95": [lo, hi],
+    }
+
+
+def gold_rows(gold: Gold, prompts: list[Prompt], samples: list) -> list[dict]:
     """Gold checks of each sample whose prompt defines them."""
-    from lite_rlhf.demo.task import gold_check
-
     by_id = {p.id: p for p in prompts}
     rows = []
     for s in samples:
         p = by_id[s.prompt_id]
-        if has_gold(p):
+        if gold.applies(p.meta):
             rows.append(
-                {"prompt_id": s.prompt_id, "constraint": p.meta.get("constraint"), **gold_check(p.meta, s.text)}
+                {"prompt_id": s.prompt_id, "constraint": p.meta.get("constraint"), **gold.check(p.meta, s.text)}
             )
     return rows
 
@@ -53,31 +168,29 @@ def gold_rows(prompts: list[Prompt], samples: list) -> list[dict]:
 def gold_figures(rows: list[dict], prefix: str = "gold") -> dict[str, float]:
     if not rows:
         return {}
-    out = {prefix: _mean(r["passed"] for r in rows)}
+    out = {prefix: mean(r["passed"] for r in rows)}
     for check in ("instruction", "real_answer", "no_repetition", "on_topic"):
         vals = [r[check] for r in rows if check in r]
         if vals:
-            out[f"{prefix}_{check}"] = _mean(vals)
+            out[f"{prefix}_{check}"] = mean(vals)
     by_kind = defaultdict(list)
     for r in rows:
         if r.get("constraint"):
             by_kind[r["constraint"]].append(r["passed"])
     for kind, vals in sorted(by_kind.items()):
-        out[f"{prefix}_{kind}"] = _mean(vals)
+        out[f"{prefix}_{kind}"] = mean(vals)
     return out
 
 
-def tax_figures(prompts: list[Prompt], samples: list) -> dict[str, float]:
+def tax_figures(gold: Gold, prompts: list[Prompt], samples: list) -> dict[str, float]:
     """Instruction-free answers: do they stay answers?"""
-    from lite_rlhf.demo.task import quality_checks, words
-
     if not samples:
         return {}
     by_id = {p.id: p for p in prompts}
-    checks = [quality_checks(s.text, tuple(by_id[s.prompt_id].meta.get("topic_keys", ())), "") for s in samples]
-    out = {"tax_words": _mean(len(words(s.text)) for s in samples)}
+    checks = [gold.tax(by_id[s.prompt_id].meta, s.text) for s in samples]
+    out = {"tax_words": mean(c["words"] for c in checks)}
     for key in ("no_repetition", "on_topic", "real_answer"):
-        out[f"tax_{key}"] = _mean(c[key] for c in checks)
+        out[f"tax_{key}"] = mean(c[key] for c in checks)
     return out
 
 
@@ -85,7 +198,7 @@ def win_rate(rewards: dict[tuple[str, int], float], base: dict[tuple[str, int], 
     common = [k for k in rewards if k in base]
     if not common:
         return None
-    return _mean(1.0 if rewards[k] > base[k] else 0.5 if rewards[k] == base[k] else 0.0 for k in common)
+    return mean(1.0 if rewards[k] > base[k] else 0.5 if rewards[k] == base[k] else 0.0 for k in common)
 
 
 def bootstrap_diff(
@@ -105,9 +218,9 @@ def per_prompt_gold(rows: list[dict]) -> dict[str, float]:
     groups = defaultdict(list)
     for r in rows:
         groups[r["prompt_id"]].append(r["passed"])
-    return {k: _mean(v) for k, v in groups.items()}
+    return {k: mean(v) for k, v in groups.items()}
 
 
-def _mean(values) -> float:
+def mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else float("nan")

@@ -17,16 +17,14 @@ def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lite_rlhf.models import resolve_model
+    from lite_rlhf.models import resolve_dtype, resolve_model
 
     if not (adapter / "adapter_config.json").is_file():
         from lite_rlhf.data import DataError
 
         raise DataError(f"'{adapter}' is not an adapter directory (no adapter_config.json)")
     base_dir = resolve_model(cfg.model.name)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        cfg.model.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    )
+    dtype = resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     tok = AutoTokenizer.from_pretrained(base_dir)

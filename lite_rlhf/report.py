@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lite_rlhf.runstate import write_text
+from lite_rlhf.runstate import Content
 
 # (column, header, format)
 _COLUMNS = [
@@ -67,7 +67,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(root: Path) -> Path:
+def report_files(root: Path) -> dict[Path, Content]:
+    """report.md and plots/ of a run directory, from what its stages committed (for `RunDir.commit`)."""
     root = Path(root)
     rows = eval_rows(root)
     best = (root / "best").resolve().parent.name if (root / "best").exists() else "–"
@@ -83,26 +84,21 @@ def write_report(root: Path) -> Path:
     ]
     if summary:
         parts += ["## Summary", "", "```json", json.dumps(summary, indent=2), "```", ""]
-    plots = _plots(root, rows)
-    parts += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    path = root / "report.md"
-    write_text(path, "\n".join(parts) + "\n")
-    return path
+    plots = [keys for keys in _PLOTS if rows and any(k in r for r in rows for k in keys)]
+    parts += [f"![{keys[0]}](plots/{keys[0]}.png)" for keys in plots]
+    files: dict[Path, Content] = {root / "report.md": "\n".join(parts) + "\n"}
+    if plots:
+        files[root / "plots"] = lambda tmp: _plots(tmp, rows, plots)
+    return files
 
 
-def _plots(root: Path, rows: list[dict]) -> list[Path]:
-    if not rows:
-        return []
+def _plots(directory: Path, rows: list[dict], plots: list[tuple[str, ...]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = []
-    (root / "plots").mkdir(exist_ok=True)
-    for keys in _PLOTS:
-        if not any(k in r for r in rows for k in keys):
-            continue
+    for keys in plots:
         fig, ax = plt.subplots(figsize=(4, 3))
         for k in keys:
             pts = [(r["iteration"], r[k]) for r in rows if r.get(k) is not None]
@@ -112,10 +108,5 @@ def _plots(root: Path, rows: list[dict]) -> list[Path]:
         if len(keys) > 1:
             ax.legend()
         fig.tight_layout()
-        path = root / "plots" / f"{keys[0]}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(directory / f"{keys[0]}.png", dpi=80)
         plt.close(fig)
-        tmp.replace(path)
-        out.append(path)
-    return out

@@ -11,22 +11,20 @@ reward would reach) and the Pearson correlation between reward and response leng
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .config import Config, ConfigError, to_yaml
-from .data import DataError, Messages, PreferencePair, encode, load_preferences, prompt_ids, response_ids
-from .roles import SharedModel, write_atomic
-
-MAX_GRAD_NORM = 1.0  # the usual clip (HF Trainer, TRL); RewardConfig does not expose it
-EVAL_SPLIT = 0.1  # share of the training pairs held out when data.eval_preferences is not given
+from lite_rlhf.batching import pad
+from lite_rlhf.config import Config, DataConfig, RewardConfig
+from lite_rlhf.data import DataError, Messages, PreferencePair, encode, prompt_ids, response_ids
+from lite_rlhf.roles import SharedModel
+from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
+from lite_rlhf.task import reward_pairs
+from lite_rlhf.train import optimize, plan_steps
 
 
 @dataclass(frozen=True)
@@ -55,17 +53,6 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, trunca
     return EncodedPairs(chosen, rejected, kept, truncated, dropped)
 
 
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids [B, T], attention_mask [B, T])`, right-padded."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int) -> list[float]:
     """Rewards of token sequences (prompt + response), in input order; batches of similar length."""
@@ -76,7 +63,7 @@ def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int) -> lis
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask = pad_right([seqs[i] for i in idx], model.tokenizer.pad_token_id)
+            ids, mask = pad([seqs[i] for i in idx], model.tokenizer.pad_token_id)
             for i, r in zip(idx, model.score(ids, mask).tolist(), strict=True):
                 scores[i] = r
     finally:
@@ -144,140 +131,82 @@ def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]
     }
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path.parent, {path.name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
-
-
 def train_reward(
-    model: SharedModel,
-    cfg: Config,
-    pairs: list[PreferencePair],
-    eval_pairs: list[PreferencePair],
-    out_dir: Path,
-    metrics_path: Path,
-    info: dict | None = None,
-) -> dict:
-    """Train the reward adapter and head with the BT loss; save them and `metrics.json` in `out_dir`.
-
-    One JSON line per optimizer step goes to `metrics_path`. `info` is merged into metrics.json.
-    """
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    rc, start = cfg.reward, time.time()
-    enc = encode_pairs(model.tokenizer, pairs, cfg.data.max_length, cfg.data.truncation)
+    model: SharedModel, rc: RewardConfig, d: DataConfig, pairs: list[PreferencePair], *, seed: int, quiet: bool
+) -> tuple[dict, list[dict]]:
+    """Train the reward adapter and head with the BT loss (in place). Returns the figures of
+    `metrics.json` (training counts and held-out figures are added by `reward_stage`) and one record
+    per optimizer step."""
+    enc = encode_pairs(model.tokenizer, pairs, d.max_length, d.truncation)
     if not enc.kept:
-        raise DataError(f"no preference pair fits data.max_length={cfg.data.max_length} (rule {cfg.data.truncation})")
-    n = len(enc.kept)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(rc.epochs))])
-    order = order[: max(1, round(rc.epochs * n))].tolist()
-    per_step = rc.micro_batch * rc.grad_accum
-    n_steps = math.ceil(len(order) / per_step)
+        raise DataError(f"no preference pair fits data.max_length={d.max_length} (rule {d.truncation})")
+    margins: list[torch.Tensor] = []
 
-    params = model.parameters("reward")
-    opt = torch.optim.AdamW(params, lr=rc.lr, weight_decay=rc.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(rc.warmup_ratio * n_steps), n_steps)
-    pad = model.tokenizer.pad_token_id
-    model.train(True)
-    bar = tqdm(total=n_steps, desc="reward", unit="step", disable=cfg.run.quiet)
-    for step in range(n_steps):
-        batch = order[step * per_step : (step + 1) * per_step]
-        margins = []
-        for mb in range(0, len(batch), rc.micro_batch):
-            idx = batch[mb : mb + rc.micro_batch]
-            ids, mask = pad_right([enc.chosen[i] for i in idx] + [enc.rejected[i] for i in idx], pad)
-            r = model.score(ids, mask)  # [2b]: chosen then rejected
-            margin = r[: len(idx)] - r[len(idx) :]
-            (-F.logsigmoid(margin).sum() / len(batch)).backward()  # mean over the optimizer step's pairs
-            margins.append(margin.detach())
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    def micro_loss(idx: list[int]) -> torch.Tensor:
+        ids, mask = pad([enc.chosen[i] for i in idx] + [enc.rejected[i] for i in idx], model.tokenizer.pad_token_id)
+        r = model.score(ids, mask)  # [2b]: chosen then rejected
+        margin = r[: len(idx)] - r[len(idx) :]
+        margins.append(margin.detach())
+        return -F.logsigmoid(margin).sum()
+
+    def step_stats() -> dict:
         m = torch.cat(margins).float()
-        row = {
-            "stage": "reward",
-            "step": step + 1,
+        margins.clear()
+        return {
             "loss": -F.logsigmoid(m).mean().item(),
             "accuracy": (m > 0).float().mean().item(),
             "margin": m.mean().item(),
-            "lr": lr,
         }
-        _append_jsonl(metrics_path, row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-        bar.update()
-    bar.close()
+
+    records: list[dict] = []
+    steps = plan_steps(len(enc.kept), rc, seed)
+    model.train(True)
+    optimize(
+        model.parameters("reward"),
+        rc,
+        steps,
+        micro_loss,
+        step_stats,
+        name="reward",
+        quiet=quiet,
+        on_step=lambda rec: (records.append({"stage": "reward", **rec}), kill_point("reward:step")),
+    )
     model.train(False)
-    train_seconds = time.time() - start
-
-    metrics = {
-        "train_pairs": n,
-        "train_truncated": enc.n_truncated,
-        "train_dropped": enc.n_dropped,
-        "steps": n_steps,
-        "train_seconds": round(train_seconds, 1),
-        **evaluate_reward(model, cfg, eval_pairs),
-        **(info or {}),
-    }
-    model.save_reward(out_dir)
-    _write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _append_jsonl(metrics_path, {"stage": "reward_eval", **metrics})
-    return metrics
+    counts = {"train_pairs": len(enc.kept), "train_truncated": enc.n_truncated, "train_dropped": enc.n_dropped}
+    return counts | {"steps": len(steps)}, records
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def reward_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pairs, info: dict) -> dict:
+    """Stage `reward`: train, evaluate on the held-out pairs, commit `reward/` (adapter, head,
+    metrics.json) with the step lines; load it into the model. Returns metrics.json's figures."""
+    path = rd.root / "reward"
+    if not rd.done("reward"):
+        start = time.time()
+        counts, records = train_reward(model, cfg.reward, cfg.data, pairs, seed=cfg.run.seed, quiet=cfg.run.quiet)
+        metrics = counts | {"train_seconds": round(time.time() - start, 1)}
+        metrics |= evaluate_reward(model, cfg, eval_pairs) | info
+
+        def fill(tmp):
+            model.save_reward(tmp)
+            write_json(tmp / "metrics.json", metrics)
+
+        rd.commit("reward", {path: fill}, records + [{"stage": "reward_eval", **metrics}])
+    model.load_reward(path)
+    return read_json(path / "metrics.json")
 
 
 def main_train_rm(cfg: Config) -> int:
     """`lite-rlhf train-rm`: train the reward model into <run.out_dir>/reward/."""
-    if cfg.data.preferences is None:
-        raise ConfigError("config key 'data.preferences' is not set: give a JSONL of {prompt, chosen, rejected}")
-    seed_everything(cfg.run.seed)
-    pairs, skipped = load_preferences(cfg.data.preferences, cfg.data.skip_invalid)
-    info = {"train_file": str(cfg.data.preferences), "skipped_lines": skipped}
-    if cfg.data.eval_preferences is not None:
-        eval_pairs, eval_skipped = load_preferences(cfg.data.eval_preferences, cfg.data.skip_invalid)
-        info.update(eval_file=str(cfg.data.eval_preferences), eval_skipped_lines=eval_skipped)
-    else:  # hold out a seeded share of the training pairs
-        if len(pairs) < 2:
-            raise DataError(f"{cfg.data.preferences}: one pair cannot be split; set data.eval_preferences")
-        shuffled = random.Random(cfg.run.seed).sample(pairs, len(pairs))
-        k = max(1, round(EVAL_SPLIT * len(pairs)))
-        eval_pairs, pairs = shuffled[:k], shuffled[k:]
-        info["eval_file"] = f"{EVAL_SPLIT:.0%} of the training file"
-
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(run_dir / "config.yaml", to_yaml(cfg))
-    model = SharedModel(cfg)
-    m = train_reward(model, cfg, pairs, eval_pairs, run_dir / "reward", run_dir / "metrics.jsonl", info)
+    pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
+    rd = RunDir(cfg)
+    m = reward_stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)
     if not cfg.run.quiet:
         corr = "n/a" if m["length_correlation"] is None else f"{m['length_correlation']:+.2f}"
         print(
             f"reward: held-out accuracy {m['eval_accuracy']:.3f} on {m['eval_pairs']} pairs "
             f"(longer-answer baseline {m['length_baseline_accuracy']:.3f}), reward/length correlation {corr}, "
             f"{m['train_pairs']} train pairs ({m['train_truncated']} truncated, {m['train_dropped']} dropped, "
-            f"{skipped} lines skipped) -> {run_dir / 'reward'}",
+            f"{m['skipped_lines']} lines skipped) -> {rd.root / 'reward'}",
             flush=True,
         )
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - until the CLI is wired: python -m lite_rlhf.reward [cfg] k=v ...
-    import sys
-
-    from .config import load_config
-
-    args = sys.argv[1:]
-    path = args.pop(0) if args and "=" not in args[0] else None
-    raise SystemExit(main_train_rm(load_config(path, args)))

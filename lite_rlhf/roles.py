@@ -19,44 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
-from .models import resolve_model
+from lite_rlhf.batching import IGNORE, Batch
+from lite_rlhf.config import Config, ConfigError
+from lite_rlhf.kernels import sequence_logps
+from lite_rlhf.models import nf4_config, resolve_dtype, resolve_model
 
 ROLES = ("policy", "reference", "reward")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`model.dtype`: auto = bf16 on CUDA, fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def nf4_config(compute_dtype: torch.dtype):
-    """The only place that needs bitsandbytes (imported by transformers when the model loads)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            "config key 'model.quantization': nf4 needs bitsandbytes; `pip install bitsandbytes` or set it to none"
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
 
 
 def keep_nf4_layout(model: nn.Module) -> None:
@@ -71,16 +47,6 @@ def keep_nf4_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def write_atomic(directory: Path, files: dict[str, callable]) -> None:
-    """Write each file through `writer(tmp_path)` into a temporary dir, then rename it into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=directory) as tmp:
-        for name, writer in files.items():
-            writer(Path(tmp) / name)
-        for name in files:
-            os.replace(Path(tmp) / name, directory / name)
 
 
 class SharedModel:
@@ -222,27 +188,12 @@ class SharedModel:
         )
         return out.last_hidden_state
 
-    def sequence_logps(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens_or_targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probs of the response tokens under the active role: `(sum_logps [B] fp32, n_tokens [B])`.
-
-        `prompt_lens_or_targets` is either `[B]` prompt lengths (tokens before them, and padding, are not
-        scored) or `[B, T]` shifted targets with -100 where nothing is scored.
-        """
-        from lite_rlhf.kernels import linear_logprobs
-
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        targets = prompt_lens_or_targets.to(self.device)
-        if targets.dim() == 1:
-            targets = response_targets(input_ids, attention_mask, targets)
-        valid = targets != -100  # [B, T]
-        hidden = self.hidden_states(input_ids, attention_mask)  # [B, T, H]
-        # Only scored rows go through the LM head: prompt tokens cost nothing there.
-        logp = linear_logprobs(hidden[valid], self.lm_head_weight, targets[valid])  # [N]
-        rows = valid.nonzero()[:, 0]
-        sums = torch.zeros(len(input_ids), dtype=torch.float32, device=self.device).index_add(0, rows, logp)
-        return sums, valid.sum(-1)
+    def sequence_logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs of the response tokens under the active role, through the fused LM-head kernel:
+        `(sum_logps [B] fp32, n_tokens [B])`. The one summed-log-prob path (DPO's reference pass, KL, tests);
+        differentiable when grad is on (the reference role turns it off)."""
+        hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
+        return sequence_logps(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""
@@ -266,27 +217,24 @@ class SharedModel:
             raise ValueError(f"adapter '{src}' does not fit '{dst}': unexpected {result.unexpected_keys[:3]}")
 
     def save_adapter(self, name: str, directory: str | Path) -> Path:
-        """Save adapter `name` in peft's format, loadable by `PeftModel.from_pretrained` and vLLM."""
+        """Save adapter `name` in peft's format (loadable by `PeftModel.from_pretrained` and vLLM) into
+        `directory`, a fresh directory the run state renames into place (`runstate.write_dir`)."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.peft.peft_config[name])
         config.base_model_name_or_path = str(self.base_dir)
         config.inference_mode = True
-        state = {
-            k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()
-        }
-
-        def write_config(path: Path) -> None:
-            config.save_pretrained(str(path.parent))  # writes adapter_config.json beside `path`
-
-        directory = Path(directory)
-        write_atomic(
-            directory,
-            {
-                ADAPTER_FILES[0]: write_config,
-                ADAPTER_FILES[1]: lambda path: save_file(state, str(path), metadata={"format": "pt"}),
-            },
+        if isinstance(config.target_modules, set | frozenset):  # a set's order changes from process to process
+            config.target_modules = sorted(config.target_modules)
+        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        config.save_pretrained(str(directory))  # adapter_config.json
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()},
+            str(directory / ADAPTER_FILES[1]),
+            metadata={"format": "pt"},
         )
         return directory
 
@@ -321,12 +269,12 @@ class SharedModel:
         self._activate(self._role)
 
     def save_reward(self, directory: str | Path) -> Path:
-        """The reward adapter (peft format) plus the score head in `head.safetensors`."""
+        """The reward adapter (peft format) plus the score head in `head.safetensors`, into a fresh `directory`."""
         from safetensors.torch import save_file
 
         directory = self.save_adapter("reward", directory)
         head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        write_atomic(directory, {HEAD_FILE: lambda path: save_file(head, str(path), metadata={"format": "pt"})})
+        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
         return directory
 
     def load_reward(self, directory: str | Path) -> None:
@@ -339,11 +287,3 @@ class SharedModel:
         state = load_file(str(directory / HEAD_FILE), device=str(self.device))
         with torch.no_grad():
             self.head.load_state_dict(state)
-
-
-def response_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-    """Shifted targets `[B, T]`: position t predicts token t+1, scored only for response tokens (else -100)."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    scored = (positions[None, :] >= prompt_lens[:, None].to(input_ids.device)) & attention_mask.bool()  # [B, T]
-    targets = torch.where(scored, input_ids, -100)[:, 1:]  # token t+1 is the target of position t
-    return torch.cat([targets, torch.full_like(targets[:, :1], -100)], dim=1)

@@ -1,9 +1,17 @@
-"""The run directory: atomic writes, the stage cursor, resume.
+"""The run directory and its one stage mechanism; the only writer of files.
 
-Every file is written under a temporary name and renamed, so a file that exists is complete. A
-stage that finds its output skips itself; `state.json` records which stages are done (for people
-and for `lite-rlhf run` to say where it resumes). A run started again with the same command
-continues where it stopped; a different config in the same directory is refused.
+A stage is done when, and only when, `state.json` says so. A stage commits its outputs, its metrics
+lines and its mark together (`RunDir.commit`): every file is written under a temporary name and
+renamed, then the metrics lines are appended, then the stage is marked in `state.json`, which also
+records the length of `metrics.jsonl` at that moment. On resume, metrics lines past that length are
+cut off and a stage that is not marked runs again from its inputs, whatever files it left; a marked
+stage is never redone. So a killed run restarted with the same command ends with the same artifacts.
+
+`kill_point(name)` is where the resume tests cut the power: one before every commit (the stage's
+work is lost), one after its files are written (written, not marked), and inside long stages.
+
+What makes two runs the same run is `config.identity`: a directory holding a run of another identity
+is refused; one that has not committed its first stage pins nothing.
 """
 
 from __future__ import annotations
@@ -11,38 +19,72 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lite_rlhf.config import Config, to_yaml
+import yaml
+
+from lite_rlhf.config import Config, identity, to_yaml
 
 
 class RunStateError(RuntimeError):
     """The run directory cannot be used as asked."""
 
 
-def crash_point(name: str) -> None:
-    """Fault injection for the resume tests: `LITE_RLHF_KILL_AT=<name>` makes the process SIGKILL
-    itself here, as a power cut would. Unset (always, outside tests) it does nothing."""
-    if os.environ.get("LITE_RLHF_KILL_AT") == name:
-        import signal
+@dataclass(frozen=True)
+class Link:
+    """A symbolic link to `target` (relative to the link's directory)."""
 
+    target: str
+
+
+# What `RunDir.commit` writes at a path: str -> text, dict -> JSON, list -> JSONL rows,
+# a callable -> a directory it fills (adapters, plots), Link -> a symbolic link.
+Content = str | dict | list | Callable[[Path], None] | Link
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for the resume tests. `LITE_RLHF_KILL_AT=<name>` SIGKILLs the process here, as a
+    power cut would; `LITE_RLHF_KILL_LOG=<file>` appends every point reached (the tests' list of
+    points). Both unset (always, outside tests), it does nothing."""
+    log = os.environ.get("LITE_RLHF_KILL_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(name + "\n")
+    if os.environ.get("LITE_RLHF_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_text(path: Path, text: str) -> None:
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _temp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = _temp_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
@@ -51,29 +93,75 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         fill(tmp)
-        if path.exists():
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_link(path: Path, target: str) -> None:
+    tmp = _temp_path(path)
+    tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def write(path: Path, content: Content) -> None:
+    if isinstance(content, str):
+        write_text(path, content)
+    elif isinstance(content, dict):
+        write_json(path, content)
+    elif isinstance(content, list):
+        write_jsonl(path, content)
+    elif isinstance(content, Link):
+        write_link(path, content.target)
+    else:
+        write_dir(path, content)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
 class RunDir:
-    """`<run.out_dir>/`: config.yaml, state.json, reward/, iter_NNN/, best/, metrics.jsonl, report.md."""
+    """`<run.out_dir>/`: config.yaml, state.json, metrics.jsonl and every stage's outputs."""
 
     def __init__(self, cfg: Config):
         self.root = Path(cfg.run.out_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        resolved = to_yaml(cfg)
+        self.config_text = to_yaml(cfg)
+        self.identity = identity(cfg)
+        if self.root.exists() and not self.root.is_dir():
+            raise RunStateError(f"run.out_dir '{self.root}' is a file, not a directory")
         saved = self.root / "config.yaml"
-        if saved.exists() and saved.read_text() != resolved:
-            raise RunStateError(
-                f"{self.root} holds a run with a different config (see {saved}); "
-                "use another run.out_dir, or delete the directory to start over"
-            )
-        write_text(saved, resolved)
+        if saved.is_file():
+            stored = identity(yaml.safe_load(saved.read_text(encoding="utf-8")))
+            if stored != self.identity:
+                changed = sorted(
+                    k for k in stored.keys() | self.identity.keys() if stored.get(k) != self.identity.get(k)
+                )
+                raise RunStateError(
+                    f"{self.root} holds a run with a different config ({', '.join(changed[:4])} differ; see {saved}); "
+                    "use another run.out_dir, or delete the directory to start over"
+                )
+        try:  # refuse before any model loads, not after the first stage's work
+            self.root.mkdir(parents=True, exist_ok=True)
+            _temp_path(self.root / "state.json").unlink()
+        except OSError as err:
+            raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
         self.state_path = self.root / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": []}
+        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": []}
+        self.on_commit: list[Callable[[list[dict]], None]] = []  # loggers: they see committed lines only
         # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
         kept = self.state.get("metrics_bytes", 0)
         if self.metrics_path.exists() and self.metrics_path.stat().st_size > kept:
@@ -90,16 +178,33 @@ class RunDir:
     def done(self, stage: str) -> bool:
         return stage in self.state["done"]
 
-    def mark(self, stage: str) -> None:
-        if stage not in self.state["done"]:
-            self.state["done"].append(stage)
-            self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self.state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            write_json(self.state_path, self.state)
+    def commit(self, stage: str, files: dict[Path, Content] | None = None, metrics: list[dict] = ()) -> None:
+        """Write the stage's outputs, append its metrics lines, mark it done: in that order."""
+        kill_point(stage)
+        files = dict(files or {})
+        if not self.state["done"]:  # the first commit pins the run's identity
+            files = {self.root / "config.yaml": self.config_text, **files}
+        for path, content in files.items():
+            try:
+                write(path, content)
+            except Exception as err:  # a full disk, a directory made read-only meanwhile, ...
+                if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":
+                    raise
+                why = err.strerror if isinstance(err, OSError) else str(err)
+                raise RunStateError(f"cannot write '{path}': {why}; stage '{stage}' runs again when you "
+                                    "repeat the command") from None  # fmt: skip
+        kill_point(f"{stage}:written")
+        if metrics:
+            with self.metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(m) + "\n" for m in metrics))
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.state["done"].append(stage)
+        self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        write_json(self.state_path, self.state)
+        for send in self.on_commit:
+            send(list(metrics))
 
-    def log(self, record: dict) -> None:
-        """Append one metrics line (lines after the last completed stage are dropped on resume)."""
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_path) if self.metrics_path.exists() else []

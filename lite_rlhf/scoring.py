@@ -14,6 +14,7 @@ import torch
 
 from lite_rlhf.config import Config
 from lite_rlhf.data import Messages
+from lite_rlhf.reward import score_texts
 
 Scorer = Callable[[list[Messages], list], list[float]]  # (prompts, samples) -> rewards
 
@@ -22,9 +23,6 @@ def make_scorer(cfg: Config, model) -> Scorer:
     if cfg.reward.model:
         external = SeparateRewardModel(cfg.reward.model, device=model.device, dtype=model.dtype)
         return lambda prompts, samples: external.score(prompts, [s.text for s in samples], cfg.reward.score_batch)
-
-    from lite_rlhf.reward import score_texts
-
     return lambda prompts, samples: score_texts(
         model, prompts, [s.token_ids for s in samples], cfg.reward.score_batch, cfg.data.max_length
     )

@@ -1,7 +1,7 @@
 """The demo's gold checker: it must pass real answers and fail the ways a policy games it."""
 
 from lite_rlhf.data import Prompt
-from lite_rlhf.demo.task import gold_check, make_prompts, split_prompts
+from lite_rlhf.demo.task import GOLD, gold_check, make_prompts, split_prompts
 from lite_rlhf.evaluate import bootstrap_diff, gold_figures, gold_rows, tax_figures, win_rate
 
 KEYWORD = {"constraint": "keyword", "value": "banana", "topic_keys": ["ocean", "sea"]}
@@ -53,9 +53,9 @@ def test_figures():
         S("k", "Banana Banana Banana"),
         S("m", "A cat is a small furry animal that purrs."),
     ]
-    figs = gold_figures(gold_rows([p, q], samples))
+    figs = gold_figures(gold_rows(GOLD, [p, q], samples))
     assert figs["gold"] == 2 / 3 and figs["gold_keyword"] == 0.5 and figs["gold_max_words"] == 1.0
-    tax = tax_figures([p], [S("k", "The ocean is big."), S("k", "sea sea sea sea")])
+    tax = tax_figures(GOLD, [p], [S("k", "The ocean is big."), S("k", "sea sea sea sea")])
     assert tax["tax_words"] == 4.0 and tax["tax_no_repetition"] == 0.5
     assert win_rate({("a", 0): 1.0, ("a", 1): 0.0, ("b", 0): 2.0}, {("a", 0): 0.0, ("a", 1): 0.0, ("b", 0): 3.0}) == 0.5
     lo, hi = bootstrap_diff({"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 0.0})

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from lite_rlhf.batching import pad
 from lite_rlhf.config import load_config
 from lite_rlhf.data import DataError, PreferencePair, encode, prompt_ids, response_ids
 from lite_rlhf.models import make_tiny_model
-from lite_rlhf.reward import encode_pairs, main_train_rm, pad_right, score_texts
+from lite_rlhf.reward import encode_pairs, main_train_rm, score_texts
 from lite_rlhf.roles import SharedModel
 
 TOPICS = ["the ocean", "the sun", "cats", "dogs", "mountains", "rivers", "water", "the fox", "a star", "the world"]
@@ -76,7 +77,7 @@ def test_train_rm_learns_and_writes_the_run_dir(tiny, tmp_path):
     assert load_config(out / "config.yaml") == cfg
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["stage"] == "reward"]
-    assert len(steps) == 16 and set(steps[0]) == {"stage", "step", "loss", "accuracy", "margin", "lr"}
+    assert len(steps) == 16 and set(steps[0]) == {"stage", "step", "loss", "accuracy", "margin", "lr", "grad_norm"}
     first, last = steps[0]["loss"], sum(s["loss"] for s in steps[-4:]) / 4
     assert last < 0.75 * first, f"BT loss did not fall: first step {first:.3f}, last four {last:.3f}"
     metrics = json.loads((out / "reward" / "metrics.json").read_text())
@@ -119,7 +120,7 @@ def test_score_texts_takes_text_or_token_ids_in_order(tiny):
     from_ids = score_texts(model, prompts, [response_ids(tok, a) for a in answers], batch_size=3)
     one_by_one = []
     for p, a in zip(prompts, answers, strict=True):
-        ids, mask = pad_right([encode(prompt_ids(tok, p), response_ids(tok, a), 512)[0]], tok.pad_token_id)
+        ids, mask = pad([encode(prompt_ids(tok, p), response_ids(tok, a), 512)[0]], tok.pad_token_id)
         with torch.no_grad():
             one_by_one.append(model.score(ids, mask).item())
     assert_close(torch.tensor(from_text), torch.tensor(one_by_one), atol=1e-5, rtol=0, msg=lambda m: f"text: {m}")

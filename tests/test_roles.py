@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from lite_rlhf.batching import make_batch
 from lite_rlhf.config import load_config
-from lite_rlhf.data import encode, prompt_ids, response_ids
+from lite_rlhf.data import prompt_ids, response_ids
 from lite_rlhf.models import make_tiny_model
-from lite_rlhf.reward import pad_right
 from lite_rlhf.roles import SharedModel, keep_nf4_layout
 
 QA = [
@@ -43,15 +43,12 @@ def make(tiny, *overrides):
 
 
 def batch(model):
-    """Right-padded prompt + response batch with prompt lengths."""
-    seqs, lens = [], []
-    for q, a in QA:
-        p = prompt_ids(model.tokenizer, [{"role": "user", "content": q}])
-        ids, n = encode(p, response_ids(model.tokenizer, a), 512)
-        seqs.append(ids)
-        lens.append(n)
-    ids, mask = pad_right(seqs, model.tokenizer.pad_token_id)
-    return ids, mask, torch.tensor(lens)
+    """Right-padded prompt + response batch: (input_ids, mask, prompt lengths, the `Batch`)."""
+    rows = [
+        (prompt_ids(model.tokenizer, [{"role": "user", "content": q}]), response_ids(model.tokenizer, a)) for q, a in QA
+    ]
+    b = make_batch(rows, model.tokenizer.pad_token_id, 512, "keep_ends")
+    return b.input_ids, b.mask, torch.tensor([len(p) for p, _ in rows]), b
 
 
 def perturb(model, name, seed=1):
@@ -84,7 +81,8 @@ def load_plain(tiny, dtype, nf4=False):
     return model
 
 
-# Tolerances: fp32 differs only by summation order (the kernel walks the vocabulary in blocks). In bf16 the
+# Tolerances: fp32 differs only by summation order (the kernel walks the vocabulary in blocks, and sums a
+# row's token log-probs over padded positions): a few ulps of sums near 100, hence rtol 1e-6 beside atol. In bf16 the
 # plain model rounds its logits to bf16 (relative 2^-8, |logit| < 2 here) before log-softmax; the kernel
 # keeps them in fp32: ~1e-2 per token, summed over ~10 tokens.
 CASES = [("float32", False, 1e-5), ("bfloat16", False, 1e-1), ("float32", True, 1e-5)]
@@ -96,27 +94,27 @@ def test_reference_is_the_untouched_base(tiny, dtype, nf4, atol):
     perturb(model, "policy")
     perturb(model, "reward", seed=2)
     plain = load_plain(tiny, getattr(torch, dtype), nf4)
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     with model.role("reference"):
         hidden = model.hidden_states(ids, mask)
-        got, n_tokens = model.sequence_logps(ids, mask, lens)
+        got, n_tokens = model.sequence_logps(b)
     with torch.no_grad():
         want_hidden = plain.model(input_ids=ids, attention_mask=mask).last_hidden_state
         want = plain_logps(plain, ids, mask, lens)
     diff = (hidden - want_hidden).abs().max().item()
     assert torch.equal(hidden, want_hidden), f"reference hidden states differ from the base by {diff}"
-    assert_close(got, want, atol=atol, rtol=0, msg=lambda m: f"reference log-probs vs plain base: {m}")
+    assert_close(got, want, atol=atol, rtol=1e-6, msg=lambda m: f"reference log-probs vs plain base: {m}")
     assert n_tokens.tolist() == (mask.sum(-1) - lens).tolist()
     with model.role("policy"), torch.no_grad():
-        policy, _ = model.sequence_logps(ids, mask, lens)
+        policy, _ = model.sequence_logps(b)
     assert (policy - want).abs().max() > 1e-2, "the policy adapter should change the log-probs"
 
 
-def policy_step(model, ids, mask, lens, lr=1e-2):
+def policy_step(model, b, lr=1e-2):
     opt = torch.optim.SGD(model.parameters("policy"), lr=lr)
     model.train(True)
     with model.role("policy"):
-        logps, _ = model.sequence_logps(ids, mask, lens)
+        logps, _ = model.sequence_logps(b)
         (-logps.sum()).backward()
     opt.step()
     model.train(False)
@@ -131,27 +129,27 @@ def reward_step(model, ids, mask, lr=1e-2):
 def test_policy_training_leaves_reference_and_reward_alone(tiny):
     model = make(tiny)
     perturb(model, "reward")
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     with model.role("reference"):
-        ref0, _ = model.sequence_logps(ids, mask, lens)
+        ref0, _ = model.sequence_logps(b)
     with torch.no_grad():
-        pol0, _ = model.sequence_logps(ids, mask, lens)
+        pol0, _ = model.sequence_logps(b)
         rew0 = model.score(ids, mask)
     for _ in range(3):
-        policy_step(model, ids, mask, lens)
+        policy_step(model, b)
     with model.role("reference"):
-        ref1, _ = model.sequence_logps(ids, mask, lens)
+        ref1, _ = model.sequence_logps(b)
     with torch.no_grad():
-        pol1, _ = model.sequence_logps(ids, mask, lens)
+        pol1, _ = model.sequence_logps(b)
         rew1 = model.score(ids, mask)
     assert_close(ref1, ref0, atol=0, rtol=0, msg=lambda m: f"reference moved: {m}")
     assert_close(rew1, rew0, atol=0, rtol=0, msg=lambda m: f"reward moved: {m}")
     assert (pol1 - pol0).min() > 0, f"policy log-probs should rise: {pol0.tolist()} -> {pol1.tolist()}"
 
 
-def policy_grads(model, ids, mask, lens):
+def policy_grads(model, b):
     model.train(True)
-    logps, _ = model.sequence_logps(ids, mask, lens)
+    logps, _ = model.sequence_logps(b)
     logps.sum().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters("policy")])
     model.peft.zero_grad(set_to_none=True)
@@ -163,22 +161,22 @@ def test_nf4_reference_pass_keeps_policy_gradients(tiny):
     through the base layers; SharedModel turns that off (see roles.keep_nf4_layout)."""
     model = make(tiny, "model.quantization=nf4")
     perturb(model, "policy")
-    ids, mask, lens = batch(model)
-    before = policy_grads(model, ids, mask, lens)
+    ids, mask, lens, b = batch(model)
+    before = policy_grads(model, b)
     with model.role("reference"):
-        model.sequence_logps(ids, mask, lens)
-    after = policy_grads(model, ids, mask, lens)
+        model.sequence_logps(b)
+    after = policy_grads(model, b)
     assert_close(after, before, atol=0, rtol=0, msg=lambda m: f"a reference pass changed the policy grads: {m}")
 
 
 def test_nf4_step_changes_only_lora_and_head(tiny):
     model = make(tiny, "model.quantization=nf4")
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     before = {k: v.clone() for k, v in model.peft.state_dict().items()}
     with model.role("reference"):  # an eval pass must not touch the 4-bit weights either
-        model.sequence_logps(ids, mask, lens)
+        model.sequence_logps(b)
     head = model.head.weight.detach().clone()
-    policy_step(model, ids, mask, lens)
+    policy_step(model, b)
     reward_step(model, ids, mask)
     changed = {k for k, v in model.peft.state_dict().items() if not torch.equal(v, before[k])}
     assert changed, "nothing trained"
@@ -190,7 +188,7 @@ def test_nf4_step_changes_only_lora_and_head(tiny):
 
 def test_reward_save_load_roundtrip(tiny, tmp_path):
     model = make(tiny)
-    ids, mask, _ = batch(model)
+    ids, mask, _, _ = batch(model)
     for _ in range(2):
         reward_step(model, ids, mask)
     with torch.no_grad():
@@ -211,7 +209,7 @@ def test_reward_save_load_roundtrip(tiny, tmp_path):
 def test_score_reads_last_token_under_right_padding(tiny):
     model = make(tiny)
     perturb(model, "reward")
-    ids, mask, _ = batch(model)
+    ids, mask, _, _ = batch(model)
     with torch.no_grad():
         batched = model.score(ids, mask)
         alone = torch.cat(
@@ -231,9 +229,9 @@ def peft_logps(tiny, adapter_dir, ids, mask, lens):
 def test_saved_adapter_loads_in_plain_peft(tiny, tmp_path):
     model = make(tiny)
     perturb(model, "policy")
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     with torch.no_grad():
-        want, _ = model.sequence_logps(ids, mask, lens)
+        want, _ = model.sequence_logps(b)
     model.save_adapter("policy", tmp_path / "policy")
     config = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny)
@@ -248,26 +246,26 @@ def test_sft_adapter_is_the_reference_and_the_policy_start(tiny, tmp_path):
     perturb(source, "policy")
     source.save_adapter("policy", tmp_path / "sft")
     model = make(tiny, f"model.sft_adapter={tmp_path / 'sft'}")
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     want = peft_logps(tiny, tmp_path / "sft", ids, mask, lens)  # base + sft through plain peft
     with model.role("reference"):
-        ref, _ = model.sequence_logps(ids, mask, lens)
+        ref, _ = model.sequence_logps(b)
     with torch.no_grad():
-        pol, _ = model.sequence_logps(ids, mask, lens)
+        pol, _ = model.sequence_logps(b)
     raw = plain_logps(load_plain(tiny, torch.float32), ids, mask, lens).detach()
     assert_close(ref, want, atol=1e-5, rtol=0, msg=lambda m: f"reference vs base + sft: {m}")
     assert (ref - raw).abs().max() > 1e-2, "reference is the raw base, not base + sft"
     assert_close(pol, ref, atol=0, rtol=0, msg=lambda m: f"policy does not start as the sft copy: {m}")
-    policy_step(model, ids, mask, lens)
+    policy_step(model, b)
     with model.role("reference"):
-        ref1, _ = model.sequence_logps(ids, mask, lens)
+        ref1, _ = model.sequence_logps(b)
     assert_close(ref1, ref, atol=0, rtol=0, msg=lambda m: f"training the policy moved the sft reference: {m}")
     assert not any(p.requires_grad for n, p in model.peft.named_parameters() if ".sft." in n)
 
 
 def test_role_scope_and_grad(tiny):
     model = make(tiny)
-    ids, mask, lens = batch(model)
+    ids, mask, lens, b = batch(model)
     with model.role("reward"):
         with pytest.raises(RuntimeError):
             with model.role("reference"):
@@ -278,7 +276,7 @@ def test_role_scope_and_grad(tiny):
     with pytest.raises(ValueError, match="unknown role"):
         with model.role("critic"):
             pass
-    logps, _ = model.sequence_logps(ids, mask, lens)
+    logps, _ = model.sequence_logps(b)
     assert logps.requires_grad, "the policy role must keep autograd"
 
 
@@ -287,7 +285,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     for flag in ("false", "true"):
         model = make(tiny, f"model.gradient_checkpointing={flag}")
         perturb(model, "policy")
-        grads.append(policy_grads(model, *batch(model)))
+        grads.append(policy_grads(model, batch(model)[3]))
     assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lite_rlhf.evaluate import Gold
+
 # Each topic: (how the prompt names it, words that count as naming it in an answer).
 TOPICS: list[tuple[str, tuple[str, ...]]] = [
     (t, tuple(k.split("|")))
@@ -199,6 +201,15 @@ def gold_check(meta: dict, text: str) -> dict[str, bool]:
         checks["instruction"] = constraint.satisfied(text)
     checks["passed"] = all(checks.values())
     return checks
+
+
+def tax_check(meta: dict, text: str) -> dict:
+    """An instruction-free answer (the alignment-tax panel): its length in words and the quality checks."""
+    return {"words": len(words(text)), **quality_checks(text, tuple(meta.get("topic_keys", ())), "")}
+
+
+# The demo's gold checker, plugged into evaluation by `lite_rlhf.task` (generic code never imports the demo).
+GOLD = Gold(applies=lambda meta: "topic_keys" in meta, check=gold_check, tax=tax_check)
 
 
 def make_prompts() -> list[dict]:

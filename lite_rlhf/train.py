@@ -1,0 +1,88 @@
+"""The optimizer-step helper every trainer uses (reward model, DPO, and the trainers to come).
+
+A trainer says what one micro-batch costs; this module owns the rest, the same way for all:
+AdamW, a cosine schedule with linear warm-up, gradient accumulation over the micro-batches of an
+optimizer step, clipping, a stop on a non-finite loss or gradient, a progress bar, one metrics
+record per optimizer step. Each trainer keeps its config section (`reward`, `dpo`, ...) with the
+same common fields, read here: lr, epochs, micro_batch, grad_accum, warmup_ratio, max_grad_norm,
+weight_decay.
+
+Accumulation: the micro-batch loss is the *sum* of its examples' losses; dividing by the number of
+examples in the whole optimizer step makes the accumulated gradient the step's mean, whatever the
+micro-batch sizes (the last one of an epoch may be short).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN or inf; training stops and the last good adapter is kept."""
+
+
+class TrainSection(Protocol):
+    lr: float
+    epochs: float
+    micro_batch: int
+    grad_accum: int
+    warmup_ratio: float
+    max_grad_norm: float
+    weight_decay: float
+
+
+Steps = list[list[list[int]]]  # optimizer steps -> micro-batches -> example indices
+
+
+def plan_steps(n: int, sec: TrainSection, seed: int) -> Steps:
+    """`sec.epochs` shuffled passes over n examples (a fractional last pass is cut short), in micro-batches
+    of `sec.micro_batch`, `sec.grad_accum` of them per optimizer step."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(sec.epochs))])
+    order = order[: math.ceil(sec.epochs * n)].tolist()
+    micro = [order[i : i + sec.micro_batch] for i in range(0, len(order), sec.micro_batch)]
+    return [micro[i : i + sec.grad_accum] for i in range(0, len(micro), sec.grad_accum)]
+
+
+def optimize(
+    params: list[torch.nn.Parameter],
+    sec: TrainSection,
+    steps: Steps,
+    micro_loss: Callable[[list[int]], torch.Tensor],
+    step_stats: Callable[[], dict],
+    *,
+    name: str,
+    quiet: bool,
+    on_step: Callable[[dict], None],
+) -> None:
+    """Run `steps`: `micro_loss(indices)` returns the summed loss of a micro-batch (and may keep its own
+    statistics); `step_stats()` returns and resets them once per step; `on_step(record)` receives
+    `{step, **stats, lr, grad_norm}` (lr: the rate the step used)."""
+    opt = torch.optim.AdamW(params, lr=sec.lr, weight_decay=sec.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(sec.warmup_ratio * len(steps)), len(steps))
+    clip = sec.max_grad_norm if sec.max_grad_norm > 0 else float("inf")
+    with tqdm(total=len(steps), desc=name, unit="step", disable=quiet) as bar:
+        for k, step in enumerate(steps, start=1):
+            n = sum(len(mb) for mb in step)
+            for mb in step:
+                loss = micro_loss(mb)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {k}")
+                (loss / n).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLoss(f"{name} gradient norm is {grad_norm.item()} at step {k}")
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            record = {"step": k, **step_stats(), "lr": lr, "grad_norm": float(grad_norm)}
+            on_step(record)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            bar.update(1)

@@ -1,0 +1,211 @@
+"""Bad input and faults as a new user meets them: each probe runs the command line and expects an exit
+code and the words of a one-line message naming the place (file:line, config key or path), with no
+traceback. `LITE_RLHF_PROBE_SOURCE=<checkout>` runs the probes against another checkout's code (the
+before/after table of the closing note)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lite_rlhf.models import make_tiny_model
+
+pytestmark = pytest.mark.slow
+SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
+
+
+def cli(*args, cwd=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")}
+    env["PYTHONWARNINGS"] = "ignore"
+    if SOURCE:
+        env["PYTHONPATH"] = SOURCE
+    cmd = [sys.executable, "-m", "lite_rlhf.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+PAIR = {"prompt": "Describe the sea.", "chosen": "The sea is wide and blue.", "rejected": "no"}
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """A workspace: a tiny model, good files, and a writer for bad ones."""
+    root = tmp_path_factory.mktemp("probes")
+    model = make_tiny_model(root / "tiny")
+    good = jsonl(root / "pairs.jsonl", [PAIR | {"prompt": f"Describe thing {i}."} for i in range(6)])
+    base = [f"model.name={model}", "model.dtype=float32", "lora.r=4", "reward.micro_batch=2", "reward.grad_accum=1"]
+    return {"root": root, "model": model, "pairs": good, "rm": ["train-rm", *base, f"data.preferences={good}"]}
+
+
+def probe_duplicate_id(w, tmp):
+    f = jsonl(tmp / "p.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
+    v = jsonl(tmp / "v.jsonl", [{"prompt": "v"}])
+    return cli("run", f"data.prompts={f}", f"data.val_prompts={v}", f"data.test_prompts={v}",
+               f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+
+def probe_id_in_two_splits(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"id": "q1", "prompt": "x"}])
+    v = jsonl(tmp / "v.jsonl", [{"id": "q1", "prompt": "y"}])
+    t = jsonl(tmp / "t.jsonl", [{"prompt": "z"}])
+    return cli("run", f"data.prompts={p}", f"data.val_prompts={v}", f"data.test_prompts={t}", f"run.out_dir={tmp}/r")
+
+
+def probe_invalid_utf8(w, tmp):
+    f = tmp / "pairs.jsonl"
+    f.write_bytes(json.dumps(PAIR).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_invalid_utf8_skipped(w, tmp):
+    f = tmp / "pairs.jsonl"
+    lines = [json.dumps(PAIR | {"prompt": f"Describe thing {i}."}).encode() for i in range(6)]
+    f.write_bytes(b"\n".join(lines) + b'\n{"prompt": "caf\xe9"}\n')
+    return cli(*w["rm"], f"data.preferences={f}", "data.skip_invalid=true", f"run.out_dir={tmp}/r")
+
+
+def probe_malformed_json_array(w, tmp):
+    f = tmp / "pairs.json"
+    f.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": ')
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_csv_line_number(w, tmp):
+    f = tmp / "pairs.csv"
+    f.write_text('prompt,chosen,rejected\nhello,"a good answer",bad\nhello," ",bad\n')
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_directory_as_data_file(w, tmp):
+    return cli(*w["rm"], f"data.preferences={tmp}", f"run.out_dir={tmp}/r")
+
+
+def probe_chosen_equals_rejected(w, tmp):
+    f = jsonl(tmp / "pairs.jsonl", [PAIR, PAIR | {"rejected": PAIR["chosen"]}])
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_model_config_not_json(w, tmp):
+    bad = tmp / "model"
+    shutil.copytree(w["model"], bad)
+    (bad / "config.json").write_text("{not json")
+    return cli(*w["rm"], f"model.name={bad}", f"run.out_dir={tmp}/r")
+
+
+def probe_adapter_config_not_json(w, tmp):
+    adapter = tmp / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{oops")
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "x"}])
+    return cli("generate", f"model.name={w['model']}", "generation.backend=hf", f"generation.adapter={adapter}",
+               f"data.prompts={p}", f"generation.output={tmp}/o.jsonl")  # fmt: skip
+
+
+def probe_out_dir_is_a_file(w, tmp):
+    (tmp / "file").write_text("x")
+    return cli(*w["rm"], f"run.out_dir={tmp / 'file'}")
+
+
+def probe_out_dir_read_only(w, tmp):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")} | {"PYTHONWARNINGS": "ignore"}
+    if SOURCE:
+        env["PYTHONPATH"] = SOURCE
+    cmd = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search",
+           sys.executable, "-m", "lite_rlhf.cli", *w["rm"], f"run.out_dir={ro / 'run'}"]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def probe_empty_out_dir(w, tmp):
+    return cli(*w["rm"], "run.out_dir=", cwd=tmp)
+
+
+def probe_train_rm_refuses_another_config(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp}/r", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return cli(*w["rm"], f"run.out_dir={tmp}/r", "reward.lr=0.5")
+
+
+def probe_quiet_is_not_identity(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp}/r", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return cli(*w["rm"], f"run.out_dir={tmp}/r")
+
+
+def probe_failed_run_pins_nothing(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp}/r", f"model.name={tmp}/no-model")
+    assert first.returncode == 2, first.stderr[-2000:]
+    return cli(*w["rm"], f"run.out_dir={tmp}/r", "reward.lr=0.01", "--quiet")
+
+
+def probe_empty_config_file(w, tmp):
+    (tmp / "empty.yaml").write_text("# nothing here\n")
+    return cli("run", tmp / "empty.yaml", "--dry-run")
+
+
+def probe_flag_between_config_and_overrides(w, tmp):
+    (tmp / "c.yaml").write_text(yaml.safe_dump({"dpo": {"beta": 0.1}}))
+    return cli("run", tmp / "c.yaml", "--dry-run", "dpo.beta=0.2")
+
+
+def probe_plan_flag_before_override(w, tmp):
+    config = Path(__file__).resolve().parents[1] / "configs" / "llama3-8b_qlora_24gb.yaml"
+    return cli("plan", config, "--gpu-mem", "24GB", "model.quantization=none")
+
+
+def probe_label_smoothing_half(w, tmp):
+    return cli("run", "--dry-run", "dpo.label_smoothing=0.5")
+
+
+# (probe, expected exit code, words expected in the output, must the message be one line)
+PROBES = [
+    (probe_duplicate_id, 2, ["p.jsonl:3", "prompt id 'a' is already used on line 1"], True),
+    (probe_id_in_two_splits, 2, ["prompt id 'q1' is used in data.prompts", "data.val_prompts"], True),
+    (probe_invalid_utf8, 2, ["pairs.jsonl:2", "not valid UTF-8"], True),
+    (probe_invalid_utf8_skipped, 0, ["1 lines skipped"], False),
+    (probe_malformed_json_array, 2, ["pairs.json", "cannot be read as json"], True),
+    (probe_csv_line_number, 2, ["pairs.csv:3:", "'chosen' is empty"], True),
+    (probe_directory_as_data_file, 2, ["is a directory"], True),
+    (probe_chosen_equals_rejected, 2, ["pairs.jsonl:2", "the same answer"], True),
+    (probe_model_config_not_json, 2, ["config.json is not valid JSON"], True),
+    (probe_adapter_config_not_json, 2, ["adapter_config.json is not valid JSON"], True),
+    (probe_out_dir_is_a_file, 2, ["is a file"], True),
+    (probe_out_dir_read_only, 2, ["not writable"], True),
+    (probe_empty_out_dir, 2, ["'run.out_dir' is empty"], True),
+    (probe_train_rm_refuses_another_config, 2, ["different config", "reward.lr"], True),
+    (probe_quiet_is_not_identity, 0, ["held-out accuracy"], False),
+    (probe_failed_run_pins_nothing, 0, [], False),
+    (probe_empty_config_file, 2, ["empty.yaml' is empty"], True),
+    (probe_flag_between_config_and_overrides, 0, ["beta: 0.2"], False),
+    (probe_plan_flag_before_override, 0, ["train"], False),
+    (probe_label_smoothing_half, 2, ["'dpo.label_smoothing' must be in [0, 0.5)"], True),
+]
+
+
+@pytest.mark.parametrize("probe, code, words, one_line", PROBES, ids=[p[0].__name__[6:] for p in PROBES])
+def test_probe(w, tmp_path, probe, code, words, one_line):
+    out = probe(w, tmp_path)
+    text = out.stdout + out.stderr
+    print(f"PROBE {probe.__name__[6:]} | exit {out.returncode} | traceback {'Traceback' in text} | "
+          f"{(out.stderr.strip().splitlines() or [''])[-1][:160]}")  # fmt: skip
+    assert out.returncode == code, f"exit {out.returncode}, want {code}: {text[-2000:]}"
+    assert "Traceback" not in text, text[-2000:]
+    for word in words:
+        assert word in text, f"{word!r} not in: {text[-1500:]}"
+    if one_line:
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
