@@ -75,6 +75,7 @@ def _rows(path: str | Path) -> list[tuple[int, Any]]:
         raise DataError(f"data file '{path}': unknown format '{path.suffix}' (use .jsonl, .json, .csv or .parquet)")
     import datasets
 
+    datasets.disable_progress_bars()  # a data file of a few MB loads in a blink; the bars only add noise
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps the parser's error in its own types, several levels deep
