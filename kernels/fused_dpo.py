@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import kernel_path, load_triton_module
+from .backend import KernelPath, kernel_path, load_triton_module
 from .dpo_loss import check_loss_args, dpo_loss
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 
@@ -99,6 +99,7 @@ def fused_dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    path: KernelPath | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO-family loss of B pairs straight from the final hidden states, without the logits.
 
@@ -108,6 +109,7 @@ def fused_dpo_loss(
         targets: ``[2B, T]`` shifted targets, ``ignore_index`` at prompt and padding positions.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs.
         beta, loss_type, label_smoothing: see :func:`dpo_loss` (``loss_type``: sigmoid, ipo, hinge).
+        path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
         ``(loss, chosen_rewards, rejected_rewards)``: mean loss (0-dim fp32, differentiable with respect
@@ -118,8 +120,9 @@ def fused_dpo_loss(
     _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps)
     ref_chosen_logps = ref_chosen_logps.to(device=hidden.device, dtype=torch.float32)
     ref_rejected_logps = ref_rejected_logps.to(device=hidden.device, dtype=torch.float32)
-    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index)  # [2B, T]
-    if kernel_path(hidden.device) == "chunked-torch":
+    path = path or kernel_path(hidden.device)
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, path=path)  # [2B, T]
+    if path == "chunked-torch":
         terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
         return dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     triton_impl = load_triton_module("fused_dpo_triton")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import kernel_path, load_triton_module
+from .backend import KernelPath, kernel_path, load_triton_module
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -220,7 +220,12 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
 
 
 def linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    path: KernelPath | None = None,
 ) -> torch.Tensor:
     """Per-token ``log softmax(hidden @ weight.T)[target]`` in fp32, without materializing the logits.
 
@@ -229,6 +234,7 @@ def linear_logprobs(
         weight: ``[V, H]`` LM head weight. It may be frozen (LoRA, 4-bit base) or trainable.
         targets: ``[...]`` token ids; positions equal to ``ignore_index`` give 0 and no gradient.
         ignore_index: the target value of prompt and padding positions.
+        path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
         ``[...]`` fp32 log-probabilities. Differentiable with respect to ``hidden`` and ``weight``.
@@ -244,7 +250,7 @@ def linear_logprobs(
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_dw = grad_on and weight.requires_grad
-    path = kernel_path(hidden.device)
+    path = path or kernel_path(hidden.device)
     if path == "chunked-torch":
         rows, block = _chunk_shape(x.shape[0], weight.shape[0])
         out = _ChunkedLinearLogprobs.apply(x, weight, t, ignore_index, need_dh, need_dw, rows, block)

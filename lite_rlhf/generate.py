@@ -34,6 +34,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,30 @@ def make_engine(
 # --------------------------------------------------------------------------- shared parts
 
 
+class LazyEngine:
+    """The generation engine, started on first use: a resumed run whose generation is done never starts it."""
+
+    def __init__(self, start: Callable[[], Engine]):
+        self._start, self._engine = start, None
+
+    def __getattr__(self, name):
+        if self._engine is None:
+            self._engine = self._start()
+        return getattr(self._engine, name)
+
+    def sleep(self) -> None:  # an engine that never started has nothing to free
+        if self._engine is not None:
+            self._engine.sleep()
+
+    def wake(self) -> None:
+        if self._engine is not None:
+            self._engine.wake()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
 def _cuda() -> bool:
     import torch
 
@@ -141,6 +166,8 @@ def _adapter_dir(adapter: str | Path | None) -> Path | None:
         json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise GenerationError(f"adapter directory '{path}': adapter_config.json is not valid JSON ({err})") from None
+    if not (path / "adapter_model.safetensors").is_file():  # never peft's fallback to a pickled .bin
+        raise GenerationError(f"adapter directory '{path}' has no adapter_model.safetensors")
     return path.resolve()
 
 
@@ -493,7 +520,7 @@ class HFEngine(Engine):
         if quantization == "nf4":
             kwargs["quantization_config"] = nf4_config(self.dtype)
             kwargs["device_map"] = {"": self.device}
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True, **kwargs)
         if quantization != "nf4":
             self.model.to(self.device)
         self.model.eval()

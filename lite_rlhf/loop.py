@@ -21,11 +21,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import torch
+
 from lite_rlhf.config import Config
 from lite_rlhf.data import prompt_ids, response_ids
-from lite_rlhf.dpo import add_reference_logps, pair_fits, train_dpo
+from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
 from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
-from lite_rlhf.generate import Sample, make_engine
+from lite_rlhf.generate import LazyEngine, Sample, make_engine
+from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, penalized_rewards, select_pairs
 from lite_rlhf.report import report_files
@@ -51,7 +54,9 @@ def run(cfg: Config) -> int:
     """The whole loop; returns the best iteration."""
     t_start = time.time()
     task = load_task(cfg.data)  # every data file is read and checked before a model loads
+    dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     rd = RunDir(cfg)
+    close_logger = attach_logger(rd, cfg.run)
     say = Say(cfg.run.quiet)
     for warning in task.warnings:
         say(f"warning: {warning}")
@@ -87,6 +92,7 @@ def run(cfg: Config) -> int:
     engine.close()
     commit_summary(ctx, best, time.time() - t_start)
     commit_report(ctx, "report")
+    close_logger()
     return best
 
 
@@ -112,22 +118,6 @@ class Say:
     def __call__(self, *args) -> None:
         if not self.quiet:
             print("[lite-rlhf]", *args, flush=True)
-
-
-class LazyEngine:
-    """The generation engine, started on first use: a resumed run whose generation is done never starts it."""
-
-    def __init__(self, start):
-        self._start, self._engine = start, None
-
-    def __getattr__(self, name):
-        if self._engine is None:
-            self._engine = self._start()
-        return getattr(self._engine, name)
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
 
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, DataConfig, RewardConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair, encode, prompt_ids, response_ids
+from lite_rlhf.loggers import attach_logger
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
 from lite_rlhf.task import reward_pairs
@@ -54,14 +56,14 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, trunca
 
 
 @torch.no_grad()
-def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int) -> list[float]:
+def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int, quiet: bool = False) -> list[float]:
     """Rewards of token sequences (prompt + response), in input order; batches of similar length."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.peft.training
     model.train(False)
     try:
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False, disable=quiet):
             idx = order[start : start + batch_size]
             ids, mask = pad([seqs[i] for i in idx], model.tokenizer.pad_token_id)
             for i, r in zip(idx, model.score(ids, mask).tolist(), strict=True):
@@ -199,7 +201,9 @@ def main_train_rm(cfg: Config) -> int:
     """`lite-rlhf train-rm`: train the reward model into <run.out_dir>/reward/."""
     pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
     rd = RunDir(cfg)
+    close_logger = attach_logger(rd, cfg.run)
     m = reward_stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)
+    close_logger()
     if not cfg.run.quiet:
         corr = "n/a" if m["length_correlation"] is None else f"{m['length_correlation']:+.2f}"
         print(

@@ -77,7 +77,7 @@ class SharedModel:
             kwargs["quantization_config"] = nf4_config(self.dtype)
         if mcfg.attn_implementation != "auto":
             kwargs["attn_implementation"] = mcfg.attn_implementation
-        base = AutoModelForCausalLM.from_pretrained(self.base_dir, **kwargs)
+        base = AutoModelForCausalLM.from_pretrained(self.base_dir, use_safetensors=True, **kwargs)
         if mcfg.quantization == "nf4":
             keep_nf4_layout(base)
         for key in ("final_logit_softcapping", "logit_scale"):  # the fused kernel computes plain h @ W.T
@@ -98,10 +98,9 @@ class SharedModel:
         )
         if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
             sft_dir = Path(mcfg.sft_adapter).expanduser()
-            if not (sft_dir / ADAPTER_FILES[0]).is_file():
-                raise ConfigError(
-                    f"config key 'model.sft_adapter': '{sft_dir}' has no {ADAPTER_FILES[0]} (a peft adapter)"
-                )
+            missing = [f for f in ADAPTER_FILES if not (sft_dir / f).is_file()]  # safetensors only, never .bin
+            if missing:
+                raise ConfigError(f"config key 'model.sft_adapter': '{sft_dir}' has no {missing[0]} (a peft adapter)")
             policy_cfg = copy.deepcopy(PeftConfig.from_pretrained(str(sft_dir)))
             policy_cfg.inference_mode = False
         else:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import yaml
 
@@ -160,13 +161,15 @@ class RunDir:
         except OSError as err:
             raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
         self.state_path = self.root / "state.json"
-        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": []}
-        self.on_commit: list[Callable[[list[dict]], None]] = []  # loggers: they see committed lines only
+        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
+        # Loggers: `send(line number of the first record, records)` for committed lines only.
+        self.on_commit: list[Callable[[int, list[dict]], None]] = []
         # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
         kept = self.state.get("metrics_bytes", 0)
         if self.metrics_path.exists() and self.metrics_path.stat().st_size > kept:
             with self.metrics_path.open("r+b") as fh:
                 fh.truncate(kept)
+        self.lines = len(self.metrics())
 
     def iter_dir(self, t: int) -> Path:
         return self.root / f"iter_{t:03d}"
@@ -204,7 +207,13 @@ class RunDir:
         self.state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         write_json(self.state_path, self.state)
         for send in self.on_commit:
-            send(list(metrics))
+            send(self.lines, list(metrics))
+        self.lines += len(metrics)
+
+    @property
+    def run_id(self) -> str:
+        """A stable id of this run (e.g. the wandb run's), kept in state.json."""
+        return self.state.get("run_id") or self.root.resolve().name
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path) if self.metrics_path.exists() else []

@@ -41,7 +41,9 @@ class SeparateRewardModel:
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, use_safetensors=True
+        ).to(device)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
         self.device = device

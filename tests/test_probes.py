@@ -22,7 +22,7 @@ SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
 
 
 def cli(*args, cwd=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL") and k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
     if SOURCE:
         env["PYTHONPATH"] = SOURCE
@@ -131,6 +131,18 @@ def probe_out_dir_read_only(w, tmp):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+def probe_full_disk(w, tmp):
+    disk = tmp / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        return cli(*w["rm"], f"run.out_dir={disk / 'run'}")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def probe_empty_out_dir(w, tmp):
     return cli(*w["rm"], "run.out_dir=", cwd=tmp)
 
@@ -168,6 +180,10 @@ def probe_plan_flag_before_override(w, tmp):
     return cli("plan", config, "--gpu-mem", "24GB", "model.quantization=none")
 
 
+def probe_dpo_kernel_triton_on_cpu(w, tmp):
+    return cli("run", "dpo.kernel=triton", f"run.out_dir={tmp / 'r'}")
+
+
 def probe_label_smoothing_half(w, tmp):
     return cli("run", "--dry-run", "dpo.label_smoothing=0.5")
 
@@ -186,6 +202,7 @@ PROBES = [
     (probe_adapter_config_not_json, 2, ["adapter_config.json is not valid JSON"], True),
     (probe_out_dir_is_a_file, 2, ["is a file"], True),
     (probe_out_dir_read_only, 2, ["not writable"], True),
+    (probe_full_disk, 2, ["cannot write", "No space left on device", "runs again"], True),
     (probe_empty_out_dir, 2, ["'run.out_dir' is empty"], True),
     (probe_train_rm_refuses_another_config, 2, ["different config", "reward.lr"], True),
     (probe_quiet_is_not_identity, 0, ["held-out accuracy"], False),
@@ -193,6 +210,7 @@ PROBES = [
     (probe_empty_config_file, 2, ["empty.yaml' is empty"], True),
     (probe_flag_between_config_and_overrides, 0, ["beta: 0.2"], False),
     (probe_plan_flag_before_override, 1, ["does NOT fit"], False),  # plan's exit code 1: does not fit
+    (probe_dpo_kernel_triton_on_cpu, 2, ["'dpo.kernel': triton runs on CUDA or under TRITON_INTERPRET=1"], True),
     (probe_label_smoothing_half, 2, ["'dpo.label_smoothing' must be in [0, 0.5)"], True),
 ]
 

@@ -1,0 +1,75 @@
+"""`run.logger`: the same records as `metrics.jsonl`, sent to TensorBoard or Weights & Biases.
+
+A logger receives a stage's records when the stage commits (`RunDir.on_commit`), never before, so a
+resumed run sends nothing twice. Each record goes out as `<stage>/<key>` scalars at its line number in
+`metrics.jsonl`, a step that is the same in an uninterrupted and a resumed run. Both write under the
+run directory (`tensorboard/`, `wandb/`); both packages are optional extras, imported only here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+from collections.abc import Callable
+
+from lite_rlhf.config import ConfigError, RunConfig
+from lite_rlhf.runstate import RunDir
+
+Send = Callable[[int, list[dict]], None]  # (line number of the first record, records)
+
+
+def _require(package: str, extra: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"config key 'run.logger': {extra} needs the `{package}` package; "
+            f"pip install 'lite-rlhf[{extra}]' (or set run.logger=none)"
+        )
+
+
+def check_logger(run: RunConfig) -> None:
+    """Fail before any work when the logger's package is missing."""
+    if run.logger == "tensorboard":
+        _require("tensorboard", "tensorboard")
+    elif run.logger == "wandb":
+        _require("wandb", "wandb")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    stage = record.get("stage", "run")
+    return {
+        f"{stage}/{k}": float(v)
+        for k, v in record.items()
+        if k != "stage" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }
+
+
+def attach_logger(rd: RunDir, run: RunConfig) -> Callable[[], None]:
+    """Send every committed record from now on to `run.logger`; returns the function that closes it."""
+    check_logger(run)
+    if run.logger == "none":
+        return lambda: None
+    if run.logger == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(rd.root / "tensorboard"))
+
+        def send(first: int, records: list[dict]) -> None:
+            for i, rec in enumerate(records):
+                for tag, value in scalars(rec).items():
+                    writer.add_scalar(tag, value, global_step=first + i)
+            writer.flush()
+
+        rd.on_commit.append(send)
+        return writer.close
+    import wandb
+
+    (rd.root / "wandb").mkdir(parents=True, exist_ok=True)
+    # One wandb run per run directory: the same id when a killed run resumes.
+    session = wandb.init(project="lite-rlhf", name=rd.root.name, id=rd.run_id, resume="allow", dir=str(rd.root))
+
+    def send(first: int, records: list[dict]) -> None:
+        for i, rec in enumerate(records):
+            session.log(scalars(rec), step=first + i)
+
+    rd.on_commit.append(send)
+    return session.finish

@@ -1,0 +1,62 @@
+"""The optimizer-step helper every trainer uses: the plan of steps, accumulation over uneven
+micro-batches, the schedule, the stop on a non-finite loss."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lite_rlhf.train import NonFiniteLoss, optimize, plan_steps
+
+
+@dataclass(frozen=True)
+class Section:
+    lr: float = 0.1
+    epochs: float = 1.0
+    micro_batch: int = 3
+    grad_accum: int = 2
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 0.0
+    weight_decay: float = 0.0
+
+
+def test_plan_covers_every_example_once_per_epoch():
+    steps = plan_steps(10, Section(epochs=2.0), seed=0)
+    flat = [i for step in steps for mb in step for i in mb]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert [[len(mb) for mb in step] for step in steps] == [[3, 3], [3, 3], [3, 3], [2]]
+    half = [i for step in plan_steps(10, Section(epochs=0.5), seed=0) for mb in step for i in mb]
+    assert len(half) == 5 and len(set(half)) == 5
+    assert plan_steps(10, Section(), seed=1) != plan_steps(10, Section(), seed=2)
+
+
+def test_accumulated_gradient_is_the_step_mean_over_uneven_micro_batches():
+    """Micro-batches of 3, 3 and 1 examples in one step: the gradient must be the mean over all 7."""
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 4), torch.randn(7)
+    w = torch.nn.Parameter(torch.randn(4))
+    want = torch.autograd.grad(((x @ w - y) ** 2).mean(), w)[0].norm().item()
+    records = []
+    optimize(
+        [w], Section(micro_batch=3, grad_accum=3), [[[0, 1, 2], [3, 4, 5], [6]]],
+        lambda idx: ((x[idx] @ w - y[idx]) ** 2).sum(), lambda: {}, name="t", quiet=True, on_step=records.append,
+    )  # fmt: skip
+    assert_close(records[0]["grad_norm"], want, rtol=1e-6, atol=0)
+
+
+def test_non_finite_loss_stops_training():
+    w = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(NonFiniteLoss, match="at step 1"):
+        optimize([w], Section(), [[[0]]], lambda idx: w.sum() * float("nan"), lambda: {}, name="t", quiet=True,
+                 on_step=lambda r: None)  # fmt: skip
+
+
+def test_schedule_peaks_after_warm_up_and_decays():
+    w = torch.nn.Parameter(torch.zeros(1))
+    records = []
+    optimize([w], Section(lr=1.0, warmup_ratio=0.3), [[[0]]] * 10, lambda idx: (w - 1).pow(2).sum(), lambda: {},
+             name="t", quiet=True, on_step=records.append)  # fmt: skip
+    lrs = [r["lr"] for r in records]
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.1
+    assert all(a <= b for a, b in zip(lrs[:3], lrs[1:3], strict=False))
