@@ -148,6 +148,11 @@ def resolve_model(name: str) -> Path:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             raise ModelNotFound(f"model directory '{path}': config.json is not valid JSON ({err})") from None
+        if not any(path.glob("*.safetensors")):  # never a pickled .bin: loading one runs arbitrary code
+            raise ModelNotFound(
+                f"model directory '{path}' has no .safetensors weights; lite-rlhf does not load pickled .bin "
+                "files (convert with save_pretrained(..., safe_serialization=True))"
+            )
         return path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFound(f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'")

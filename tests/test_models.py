@@ -38,3 +38,26 @@ def test_unknown_model_names_say_what_to_pass(name):
 def test_directory_without_config(tmp_path):
     with pytest.raises(ModelNotFound, match="has no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_bin_only_model_is_refused(tmp_path):
+    """safetensors only: a directory with pickled weights is named, never loaded."""
+    path = make_tiny_model(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    bin_dir = tmp_path / "bin"  # what older tools saved: config.json beside a pickled state dict
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((path / "config.json").read_text())
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
+    with pytest.raises(ModelNotFound, match="no .safetensors weights"):
+        resolve_model(str(bin_dir))
+
+
+@pytest.mark.slow
+def test_gguf_conversion_writes_safetensors(tmp_path, monkeypatch):
+    """The embedded model converted afresh (an empty cache) loads with use_safetensors=True."""
+    monkeypatch.setenv("LITE_RLHF_CACHE", str(tmp_path))
+    path = resolve_model(EMBEDDED_MODEL)
+    assert path.is_relative_to(tmp_path) and (path / "model.safetensors").is_file()
+    assert not list(path.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    assert model.config.num_hidden_layers == 30

@@ -27,7 +27,17 @@ def cli(*args, cwd=None):
     if SOURCE:
         env["PYTHONPATH"] = SOURCE
     cmd = [sys.executable, "-m", "lite_rlhf.cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    try:  # a probe answers in seconds; one still running after PROBE_SECONDS went on with bad input
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired as err:
+        return subprocess.CompletedProcess(cmd, "timeout", _text(err.stdout), _text(err.stderr) + "\n(still running)")
+
+
+PROBE_SECONDS = 180
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
 
 PAIR = {"prompt": "Describe the sea.", "chosen": "The sea is wide and blue.", "rejected": "no"}
