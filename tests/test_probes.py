@@ -55,13 +55,16 @@ def w(tmp_path_factory):
     model = make_tiny_model(root / "tiny")
     good = jsonl(root / "pairs.jsonl", [PAIR | {"prompt": f"Describe thing {i}."} for i in range(6)])
     base = [f"model.name={model}", "model.dtype=float32", "lora.r=4", "reward.micro_batch=2", "reward.grad_accum=1"]
-    return {"root": root, "model": model, "pairs": good, "rm": ["train-rm", *base, f"data.preferences={good}"]}
+    loop = [*base, f"data.preferences={good}", "generation.backend=hf", "generation.n=2", "generation.max_new_tokens=4",
+            "loop.iterations=1", "dpo.micro_batch=1", "dpo.grad_accum=1"]  # fmt: skip
+    return {"root": root, "model": model, "pairs": good, "rm": ["train-rm", *base, f"data.preferences={good}"],
+            "loop": loop}  # fmt: skip
 
 
 def probe_duplicate_id(w, tmp):
     f = jsonl(tmp / "p.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}])
     v = jsonl(tmp / "v.jsonl", [{"prompt": "v"}])
-    return cli("run", f"data.prompts={f}", f"data.val_prompts={v}", f"data.test_prompts={v}",
+    return cli("run", *w["loop"], f"data.prompts={f}", f"data.val_prompts={v}", f"data.test_prompts={v}",
                f"run.out_dir={tmp / 'r'}")  # fmt: skip
 
 
@@ -69,7 +72,8 @@ def probe_id_in_two_splits(w, tmp):
     p = jsonl(tmp / "p.jsonl", [{"id": "q1", "prompt": "x"}])
     v = jsonl(tmp / "v.jsonl", [{"id": "q1", "prompt": "y"}])
     t = jsonl(tmp / "t.jsonl", [{"prompt": "z"}])
-    return cli("run", f"data.prompts={p}", f"data.val_prompts={v}", f"data.test_prompts={t}", f"run.out_dir={tmp}/r")
+    return cli("run", *w["loop"], f"data.prompts={p}", f"data.val_prompts={v}", f"data.test_prompts={t}",
+               f"run.out_dir={tmp}/r")  # fmt: skip
 
 
 def probe_invalid_utf8(w, tmp):
@@ -119,7 +123,7 @@ def probe_adapter_config_not_json(w, tmp):
     (adapter / "adapter_config.json").write_text("{oops")
     p = jsonl(tmp / "p.jsonl", [{"prompt": "x"}])
     return cli("generate", f"model.name={w['model']}", "generation.backend=hf", f"generation.adapter={adapter}",
-               f"data.prompts={p}", f"generation.output={tmp}/o.jsonl")  # fmt: skip
+               "generation.max_new_tokens=8", f"data.prompts={p}", f"generation.output={tmp}/o.jsonl")  # fmt: skip
 
 
 def probe_out_dir_is_a_file(w, tmp):
