@@ -56,14 +56,14 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, trunca
 
 
 @torch.no_grad()
-def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int, quiet: bool = False) -> list[float]:
+def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int) -> list[float]:
     """Rewards of token sequences (prompt + response), in input order; batches of similar length."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.peft.training
     model.train(False)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False, disable=quiet):
+        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False):
             idx = order[start : start + batch_size]
             ids, mask = pad([seqs[i] for i in idx], model.tokenizer.pad_token_id)
             for i, r in zip(idx, model.score(ids, mask).tolist(), strict=True):
