@@ -20,7 +20,6 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,6 +49,19 @@ def plan_steps(n: int, sec: TrainSection, seed: int) -> Steps:
     return [micro[i : i + sec.grad_accum] for i in range(0, len(micro), sec.grad_accum)]
 
 
+def schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """The lr factor of step k (from 0): a linear warm-up over `warmup` steps that never runs a step at 0
+    ((k+1)/(warmup+1): a one-step warm-up runs at half the rate), then a cosine from 1 towards 0 over
+    the rest (the last step still moves)."""
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
 def optimize(
     params: list[torch.nn.Parameter],
     sec: TrainSection,
@@ -65,7 +77,7 @@ def optimize(
     statistics); `step_stats()` returns and resets them once per step; `on_step(record)` receives
     `{step, **stats, lr, grad_norm}` (lr: the rate the step used)."""
     opt = torch.optim.AdamW(params, lr=sec.lr, weight_decay=sec.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(sec.warmup_ratio * len(steps)), len(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(math.ceil(sec.warmup_ratio * len(steps)), len(steps)))
     clip = sec.max_grad_norm if sec.max_grad_norm > 0 else float("inf")
     with tqdm(total=len(steps), desc=name, unit="step", disable=quiet) as bar:
         for k, step in enumerate(steps, start=1):

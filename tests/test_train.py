@@ -1,6 +1,7 @@
 """The optimizer-step helper every trainer uses: the plan of steps, accumulation over uneven
 micro-batches, the schedule, the stop on a non-finite loss."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -60,3 +61,19 @@ def test_schedule_peaks_after_warm_up_and_decays():
     lrs = [r["lr"] for r in records]
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.1
     assert all(a <= b for a, b in zip(lrs[:3], lrs[1:3], strict=False))
+
+
+@pytest.mark.parametrize("warmup_ratio,total", [(0.03, 18), (0.03, 100), (0.0, 5), (0.5, 4)])
+def test_no_step_runs_at_lr_zero(warmup_ratio, total):
+    """Warm-up rounds up to whole steps (3% of 18 steps is one): that step must still move the adapter,
+    and the schedule must reach the full rate right after the warm-up."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    records = []
+    optimize([w], Section(lr=1.0, warmup_ratio=warmup_ratio), [[[0]]] * total, lambda idx: (w - 1).pow(2).sum(),
+             lambda: {}, name="t", quiet=True, on_step=records.append)  # fmt: skip
+    lrs = [r["lr"] for r in records]
+    warmup = math.ceil(warmup_ratio * total)
+    assert min(lrs) > 0, lrs
+    assert lrs[warmup] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1], strict=True))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
