@@ -1,9 +1,10 @@
-"""Rows of (prompt ids, response ids) to padded batches with targets: the one home of padding.
+"""Rows of (prompt ids, response ids), or token ids with a trained mask, to padded batches with
+targets: the one home of padding.
 
-Every trainer and scorer (reward model, DPO, the reference pass, the KL estimate) builds its tensors
-here, so the truncation rule (`data.encode`) and the target shift are written once:
-targets[b, t] is the token at t + 1 when it belongs to the response, else IGNORE, because the hidden
-state at position t predicts token t + 1.
+Every trainer and scorer (reward model, DPO, SFT, the reference pass, the KL estimate) builds its
+tensors here, so the truncation rule (`data.encode`) and the target shift are written once:
+targets[b, t] is the token at t + 1 when it is trained (a response token), else IGNORE, because the
+hidden state at position t predicts token t + 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lite_rlhf.data import encode
 
 IGNORE = -100
 Row = tuple[list[int], list[int]]  # (prompt ids, response ids)
+Example = tuple[list[int], list[bool]]  # (token ids, which tokens are trained)
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,34 @@ def pad(seqs: list[list[int]], pad_id: int, *, left: bool = False) -> tuple[torc
     return ids, mask
 
 
-def from_encoded(encoded: list[tuple[list[int], int]], pad_id: int) -> Batch:
-    input_ids, mask = pad([ids for ids, _ in encoded], pad_id)
+def as_example(ids: list[int], n_prompt: int) -> Example:
+    """An encoded row as an example: its response tokens are the trained ones."""
+    return ids, [False] * n_prompt + [True] * (len(ids) - n_prompt)
+
+
+def from_examples(examples: list[Example], pad_id: int) -> Batch:
+    """Examples -> a right-padded `Batch` whose targets are the trained tokens."""
+    input_ids, mask = pad([ids for ids, _ in examples], pad_id)
+    trained = pad([[int(x) for x in tr] for _, tr in examples], 0)[0].bool()
     targets = torch.full_like(input_ids, IGNORE)
-    for b, (ids, n_prompt) in enumerate(encoded):
-        targets[b, n_prompt - 1 : len(ids) - 1] = torch.tensor(ids[n_prompt:])
+    targets[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], IGNORE)
     return Batch(input_ids, mask, targets)
 
 
 def make_batch(rows: list[Row], pad_id: int, max_length: int, truncation: str) -> Batch:
     """Rows -> a right-padded `Batch` with response targets."""
-    return from_encoded(encode_rows(rows, max_length, truncation), pad_id)
+    return from_examples([as_example(*enc) for enc in encode_rows(rows, max_length, truncation)], pad_id)
+
+
+def truncate_example(example: Example, max_length: int, truncation: str) -> Example | None:
+    """An example within `max_length` tokens: its start is kept (rule keep_ends cuts the end; rule drop
+    returns None); None too when no trained token is left."""
+    ids, trained = example
+    if len(ids) > max_length:
+        if truncation == "drop":
+            return None
+        ids, trained = ids[:max_length], trained[:max_length]
+    return (ids, trained) if any(trained[1:]) else None
 
 
 def fits(rows: list[Row], max_length: int, truncation: str) -> bool:

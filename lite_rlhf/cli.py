@@ -12,7 +12,8 @@ from lite_rlhf.config import Config, ConfigError, load_config, to_yaml
 DEMO_CONFIG = "demo.yaml"
 
 _COMMANDS = {
-    "run": "run the online iterative DPO loop (no config: the embedded CPU demo)",
+    "run": "run the online iterative DPO (or RAFT) loop (no config: the embedded CPU demo)",
+    "sft": "train a LoRA adapter on conversations (supervised fine-tuning: π0)",
     "train-rm": "train the Bradley-Terry reward adapter on preference pairs",
     "generate": "sample n answers per prompt from the base or a policy adapter",
     "export": "merge a policy adapter into full weights for deployment",
@@ -117,6 +118,10 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from lite_rlhf.loop import main_run
 
         return main_run(cfg)
+    if args.command == "sft":
+        from lite_rlhf.sft import main_sft
+
+        return main_sft(cfg)
     if args.command == "train-rm":
         from lite_rlhf.reward import main_train_rm
 

@@ -56,23 +56,46 @@ class DataConfig:
     preferences: str | None = None  # reward-model training pairs {"prompt", "chosen", "rejected"}
     eval_preferences: str | None = None  # held-out pairs for reward accuracy
     offline_pairs: str | None = None  # extra DPO pairs mixed into every iteration (the paper's hybrid setting)
+    sft: str | None = None  # conversations for `lite-rlhf sft` ("demo": the shipped ones); with `run`: stage 0, π0
     skip_invalid: bool = False  # skip malformed lines (and count them) instead of stopping
     max_length: int = _f(512, lo=8)  # prompt + response tokens
     truncation: Literal["keep_ends", "drop"] = "keep_ends"  # keep the prompt's end and the response's start
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    adapter: str | None = None  # a trained reward directory (adapter + head): skip reward training
-    model: str | None = None  # a separate sequence-classification reward model instead of our adapter
+class TrainerConfig:
+    """The fields every trainer reads (lite_rlhf/train.py); each trainer's section sets its own defaults."""
+
     lr: float = _f(1e-4, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
-    epochs: float = _f(1.0, lo=0, lo_open=True)  # passes over the pairs (paper: 1)
-    micro_batch: int = _f(4, lo=1)  # pairs per forward pass
+    epochs: float = _f(1.0, lo=0, lo_open=True)  # passes over the examples (paper: 1)
+    micro_batch: int = _f(4, lo=1)  # examples (pairs for DPO and the reward model) per forward pass
     grad_accum: int = _f(4, lo=1)  # micro-batches per optimizer step
     warmup_ratio: float = _f(0.03, lo=0, hi=1)  # share of the steps with a linear warm-up (paper: 3%)
     max_grad_norm: float = _f(1.0, lo=0)  # gradient clip; 0 turns it off
     weight_decay: float = _f(0.0, lo=0)  # AdamW weight decay
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainerConfig):
+    adapter: str | None = None  # a trained reward directory (adapter + head): skip reward training
+    model: str | None = None  # a separate sequence-classification reward model instead of our adapter
     score_batch: int = _f(16, lo=1)  # sequences per forward pass when scoring
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainerConfig):
+    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate (LoRA; the paper's 2e-5 is for full weights)
+    # length-grouped micro-batches within each optimizer step (less padding, same gradient up to rounding);
+    # padding-free packing is not built yet
+    packing: bool = True
+
+
+@dataclass(frozen=True)
+class RaftConfig(TrainerConfig):
+    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate of the winners' SFT (LoRA)
+    keep_quantile: float = _f(0.0, lo=0, hi=1, hi_open=True)  # keep winners whose reward is >= this quantile of them
+    history: Literal["current", "all"] = "current"  # SFT on this iteration's winners, or on all winners so far
+    packing: bool = True  # length-grouped micro-batches, as sft.packing
 
 
 @dataclass(frozen=True)
@@ -103,23 +126,20 @@ class PairsConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(TrainerConfig):
+    lr: float = _f(5e-6, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
+    epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
+    grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
     beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid: DPO
     label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)  # cDPO; sigmoid only; 0.5 would be a coin flip
-    lr: float = _f(5e-6, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
-    epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
-    micro_batch: int = _f(4, lo=1)  # pairs per forward pass
-    grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
-    warmup_ratio: float = _f(0.03, lo=0, hi=1)  # share of the steps with a linear warm-up (paper: 3%)
-    max_grad_norm: float = _f(1.0, lo=0)  # gradient clip; 0 turns it off
-    weight_decay: float = _f(0.0, lo=0)  # AdamW weight decay
     # auto: Triton on CUDA (or under TRITON_INTERPRET=1), else chunked torch; reference: full logits, for checks
     kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
 
 
 @dataclass(frozen=True)
 class LoopConfig:
+    algorithm: Literal["dpo", "raft"] = "dpo"  # dpo: best-vs-worst pairs; raft: SFT on the best answer per prompt
     iterations: int = _f(3, lo=1)  # T of Algorithm 1 (paper: 3)
     prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
 
@@ -147,6 +167,8 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    raft: RaftConfig = field(default_factory=RaftConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -269,6 +291,12 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'dpo.label_smoothing' applies to loss_type 'sigmoid' only (got loss_type "
             f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
+        )
+    if cfg.data.offline_pairs and cfg.loop.algorithm != "dpo":
+        raise ConfigError("config key 'data.offline_pairs' feeds DPO; loop.algorithm=raft trains on winners only")
+    if cfg.data.sft and cfg.model.sft_adapter:
+        raise ConfigError(
+            "config keys 'data.sft' and 'model.sft_adapter' both give π0: train one (data.sft) or bring one, not both"
         )
 
 

@@ -8,7 +8,9 @@ Formats (TRL's standard format):
 - prompts: JSONL, one object per line: {"prompt": str | [messages]} with optional "id" and any
   extra fields (kept in `Prompt.meta`, e.g. the demo's gold-check fields);
 - preference pairs: {"prompt", "chosen", "rejected"}, each a string, or lists of chat messages
-  (prompt: the conversation so far; chosen/rejected: the assistant turn(s)).
+  (prompt: the conversation so far; chosen/rejected: the assistant turn(s));
+- conversations for SFT: {"messages": [...]} (every assistant turn is trained) or
+  {"prompt", "completion"}, each a string or a list of messages (the completion's turns are trained).
 Files that are not JSONL (parquet, csv, json arrays) are read with `datasets`.
 """
 
@@ -42,6 +44,12 @@ class PreferencePair:
     prompt: Messages
     chosen: str
     rejected: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: Messages
+    first_trained: int  # assistant turns from this message on are trained (the completion's first turn)
 
 
 # --------------------------------------------------------------------------- reading
@@ -173,15 +181,72 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
     return _load(path, parse, skip_invalid)
 
 
+def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[list[Conversation], int]:
+    """SFT conversations from a file; returns (conversations, number of skipped lines)."""
+
+    def parse(row: dict, lineno: int) -> Conversation:
+        if "messages" in row:
+            messages = _messages(row["messages"], "messages")
+            first = 0
+        elif "prompt" in row and "completion" in row:
+            prompt = _messages(row["prompt"], "prompt")
+            completion = row["completion"]
+            if isinstance(completion, str):
+                if not completion.strip():
+                    raise DataError("'completion' is empty")
+                completion = [{"role": "assistant", "content": completion}]
+            messages, first = prompt + _messages(completion, "completion"), len(prompt)
+        else:
+            raise DataError("expected 'messages', or 'prompt' and 'completion'")
+        if not any(m["role"] == "assistant" for m in messages[first:]):
+            raise DataError("no assistant turn to train on")
+        return Conversation(messages, first)
+
+    return _load(path, parse, skip_invalid)
+
+
 # --------------------------------------------------------------------------- the one chat template
+
+
+def _template_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     """Token ids of a prompt under the model's chat template, ending with the assistant header."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return _template_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def conversation_ids(tokenizer, conv: Conversation) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation under the chat template, and which of them are trained: the
+    tokens of each trained assistant turn, up to and including its end-of-turn token.
+
+    A turn's tokens are found by rendering the conversation's prefixes (up to the turn's header, and
+    through the turn) with the same template; templates without generation markers (SmolLM2's) work.
+    If a prefix's tokens are not the start of the whole conversation's tokens (a template that renders
+    earlier turns differently, or a merge across a turn boundary), the turn cannot be located: error.
+    """
+    full = _template_ids(tokenizer, conv.messages, add_generation_prompt=False)
+    trained = [False] * len(full)
+    for i, m in enumerate(conv.messages):
+        if m["role"] != "assistant" or i < conv.first_trained:
+            continue
+        head = prompt_ids(tokenizer, conv.messages[:i])
+        through = _template_ids(tokenizer, conv.messages[: i + 1], add_generation_prompt=False)
+        start = len(head)
+        if full[: len(through)] != through or through[:start] != head:
+            raise DataError(
+                f"the chat template does not render message {i + 1} (assistant) as a continuation of the "
+                "messages before it, so its tokens cannot be located for the loss"
+            )
+        end = len(through)
+        if tokenizer.eos_token_id in through[start:]:  # the end-of-turn token is trained, what follows it is not
+            end = start + through[start:].index(tokenizer.eos_token_id) + 1
+        trained[start:end] = [True] * (end - start)
+    return full, trained
 
 
 def response_ids(tokenizer, text: str) -> list[int]:

@@ -1,14 +1,16 @@
-"""`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3).
+"""`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3), or RAFT.
 
-    π0 = base (+ sft adapter); reward adapter trained first (Bradley-Terry)
+    π0 = base (+ sft adapter, brought or trained here on data.sft); reward adapter trained (Bradley-Terry)
     evaluate π0 as iteration 0 (and under a second seed: the noise)
     D = offline pairs, with their π0 log-probs
     for t in 1..T:
         samples  = policy_{t-1} generates n answers per prompt of slice t
         rewards  = reward adapter scores every sample; r~ = r - λ|a|
-        pairs_t  = best vs worst per prompt, with π0 log-probs computed once
-        D        = D ∪ pairs_t
-        policy_t = DPO on D from policy_{t-1}, reference π0
+        dpo:  pairs_t  = best vs worst per prompt, with π0 log-probs computed once
+              D        = D ∪ pairs_t
+              policy_t = DPO on D from policy_{t-1}, reference π0
+        raft: W_t      = the best answer per prompt (above a reward quantile)
+              policy_t = SFT on W_t (or W_1 ∪ ... ∪ W_t) from policy_{t-1}
         evaluate policy_t; best/ = the iteration with the highest validation reward
 
 Every stage goes through `RunDir.commit` (outputs, metrics lines and mark together) and is skipped
@@ -23,20 +25,22 @@ import time
 
 import torch
 
+from lite_rlhf.batching import as_example, encode_rows, fits
 from lite_rlhf.config import Config
-from lite_rlhf.data import prompt_ids, response_ids
+from lite_rlhf.data import load_conversations, prompt_ids, response_ids
 from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
 from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
 from lite_rlhf.generate import LazyEngine, Sample, make_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
-from lite_rlhf.pairs import Pair, penalized_rewards, select_pairs
+from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
 from lite_rlhf.report import report_files
 from lite_rlhf.reward import reward_stage
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
 from lite_rlhf.scoring import make_scorer
-from lite_rlhf.task import Task, load_task, reward_pairs
+from lite_rlhf.sft import sft_stage, train_sft
+from lite_rlhf.task import Task, data_path, load_task, reward_pairs
 from lite_rlhf.train import NonFiniteLoss
 
 
@@ -54,6 +58,7 @@ def run(cfg: Config) -> int:
     """The whole loop; returns the best iteration."""
     t_start = time.time()
     task = load_task(cfg.data)  # every data file is read and checked before a model loads
+    conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
@@ -63,6 +68,7 @@ def run(cfg: Config) -> int:
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir)
+    pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
     if cfg.reward.adapter:
         model.load_reward(cfg.reward.adapter)
     elif not cfg.reward.model:
@@ -74,17 +80,22 @@ def run(cfg: Config) -> int:
                                             quantization=cfg.model.quantization))  # fmt: skip
     ctx = Context(rd, cfg, task, model, engine, score, ids, say)
 
-    commit_policy(ctx, 0)  # the policy before any DPO: a fresh LoRA, or a copy of the sft adapter
-    evaluate(ctx, 0, adapter=cfg.model.sft_adapter)  # π0 is served as base (+ sft)
-    noise(ctx, adapter=cfg.model.sft_adapter)
-    history = offline_pairs(ctx)
+    commit_policy(ctx, 0)  # the policy before any training: a fresh LoRA, or a copy of the sft adapter
+    evaluate(ctx, 0, adapter=pi0)  # π0 is served as base (+ sft)
+    noise(ctx, adapter=pi0)
+    history = offline_pairs(ctx) if cfg.loop.algorithm == "dpo" else []
     for t in range(1, cfg.loop.iterations + 1):
-        serve = rd.iter_dir(t - 1) / "policy" if t > 1 else cfg.model.sft_adapter
+        serve = rd.iter_dir(t - 1) / "policy" if t > 1 else pi0
         prompts_t = task.slice(t, cfg.loop.iterations, cfg.loop.prompts_per_iteration)
         samples = generate(ctx, t, prompts_t, serve)
         rewards = scores(ctx, t, samples)
-        history += pairs(ctx, t, samples, rewards)
-        dpo(ctx, t, history)
+        if cfg.loop.algorithm == "dpo":
+            history += pairs(ctx, t, samples, rewards)
+            dpo(ctx, t, history)
+        else:
+            won = winners(ctx, t, samples, rewards)
+            history = history + won if cfg.raft.history == "all" else won
+            raft(ctx, t, history)
         evaluate(ctx, t, adapter=rd.iter_dir(t) / "policy")
         best = choose_best(ctx, t)
         commit_report(ctx, f"iter_{t:03d}/report")
@@ -122,7 +133,7 @@ class Say:
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:
     """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
-    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4}[purpose]
+    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5}[purpose]
     return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
 
 
@@ -232,24 +243,60 @@ def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> 
     return made
 
 
+def winners(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Winner]:
+    """RAFT: the best answer per prompt (above the reward quantile), if it fits data.max_length."""
+    name, path = f"iter_{t:03d}/winners", ctx.rd.iter_dir(t) / "winners.jsonl"
+    if ctx.rd.done(name):
+        return [Winner(**row) for row in read_jsonl(path)]
+    made, dropped = select_winners(samples, rewards, ctx.cfg.raft.keep_quantile)
+    d = ctx.cfg.data
+    fit = [w for w in made if fits([(ctx.ids[w.prompt_id], w.response_ids)], d.max_length, d.truncation)]
+    dropped["too_long"] += len(made) - len(fit)
+    record = {
+        "stage": "winners",
+        "iteration": t,
+        "winners_kept": len(fit),
+        **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
+        "winner_reward": sum(w.reward for w in fit) / len(fit) if fit else 0.0,
+    }
+    ctx.rd.commit(name, {path: [dataclasses.asdict(w) for w in fit]}, [record])
+    ctx.say(f"iteration {t}: {len(fit)} winners kept, dropped {dict(dropped)}")
+    return fit
+
+
 def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
-    """DPO on all pairs so far, from the previous policy. Killed inside, it restarts from the previous
-    policy with the same seed, so the result is identical."""
+    """DPO on all pairs so far, from the previous policy, reference π0."""
+    update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs", len(history), lambda on_step: train_dpo(
+        ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
+        quiet=ctx.cfg.run.quiet, on_step=on_step,
+    ))  # fmt: skip
+
+
+def raft(ctx: Context, t: int, won: list[Winner]) -> None:
+    """SFT on the winners, from the previous policy (no reference model)."""
+    d = ctx.cfg.data
+    rows = [(ctx.ids[w.prompt_id], w.response_ids) for w in won]
+    examples = [as_example(*enc) for enc in encode_rows(rows, d.max_length, d.truncation)]
+    update_policy(ctx, t, "raft", f"SFT on {len(won)} winners", len(won), lambda on_step: train_sft(
+        ctx.model, examples, ctx.cfg.raft, seed=derive_seed(ctx.cfg, t, "raft"), quiet=ctx.cfg.run.quiet,
+        on_step=on_step, name="raft",
+    ))  # fmt: skip
+
+
+def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) -> None:
+    """policy_t = `train(on_step)` from policy_{t-1}, with the engine asleep. Killed inside, it restarts
+    from the previous policy with the same seed, so the result is identical."""
     name = f"iter_{t:03d}/policy"
     if ctx.rd.done(name):
         return
     ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
     records: list[dict] = []
-    if not history:
-        ctx.say(f"iteration {t}: no pairs; the policy is unchanged")
+    if not n:
+        ctx.say(f"iteration {t}: nothing to train on; the policy is unchanged")
     else:
-        ctx.say(f"iteration {t}: DPO on {len(history)} pairs")
+        ctx.say(f"iteration {t}: {what}")
         ctx.engine.sleep()
-        train_dpo(
-            ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
-            quiet=ctx.cfg.run.quiet,
-            on_step=lambda rec: (records.append({"stage": "dpo", "iteration": t, **rec}), kill_point(f"{name}:step")),
-        )  # fmt: skip
+        train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
         ctx.engine.wake()
     commit_policy(ctx, t, records)
 

@@ -1,16 +1,21 @@
-"""From scored samples to preference pairs: best versus worst per prompt (paper section 3.3).
+"""From scored samples to training data: best-versus-worst pairs for DPO (paper section 3.3), the
+best answer per prompt for RAFT.
 
 Per prompt, the sample with the highest penalized reward r~ = r - λ·|a| (paper eq. 9; |a| in
 characters or tokens) is `chosen`, the lowest is `rejected`. Ties for best or worst go to the
 lowest sample index. A sample cut off at the length limit is never chosen unless
 `pairs.allow_truncated` (it may still be rejected). A pair is dropped when its two texts are equal
-or when the rewards differ by no more than `pairs.min_margin`; the reasons are counted.
+or when the rewards differ by no more than `pairs.min_margin`; the reasons are counted. RAFT's
+winner is the same best sample (a truncated one never), kept when its reward reaches the
+`raft.keep_quantile` quantile of the iteration's winners.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+
+import torch
 
 from lite_rlhf.config import PairsConfig
 
@@ -40,23 +45,33 @@ def penalized_rewards(samples: list, rewards: list[float], cfg: PairsConfig) -> 
     return [r - cfg.length_penalty * size(s) for s, r in zip(samples, rewards, strict=True)]
 
 
-def select_pairs(samples: list, rewards: list[float], cfg: PairsConfig) -> tuple[list[Pair], Counter]:
-    """One best-vs-worst pair per prompt from samples (`prompt_id`, `index`, `text`, `token_ids`,
-    `finish_reason`) and their penalized rewards. Returns the pairs and the count of drops by reason."""
+def _groups(samples: list, rewards: list[float]) -> dict[str, list[tuple]]:
+    """(index, sample, reward) per prompt, in sample order."""
     groups: dict[str, list[tuple]] = {}
     for s, r in zip(samples, rewards, strict=True):
         groups.setdefault(s.prompt_id, []).append((s.index, s, r))
+    return {pid: sorted(group, key=lambda t: t[0]) for pid, group in groups.items()}
+
+
+def _best(group: list[tuple], allow_truncated: bool) -> tuple | None:
+    """The highest reward among the samples that may be chosen; ties keep the lower index."""
+    choosable = [t for t in group if allow_truncated or t[1].finish_reason != "length"]
+    best = None
+    for t in choosable:
+        if best is None or t[2] > best[2]:  # strict: ties keep the lower index
+            best = t
+    return best
+
+
+def select_pairs(samples: list, rewards: list[float], cfg: PairsConfig) -> tuple[list[Pair], Counter]:
+    """One best-vs-worst pair per prompt from samples (`prompt_id`, `index`, `text`, `token_ids`,
+    `finish_reason`) and their penalized rewards. Returns the pairs and the count of drops by reason."""
     pairs, dropped = [], Counter()
-    for prompt_id, group in groups.items():
-        group.sort(key=lambda t: t[0])
-        choosable = [t for t in group if cfg.allow_truncated or t[1].finish_reason != "length"]
-        if not choosable:
+    for prompt_id, group in _groups(samples, rewards).items():
+        best = _best(group, cfg.allow_truncated)
+        if best is None:
             dropped["all_truncated"] += 1
             continue
-        best = choosable[0]
-        for t in choosable[1:]:
-            if t[2] > best[2]:  # strict: ties keep the lower index
-                best = t
         worst = group[0]
         for t in group[1:]:
             if t[2] < worst[2]:
@@ -78,3 +93,32 @@ def select_pairs(samples: list, rewards: list[float], cfg: PairsConfig) -> tuple
                 )
             )
     return pairs, dropped
+
+
+@dataclass(frozen=True)
+class Winner:
+    prompt_id: str
+    index: int  # the sample's index within its prompt
+    response_ids: list[int]  # as generated, EOS included
+    text: str
+    reward: float  # penalized reward r~
+
+
+def select_winners(samples: list, rewards: list[float], keep_quantile: float) -> tuple[list[Winner], Counter]:
+    """RAFT: the best sample per prompt (never a truncated one), kept when its reward is at least the
+    `keep_quantile` quantile of all winners' rewards (0 keeps every winner). Returns the winners and
+    the count of drops by reason."""
+    winners, dropped = [], Counter()
+    for prompt_id, group in _groups(samples, rewards).items():
+        best = _best(group, allow_truncated=False)
+        if best is None:
+            dropped["all_truncated"] += 1
+            continue
+        winners.append(Winner(prompt_id, best[0], list(best[1].token_ids), best[1].text, float(best[2])))
+    if keep_quantile > 0 and winners:
+        rewards_ = torch.tensor([w.reward for w in winners], dtype=torch.float64)
+        threshold = torch.quantile(rewards_, keep_quantile).item()
+        kept = [w for w in winners if w.reward >= threshold]
+        dropped["below_quantile"] += len(winners) - len(kept)
+        winners = kept
+    return winners, dropped

@@ -12,6 +12,8 @@ _COLUMNS = [
     ("iteration", "iter", "{:d}"),
     ("pairs_kept", "pairs", "{:d}"),
     ("pair_margin", "pair margin", "{:.2f}"),
+    ("winners_kept", "winners", "{:d}"),
+    ("winner_reward", "winner reward", "{:.2f}"),
     ("val_reward", "val reward", "{:.3f}"),
     ("test_reward", "test reward", "{:.3f}"),
     ("win_rate", "win vs π0", "{:.2f}"),
@@ -33,7 +35,7 @@ _PLOTS = [("val_reward", "test_reward"), ("gold",), ("length_tokens",), ("kl",),
 
 
 def eval_rows(root: Path) -> list[dict]:
-    """One row per evaluated iteration, merged with that iteration's pair counts."""
+    """One row per evaluated iteration, merged with that iteration's pair (or RAFT winner) counts."""
     rows = []
     for it in sorted(root.glob("iter_*/eval.json")):
         rows.append(json.loads(it.read_text()))
@@ -42,10 +44,11 @@ def eval_rows(root: Path) -> list[dict]:
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("stage") == "pairs":
+            if rec.get("stage") in ("pairs", "winners"):
                 pairs[rec["iteration"]] = rec
     for row in rows:
-        row.update({k: v for k, v in pairs.get(row["iteration"], {}).items() if k.startswith(("pair", "dropped"))})
+        found = pairs.get(row["iteration"], {})
+        row.update({k: v for k, v in found.items() if k.startswith(("pair", "winner", "dropped"))})
     return rows
 
 

@@ -107,9 +107,6 @@ class SharedModel:
             policy_cfg = lora
         self.peft = get_peft_model(base, policy_cfg, adapter_name="policy")
         self.peft.add_adapter("reward", copy.deepcopy(lora))
-        if self.has_sft:
-            self.peft.load_adapter(str(sft_dir), adapter_name="sft", is_trainable=False)
-            self.copy_adapter("sft", "policy")
 
         hidden = base.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
@@ -120,6 +117,8 @@ class SharedModel:
         self._role = "policy"
         self._activate("policy")
         self.train(False)
+        if self.has_sft:
+            self.use_sft(sft_dir)
 
     # ------------------------------------------------------------------ roles
 
@@ -266,6 +265,13 @@ class SharedModel:
             self.peft.load_adapter(str(directory), adapter_name=name, is_trainable=name != "sft")
             self.train(was_training)
         self._activate(self._role)
+
+    def use_sft(self, directory: str | Path) -> None:
+        """Make a saved adapter π0: loaded frozen as "sft" (the reference role from now on) and copied into
+        the policy, which starts from it (`model.sft_adapter`, or the run's own SFT stage)."""
+        self.has_sft = True
+        self.load_adapter("sft", directory)
+        self.copy_adapter("sft", "policy")
 
     def save_reward(self, directory: str | Path) -> Path:
         """The reward adapter (peft format) plus the score head in `head.safetensors`, into a fresh `directory`."""

@@ -28,6 +28,7 @@ DEMO_FILES = {
     "preferences": "preferences_train.jsonl",
     "eval_preferences": "preferences_eval.jsonl",
 }
+DEMO_SFT = "sft.jsonl"  # data.sft=demo: π0's gold-passing answers on the reward-model prompts (opt-in)
 
 
 def demo_file(name: str) -> Path:
@@ -37,8 +38,8 @@ def demo_file(name: str) -> Path:
 def data_path(d: DataConfig, key: str) -> Path | None:
     """The file behind `data.<key>`: the user's, or the demo's when `data.prompts` is `demo`."""
     value = getattr(d, key)
-    if key == "prompts" and value == "demo":
-        return demo_file(DEMO_FILES[key])
+    if key in ("prompts", "sft") and value == "demo":
+        return demo_file(DEMO_SFT if key == "sft" else DEMO_FILES[key])
     if value is None and d.prompts == "demo" and key in DEMO_FILES:
         return demo_file(DEMO_FILES[key])
     return Path(value) if value is not None else None

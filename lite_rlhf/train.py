@@ -7,9 +7,10 @@ record per optimizer step. Each trainer keeps its config section (`reward`, `dpo
 same common fields, read here: lr, epochs, micro_batch, grad_accum, warmup_ratio, max_grad_norm,
 weight_decay.
 
-Accumulation: the micro-batch loss is the *sum* of its examples' losses; dividing by the number of
-examples in the whole optimizer step makes the accumulated gradient the step's mean, whatever the
-micro-batch sizes (the last one of an epoch may be short).
+Accumulation: the micro-batch loss is the *sum* of its examples' losses (of its tokens' losses for
+SFT); dividing by the number of examples (tokens) in the whole optimizer step makes the accumulated
+gradient the step's mean, whatever the micro-batch sizes (the last one of an epoch may be short) and
+however the step's examples are grouped into micro-batches (`group_by_length`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def plan_steps(n: int, sec: TrainSection, seed: int) -> Steps:
     return [micro[i : i + sec.grad_accum] for i in range(0, len(micro), sec.grad_accum)]
 
 
+def group_by_length(steps: Steps, lengths: list[int]) -> Steps:
+    """The same examples in every optimizer step, reordered so that similar lengths share a micro-batch
+    (less padding); the micro-batch sizes stay. The step's gradient is the same up to rounding."""
+    out = []
+    for step in steps:
+        flat = sorted((i for mb in step for i in mb), key=lambda i: (-lengths[i], i))
+        sizes, grouped, at = [len(mb) for mb in step], [], 0
+        for size in sizes:
+            grouped.append(flat[at : at + size])
+            at += size
+        out.append(grouped)
+    return out
+
+
 def schedule(warmup: int, total: int) -> Callable[[int], float]:
     """The lr factor of step k (from 0): a linear warm-up over `warmup` steps that never runs a step at 0
     ((k+1)/(warmup+1): a one-step warm-up runs at half the rate), then a cosine from 1 towards 0 over
@@ -72,16 +87,18 @@ def optimize(
     name: str,
     quiet: bool,
     on_step: Callable[[dict], None],
+    weight: Callable[[list[int]], float] = len,
 ) -> None:
     """Run `steps`: `micro_loss(indices)` returns the summed loss of a micro-batch (and may keep its own
     statistics); `step_stats()` returns and resets them once per step; `on_step(record)` receives
-    `{step, **stats, lr, grad_norm}` (lr: the rate the step used)."""
+    `{step, **stats, lr, grad_norm}` (lr: the rate the step used). The summed losses of a step are
+    divided by the sum of `weight(micro-batch)` over the step: its examples (default) or tokens."""
     opt = torch.optim.AdamW(params, lr=sec.lr, weight_decay=sec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(math.ceil(sec.warmup_ratio * len(steps)), len(steps)))
     clip = sec.max_grad_norm if sec.max_grad_norm > 0 else float("inf")
     with tqdm(total=len(steps), desc=name, unit="step", disable=quiet) as bar:
         for k, step in enumerate(steps, start=1):
-            n = sum(len(mb) for mb in step)
+            n = sum(weight(mb) for mb in step)
             for mb in step:
                 loss = micro_loss(mb)
                 if not torch.isfinite(loss):

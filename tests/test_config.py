@@ -75,19 +75,23 @@ def test_configs_are_shipped():
 
 
 def test_every_field_has_a_comment():
-    """Every config field says what it does: a comment on its line or on the line above."""
+    """Every config field says what it does: a comment on its line or on the line above, in the class
+    that defines it (a section's own class, or the trainers' common base)."""
     import dataclasses
     import inspect
 
     from lite_rlhf import config
 
-    source = inspect.getsource(config).splitlines()
     silent = []
     for section in dataclasses.fields(config.Config):
         cls = section.default_factory
         for f in dataclasses.fields(cls):
-            line = next(i for i, x in enumerate(source) if x.startswith(f"    {f.name}: ") and i > source.index(
-                next(x for x in source if x.startswith(f"class {cls.__name__}"))))  # fmt: skip
+            for klass in cls.__mro__:  # the nearest class whose body defines the field
+                source = inspect.getsource(klass).splitlines()
+                found = [i for i, x in enumerate(source) if x.startswith(f"    {f.name}: ")]
+                if found:
+                    break
+            line = found[0]
             if "#" not in source[line] and not source[line - 1].strip().startswith("#"):
                 silent.append(f"{section.name}.{f.name}")
     assert not silent, silent

@@ -60,3 +60,31 @@ def test_figures():
     assert win_rate({("a", 0): 1.0, ("a", 1): 0.0, ("b", 0): 2.0}, {("a", 0): 0.0, ("a", 1): 0.0, ("b", 0): 3.0}) == 0.5
     lo, hi = bootstrap_diff({"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 0.0, "b": 0.0, "c": 0.0})
     assert 0.0 <= lo <= 2 / 3 <= hi <= 1.0
+
+
+def test_demo_sft_set_is_gold_passing_answers_on_reward_model_topics_only():
+    """data.sft=demo: π0's gold-passing answers on the reward-model prompts, as scripts/make_demo_sft.py
+    writes them; none of their topics is a loop, validation or test topic."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from lite_rlhf.config import load_config
+    from lite_rlhf.data import load_conversations
+    from lite_rlhf.task import data_path
+
+    path = data_path(load_config(None, ["data.sft=demo"]).data, "sft")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_demo_sft.py"
+    spec = importlib.util.spec_from_file_location("make_demo_sft", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == module.sft_rows(2)
+    assert len(load_conversations(path)[0]) == len(rows) > 50
+    splits = split_prompts()
+    by_id = {r["id"]: r for r in splits["rm_prompts"]}
+    held = {r["topic"] for name in ("prompts", "val_prompts", "test_prompts") for r in splits[name]}
+    for row in rows:
+        meta = by_id[row["prompt_id"]]
+        assert meta["prompt"] == row["prompt"] and meta["topic"] not in held
+        assert gold_check(meta, row["completion"])["passed"], row

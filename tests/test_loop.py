@@ -1,7 +1,8 @@
-"""The loop end to end on a tiny random Llama: killed with SIGKILL at every kill point (before each
-stage's commit, after its files are written but before its mark, and inside the long stages), resumed
-each time, and compared with an uninterrupted run: samples, scores, pairs, adapter tensors, eval.json,
-noise.json, summary.json, report.md and every metrics.jsonl line, exactly.
+"""The loop end to end on a tiny random Llama, DPO (with offline pairs) and RAFT (from an SFT stage):
+killed with SIGKILL at every kill point (before each stage's commit, after its files are written but
+before its mark, and inside the long stages), resumed each time, and compared with an uninterrupted
+run: samples, scores, pairs or winners, adapter tensors, eval.json, noise.json, summary.json,
+report.md and every metrics.jsonl line, exactly.
 
 CI runs the chained test (each restart dies at the next point); `pytest -m sweep` kills a fresh run
 at each point in turn and resumes it once."""
@@ -27,48 +28,76 @@ TIMING = ("wall_seconds", "train_seconds")  # the only figures allowed to differ
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def data(tmp_path_factory):
+    """A tiny model, the prompt splits, reward pairs, offline pairs and SFT conversations, and the config
+    both algorithms share."""
     root = tmp_path_factory.mktemp("loop")
     model = make_tiny_model(root / "tiny", hidden_size=128, heads=2, kv_heads=1, layers=2)
     splits = split_prompts()
+    rm = splits["rm_prompts"]
+    rows = {
+        "prompts": splits["prompts"][:8],
+        "val": splits["val_prompts"][:3],
+        "test": splits["test_prompts"][:3],
+        "prefs": [{"prompt": r["prompt"], "chosen": f"the {r['topic']} is nice", "rejected": "no no no no"}
+                  for r in rm[:12]],
+        "offline": [{"prompt": r["prompt"], "chosen": f"a {r['topic']}", "rejected": "no"} for r in rm[12:14]],
+        "sft": [{"prompt": r["prompt"], "completion": "it is nice."} for r in rm[14:30]],
+    }  # fmt: skip
     files = {}
-    for name, rows in (("prompts", splits["prompts"][:8]), ("val", splits["val_prompts"][:3]),
-                       ("test", splits["test_prompts"][:3])):  # fmt: skip
+    for name, items in rows.items():
         files[name] = root / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs = [
-        {"prompt": r["prompt"], "chosen": f"the {r['topic']} is nice", "rejected": "no no no no"}
-        for r in splits["rm_prompts"][:12]
-    ]
-    files["prefs"] = root / "prefs.jsonl"
-    files["prefs"].write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    offline = [
-        {"prompt": r["prompt"], "chosen": f"a {r['topic']}", "rejected": "no"} for r in splits["rm_prompts"][12:14]
-    ]
-    files["offline"] = root / "offline.jsonl"
-    files["offline"].write_text("".join(json.dumps(p) + "\n" for p in offline))
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in items))
     cfg = {
         "model": {"name": str(model), "dtype": "float32"},
         "lora": {"r": 8, "alpha": 16},
         "data": {"prompts": str(files["prompts"]), "val_prompts": str(files["val"]),
-                 "test_prompts": str(files["test"]), "preferences": str(files["prefs"]),
-                 "offline_pairs": str(files["offline"]), "max_length": 256},
+                 "test_prompts": str(files["test"]), "preferences": str(files["prefs"]), "max_length": 256},
         "reward": {"lr": 1e-3, "micro_batch": 4, "grad_accum": 1},
         "generation": {"backend": "vllm", "n": 3, "temperature": 1.0, "max_new_tokens": 12, "kv_cache_gib": 0.25},
-        "pairs": {"allow_truncated": True},  # a random model rarely stops by itself
-        "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0},
         "loop": {"iterations": 2, "prompts_per_iteration": 4},
         "eval": {"samples_per_prompt": 2},
         "run": {"quiet": True},
     }  # fmt: skip
-    path = root / "tiny.yaml"
-    path.write_text("# tiny loop for the tests\n" + yaml.safe_dump(cfg))
-    clean = root / "clean" / "run"  # run directories share their name: report.md starts with it
-    log = root / "points.txt"
+    return root, files, cfg
+
+
+def clean_run(root: Path, name: str, cfg: dict):
+    """Write the config, run it uninterrupted, and return (config path, run directory, kill points)."""
+    path = root / f"{name}.yaml"
+    path.write_text(f"# tiny {name} loop for the tests\n" + yaml.safe_dump(cfg))
+    clean = root / name / "clean" / "run"  # run directories share their name: report.md starts with it
+    log = root / f"{name}-points.txt"
     out = run(path, clean, log=log)
     assert out.returncode == 0, out.stderr[-3000:]
     points = list(dict.fromkeys(log.read_text().split()))  # in order, each once
-    return root, path, clean, points
+    return path, clean, points
+
+
+@pytest.fixture(scope="module")
+def setup(data):
+    """DPO with offline pairs."""
+    root, files, base = data
+    cfg = {**base, "data": {**base["data"], "offline_pairs": str(files["offline"])},
+           "pairs": {"allow_truncated": True},  # a random model rarely stops by itself
+           "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0}}  # fmt: skip
+    path, clean, points = clean_run(root, "dpo", cfg)
+    return root / "dpo", path, clean, points
+
+
+@pytest.fixture(scope="module")
+def raft_setup(data):
+    """RAFT from a π0 trained here on SFT conversations, winners of every iteration kept. A tiny random
+    model rarely stops; SFT on one short answer puts a few percent on the end-of-turn token and 64 new
+    tokens let some samples finish, so that RAFT (which never takes a truncated answer) has winners."""
+    root, files, base = data
+    cfg = {**base, "data": {**base["data"], "sft": str(files["sft"])},
+           "sft": {"lr": 1e-2, "epochs": 4.0, "micro_batch": 4, "grad_accum": 1},
+           "generation": {**base["generation"], "max_new_tokens": 64},
+           "loop": {**base["loop"], "algorithm": "raft"},
+           "raft": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "history": "all"}}  # fmt: skip
+    path, clean, points = clean_run(root, "raft", cfg)
+    return root / "raft", path, clean, points
 
 
 def run(config: Path, out_dir: Path, kill_at: str | None = None, log: Path | None = None):
@@ -128,7 +157,7 @@ def test_the_run_has_every_artifact(setup):
         assert inside in points, inside
 
 
-def test_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(setup):
+def chained(setup):
     """One run killed at each point in turn (every restart resumes, then dies at the next point)."""
     root, config, clean, points = setup
     crashed = root / "chained" / "run"
@@ -139,6 +168,41 @@ def test_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(setup):
     assert final.returncode == 0, final.stderr[-3000:]
     print(f"killed and resumed at {len(points)} kill points")
     assert differences(artifacts(clean), artifacts(crashed)) == []
+
+
+def test_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(setup):
+    chained(setup)
+
+
+def test_raft_run_trains_sft_then_winners(raft_setup):
+    root, _, clean, points = raft_setup
+    a = artifacts(clean)
+    for must in ("sft/adapter_model.safetensors", "sft/metrics.json", "iter_001/winners.jsonl",
+                 "iter_002/winners.jsonl", "iter_002/policy/adapter_model.safetensors", "summary.json"):  # fmt: skip
+        assert must in a, must
+    assert not any(k.endswith("pairs.jsonl") for k in a)
+    stages = [m["stage"] for m in a["metrics.jsonl"]]
+    assert stages.index("sft") < stages.index("sft_done") < stages.index("reward")
+    for t in (1, 2):
+        won = a[f"iter_{t:03d}/winners.jsonl"]
+        assert won, f"iteration {t} kept no winner"
+        samples = {(s["prompt_id"], s["index"]): s for s in a[f"iter_{t:03d}/samples.jsonl"]}
+        best: dict[str, tuple] = {}
+        for row in a[f"iter_{t:03d}/scores.jsonl"]:  # the argmax of the penalized reward, never truncated
+            if samples[(row["prompt_id"], row["index"])]["finish_reason"] == "length":
+                continue
+            if row["prompt_id"] not in best or row["penalized"] > best[row["prompt_id"]][1]:
+                best[row["prompt_id"]] = (row["index"], row["penalized"])
+        assert {w["prompt_id"]: (w["index"], w["reward"]) for w in won} == best
+        assert [m["iteration"] for m in a["metrics.jsonl"] if m["stage"] == "raft"].count(t) > 0
+    # π0 is the SFT adapter: the policy of iteration 0 is its copy
+    assert a["iter_000/policy/adapter_model.safetensors"] == a["sft/adapter_model.safetensors"]
+    for inside in ("sft:step", "sft", "iter_001/winners", "iter_002/policy:step"):
+        assert inside in points, inside
+
+
+def test_raft_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(raft_setup):
+    chained(raft_setup)
 
 
 def test_comparison_sees_a_one_ulp_change(setup, tmp_path):

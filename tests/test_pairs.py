@@ -1,9 +1,10 @@
-"""Pair selection: best versus worst, ties, identical texts, truncation, the length penalty."""
+"""Pair selection: best versus worst, ties, identical texts, truncation, the length penalty; RAFT's winners."""
 
+import random
 from dataclasses import dataclass
 
 from lite_rlhf.config import PairsConfig
-from lite_rlhf.pairs import penalized_rewards, select_pairs
+from lite_rlhf.pairs import penalized_rewards, select_pairs, select_winners
 
 
 @dataclass
@@ -65,3 +66,28 @@ def test_length_penalty_changes_the_winner():
     assert select_pairs(samples, pen, cfg)[0][0].chosen_text == "short"
     tok = PairsConfig(length_penalty=0.1, length_unit="tokens")
     assert penalized_rewards(samples, rewards, tok) == [1.0 - 0.1 * 6, 0.8 - 0.1, 0.0 - 0.1]
+
+
+def test_raft_keeps_the_argmax_reward_sample_never_a_truncated_one():
+    rng = random.Random(0)
+    reasons = ["stop", "stop", "length"]
+    samples = [S(f"p{k}", i, f"p{k} answer {i}", rng.choice(reasons)) for k in range(30) for i in range(4)]
+    rewards = [rng.gauss(0, 1) for _ in samples]
+    winners, dropped = select_winners(samples, rewards, keep_quantile=0.0)
+    by_prompt = {}
+    for s, r in zip(samples, rewards, strict=True):
+        if s.finish_reason == "stop" and (s.prompt_id not in by_prompt or r > by_prompt[s.prompt_id][1]):
+            by_prompt[s.prompt_id] = (s.index, r)
+    assert {w.prompt_id: (w.index, w.reward) for w in winners} == by_prompt
+    assert dropped["all_truncated"] == 30 - len(by_prompt)
+    assert all(w.text == f"{w.prompt_id} answer {w.index}" and w.response_ids == [ord(c) for c in w.text]
+               for w in winners)  # fmt: skip
+
+
+def test_raft_ties_quantile_and_all_truncated():
+    samples = [S("a", 0, "x"), S("a", 1, "y"), S("b", 0, "p", "length"), S("c", 0, "q"), S("d", 0, "r")]
+    winners, dropped = select_winners(samples, [1.0, 1.0, 9.0, 0.0, 2.0], keep_quantile=0.0)
+    assert [(w.prompt_id, w.index) for w in winners] == [("a", 0), ("c", 0), ("d", 0)]
+    assert dropped == {"all_truncated": 1}
+    kept, dropped = select_winners(samples, [1.0, 1.0, 9.0, 0.0, 2.0], keep_quantile=0.5)  # median of 1, 0, 2: 1
+    assert [w.prompt_id for w in kept] == ["a", "d"] and dropped["below_quantile"] == 1
