@@ -251,7 +251,8 @@ def winners(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -
     made, dropped = select_winners(samples, rewards, ctx.cfg.raft.keep_quantile)
     d = ctx.cfg.data
     fit = [w for w in made if fits([(ctx.ids[w.prompt_id], w.response_ids)], d.max_length, d.truncation)]
-    dropped["too_long"] += len(made) - len(fit)
+    if len(fit) < len(made):
+        dropped["too_long"] += len(made) - len(fit)
     record = {
         "stage": "winners",
         "iteration": t,
