@@ -25,6 +25,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] long, right-padded
     mask: torch.Tensor  # [B, T] long, 1 on real tokens
     targets: torch.Tensor  # [B, T] long, the next response token or IGNORE
+    position_ids: torch.Tensor | None = None  # [1, N] when packed: each example's positions from 0
 
 
 def encode_rows(rows: list[Row], max_length: int, truncation: str) -> list[tuple[list[int], int]]:
@@ -62,6 +63,16 @@ def from_examples(examples: list[Example], pad_id: int) -> Batch:
     targets = torch.full_like(input_ids, IGNORE)
     targets[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], IGNORE)
     return Batch(input_ids, mask, targets)
+
+
+def pack_examples(examples: list[Example]) -> Batch:
+    """Examples concatenated into one padding-free row `[1, N]` with each example's own position ids.
+    Attention stays inside each example: transformers reads the restarts of the position ids
+    (flash-attention's varlen kernel on CUDA; a block-diagonal mask with sdpa or eager)."""
+    rows = [from_examples([ex], pad_id=0) for ex in examples]  # one example: no padding
+    input_ids = torch.cat([r.input_ids for r in rows], dim=1)
+    position_ids = torch.cat([torch.arange(r.input_ids.shape[1]) for r in rows])[None]
+    return Batch(input_ids, torch.ones_like(input_ids), torch.cat([r.targets for r in rows], dim=1), position_ids)
 
 
 def make_batch(rows: list[Row], pad_id: int, max_length: int, truncation: str) -> Batch:

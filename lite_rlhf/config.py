@@ -85,8 +85,8 @@ class RewardConfig(TrainerConfig):
 @dataclass(frozen=True)
 class SFTConfig(TrainerConfig):
     lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate (LoRA; the paper's 2e-5 is for full weights)
-    # length-grouped micro-batches within each optimizer step (less padding, same gradient up to rounding);
-    # padding-free packing is not built yet
+    # less padding, the same gradient up to rounding: packed rows on CUDA with flash-attention, else
+    # micro-batches grouped by length within each optimizer step
     packing: bool = True
 
 
@@ -95,7 +95,7 @@ class RaftConfig(TrainerConfig):
     lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate of the winners' SFT (LoRA)
     keep_quantile: float = _f(0.0, lo=0, hi=1, hi_open=True)  # keep winners whose reward is >= this quantile of them
     history: Literal["current", "all"] = "current"  # SFT on this iteration's winners, or on all winners so far
-    packing: bool = True  # length-grouped micro-batches, as sft.packing
+    packing: bool = True  # packed rows or length-grouped micro-batches, as sft.packing
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,16 @@ def evaluate_policy(
     gold: Gold | None,
     base_rows: list[dict] | None,
     score_batch: int,
+    quiet: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Figures for the policy of `iteration` (π0 when 0) and its answers as `eval_samples.jsonl` rows.
     `base_rows`: π0's answers, for the win rate (None when this is π0)."""
     sets = sets.limit(ev.max_prompts)
     val, test, tax = sets.val, sets.test, sets.tax
     k = ev.samples_per_prompt
-    samples = engine.generate(val + test + tax, n=k, adapter=adapter, seed=seed, desc=f"iter {iteration} eval")
+    samples = engine.generate(
+        val + test + tax, n=k, adapter=adapter, seed=seed, desc=None if quiet else f"iter {iteration} eval"
+    )
     prompts = {p.id: p for p in val + test + tax}
     val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
     # The alignment-tax figures need no reward: only validation and test answers are scored.
@@ -94,7 +97,7 @@ def evaluate_policy(
     figures["length_tokens"] = mean(s.n_tokens for s in test_samples)
     figures["length_chars"] = mean(len(s.text) for s in test_samples)
     kl_samples = test_samples[:KL_SAMPLES]
-    figures["kl"] = kl_estimate(model, prompt_ids, kl_samples, d, score_batch) if iteration > 0 else 0.0
+    figures["kl"] = kl_estimate(model, prompt_ids, kl_samples, d, score_batch, quiet) if iteration > 0 else 0.0
     if gold is not None:
         figures.update(gold_figures(gold_rows(gold, test, test_samples)))
         figures.update(tax_figures(gold, tax, [s for s in samples if s.prompt_id in tax_ids]))
@@ -103,10 +106,12 @@ def evaluate_policy(
 
 
 @torch.no_grad()
-def kl_estimate(model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int) -> float:
+def kl_estimate(
+    model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int, quiet: bool = False
+) -> float:
     """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens."""
     diffs = []
-    for i in tqdm(range(0, len(samples), batch_size), desc="KL estimate", unit="batch", leave=False):
+    for i in tqdm(range(0, len(samples), batch_size), desc="KL estimate", unit="batch", leave=False, disable=quiet):
         chunk = samples[i : i + batch_size]
         batch = make_batch(
             [(prompt_ids[s.prompt_id], s.token_ids) for s in chunk], model.pad_id, d.max_length, "keep_ends"
@@ -119,10 +124,10 @@ def kl_estimate(model, prompt_ids: dict[str, list[int]], samples: list, d: DataC
     return sum(diffs) / len(diffs) if diffs else 0.0
 
 
-def noise_figures(engine, test: list[Prompt], k: int, adapter, seed: int, gold: Gold) -> dict:
+def noise_figures(engine, test: list[Prompt], k: int, adapter, seed: int, gold: Gold, quiet: bool = False) -> dict:
     """π0's gold on the test prompts under a second sampling seed: how much two runs of the same
     policy differ (the noise a gain must beat)."""
-    samples = engine.generate(test, n=k, adapter=adapter, seed=seed, desc="noise")
+    samples = engine.generate(test, n=k, adapter=adapter, seed=seed, desc=None if quiet else "noise")
     return gold_figures(gold_rows(gold, test, samples))
 
 

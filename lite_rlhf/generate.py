@@ -217,7 +217,7 @@ class Engine:
         temperature: float | None = None,
         max_new_tokens: int | None = None,
         logprobs: bool = False,
-        desc: str = "generate",
+        desc: str | None = "generate",  # the progress bar's label; None: no bar (run.quiet)
     ) -> list[Sample]:
         """n samples per prompt (ordered by prompt, then index) from the base, or the base + `adapter`.
         The same (prompts, n, adapter, seed, settings) give the same samples. All inputs are checked
@@ -457,7 +457,7 @@ class VllmEngine(Engine):
         )
         with threads, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator
-            outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc), lora_request=lora)
+            outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc) if desc else False, lora_request=lora)
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for index, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -581,7 +581,7 @@ class HFEngine(Engine):
             self._with_adapter(adapter) as model,
             torch.random.fork_rng(devices=devices),
             torch.inference_mode(),
-            tqdm(total=len(rows), desc=desc, unit="seq") as bar,
+            tqdm(total=len(rows), desc=desc, unit="seq", disable=desc is None) as bar,
         ):
             torch.manual_seed(seed)
             for start in range(0, len(rows), size):

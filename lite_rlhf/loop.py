@@ -157,7 +157,7 @@ def evaluate(ctx: Context, t: int, adapter) -> dict:
         ctx.engine, ctx.model, ctx.score, ctx.task.eval_sets, ctx.ids, ctx.cfg.eval, ctx.cfg.data,
         iteration=t, adapter=adapter, seed=derive_seed(ctx.cfg, 0, "eval"),  # the same seed every iteration
         temperature=ctx.cfg.generation.temperature, gold=ctx.task.gold, base_rows=base_rows,
-        score_batch=ctx.cfg.reward.score_batch,
+        score_batch=ctx.cfg.reward.score_batch, quiet=ctx.cfg.run.quiet,
     )  # fmt: skip
     ctx.rd.commit(name, {out / "eval_samples.jsonl": rows, out / "eval.json": figures}, [{"stage": "eval", **figures}])
     ctx.say("eval " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
@@ -171,7 +171,7 @@ def noise(ctx: Context, adapter) -> None:
         return
     test = ctx.task.eval_sets.limit(ctx.cfg.eval.max_prompts).test
     k, seed = ctx.cfg.eval.samples_per_prompt, derive_seed(ctx.cfg, 0, "noise")
-    figures = noise_figures(ctx.engine, test, k, adapter, seed, ctx.task.gold)
+    figures = noise_figures(ctx.engine, test, k, adapter, seed, ctx.task.gold, ctx.cfg.run.quiet)
     ctx.rd.commit(name, {ctx.rd.iter_dir(0) / "noise.json": figures})
 
 
@@ -197,7 +197,8 @@ def generate(ctx: Context, t: int, prompts, adapter) -> list[Sample]:
     if ctx.rd.done(name):
         return [Sample(**row) for row in read_jsonl(path)]
     samples = ctx.engine.generate(prompts, n=ctx.cfg.generation.n, adapter=adapter,
-                                  seed=derive_seed(ctx.cfg, t, "generate"), desc=f"iter {t} generate")  # fmt: skip
+                                  seed=derive_seed(ctx.cfg, t, "generate"),
+                                  desc=None if ctx.cfg.run.quiet else f"iter {t} generate")  # fmt: skip
     ctx.rd.commit(name, {path: [dataclasses.asdict(s) for s in samples]})
     ctx.say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts")
     return samples

@@ -56,14 +56,14 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, trunca
 
 
 @torch.no_grad()
-def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int) -> list[float]:
+def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int, quiet: bool = False) -> list[float]:
     """Rewards of token sequences (prompt + response), in input order; batches of similar length."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.peft.training
     model.train(False)
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", leave=False, disable=quiet):
             idx = order[start : start + batch_size]
             ids, mask = pad([seqs[i] for i in idx], model.tokenizer.pad_token_id)
             for i, r in zip(idx, model.score(ids, mask).tolist(), strict=True):
@@ -79,6 +79,7 @@ def score_texts(
     responses: list[str] | list[list[int]],
     batch_size: int,
     max_length: int | None = None,
+    quiet: bool = False,
 ) -> list[float]:
     """Rewards of (prompt, response) pairs; a response is text or its generated token ids (used as given).
 
@@ -90,7 +91,7 @@ def score_texts(
         ids = response_ids(tok, resp) if isinstance(resp, str) else list(resp)
         p = prompt_ids(tok, prompt)
         seqs.append(encode(p, ids, max_length or len(p) + len(ids), "keep_ends")[0])
-    return score_ids(model, seqs, batch_size)
+    return score_ids(model, seqs, batch_size, quiet)
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
@@ -108,7 +109,7 @@ def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]
     if not enc.kept:
         raise DataError(f"no held-out preference pair fits data.max_length={cfg.data.max_length}")
     n = len(enc.kept)
-    scores = score_ids(model, enc.chosen + enc.rejected, cfg.reward.score_batch)
+    scores = score_ids(model, enc.chosen + enc.rejected, cfg.reward.score_batch, cfg.run.quiet)
     margins = [c - r for c, r in zip(scores[:n], scores[n:], strict=True)]
     kept = [pairs[i] for i in enc.kept]
     # "The longer answer wins": a tie counts half, the expected accuracy of a coin flip.

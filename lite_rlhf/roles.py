@@ -179,18 +179,34 @@ class SharedModel:
     def lm_head_weight(self) -> torch.Tensor:
         return self.peft.get_base_model().get_output_embeddings().weight  # [V, H]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states `[B, T, H]` of the active role (after the final norm; no logits)."""
-        out = self._decoder(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
-        )
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states `[B, T, H]` of the active role (after the final norm; no logits). With
+        `position_ids` (a packed row, `batching.pack_examples`) the mask is left to transformers."""
+        if position_ids is not None:
+            out = self._decoder(
+                input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device), use_cache=False
+            )
+        else:
+            out = self._decoder(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
+            )
         return out.last_hidden_state
+
+    @property
+    def padding_free(self) -> bool:
+        """Does packing save compute here? Flash-attention on CUDA runs packed rows as variable-length
+        sequences; elsewhere a packed row gets a block-diagonal mask, which costs more attention than
+        the padding it saves, so trainers group by length instead."""
+        attn = self.peft.get_base_model().config._attn_implementation
+        return self.device.type == "cuda" and attn == "flash_attention_2"
 
     def sequence_logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of the response tokens under the active role, through the fused LM-head kernel:
         `(sum_logps [B] fp32, n_tokens [B])`. The one summed-log-prob path (DPO's reference pass, KL, tests);
         differentiable when grad is on (the reference role turns it off)."""
-        hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
+        hidden = self.hidden_states(batch.input_ids, batch.mask, batch.position_ids)  # [B, T, H]
         return sequence_logps(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

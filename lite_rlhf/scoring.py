@@ -24,7 +24,7 @@ def make_scorer(cfg: Config, model) -> Scorer:
         external = SeparateRewardModel(cfg.reward.model, device=model.device, dtype=model.dtype)
         return lambda prompts, samples: external.score(prompts, [s.text for s in samples], cfg.reward.score_batch)
     return lambda prompts, samples: score_texts(
-        model, prompts, [s.token_ids for s in samples], cfg.reward.score_batch, cfg.data.max_length
+        model, prompts, [s.token_ids for s in samples], cfg.reward.score_batch, cfg.data.max_length, cfg.run.quiet
     )
 
 

@@ -9,6 +9,7 @@ at each point in turn and resumes it once."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,10 @@ def clean_run(root: Path, name: str, cfg: dict):
     log = root / f"{name}-points.txt"
     out = run(path, clean, log=log)
     assert out.returncode == 0, out.stderr[-3000:]
+    bars = re.findall(
+        r"(scoring|KL estimate|generate|eval|noise|reference log-probs|dpo|raft|sft|reward): +\d+%", out.stderr
+    )
+    assert not bars, f"run.quiet=true still drew progress bars: {sorted(set(bars))}"
     points = list(dict.fromkeys(log.read_text().split()))  # in order, each once
     return path, clean, points
 

@@ -12,7 +12,7 @@ import torch
 from lite_rlhf.kernels import sequence_logps
 from torch.testing import assert_close
 
-from lite_rlhf.batching import IGNORE, from_examples, truncate_example
+from lite_rlhf.batching import IGNORE, from_examples, pack_examples, truncate_example
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.data import Conversation, DataError, conversation_ids, load_conversations
 from lite_rlhf.models import make_tiny_model
@@ -87,6 +87,13 @@ def test_loss_is_cross_entropy_over_trained_tokens_only(model):
         untrained = [t for t in range(hidden.shape[1]) if t + 1 >= len(ids) or not trained[t + 1]]
         assert hidden.grad[b, untrained].abs().max() == 0
         assert hidden.grad[b, [t for t in range(len(ids) - 1) if trained[t + 1]]].abs().min() > 0
+    # The last token (the newline after the final end-of-turn) is a label at an untrained position and
+    # feeds no later position: changing it leaves the loss exactly as it was.
+    ids, trained = examples[0]
+    other = (ids[:-1] + [(ids[-1] + 7) % len(model.tokenizer)], trained)
+    with model.role("policy"), torch.no_grad():
+        same = [model.sequence_logps(from_examples([ex], model.pad_id))[0] for ex in (examples[0], other)]
+    assert same[0].item() == same[1].item() and not trained[-1]
 
 
 def test_length_grouping_keeps_each_step_and_its_gradient(model):
@@ -119,6 +126,31 @@ def test_length_grouping_keeps_each_step_and_its_gradient(model):
             )  # fmt: skip
         norms.append(records[0]["grad_norm"])
     assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_give_the_padded_loss_and_gradient(tiny, attn):
+    """Examples packed into one row with per-example position ids (the padding-free layout used with
+    flash-attention on CUDA) give the padded batch's loss and gradient: attention stays inside each
+    example (on CPU, transformers turns the position ids into a block-diagonal mask)."""
+    m = SharedModel(load_config(None, [f"model.name={tiny}", "lora.r=4", f"model.attn_implementation={attn}"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters("policy"):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    examples = [conversation_ids(m.tokenizer, Conversation(CHAT[: k + 1], 0)) for k in (2, 4)]
+    examples.append(conversation_ids(m.tokenizer, Conversation(CHAT[1:3], 0)))
+    packed = pack_examples(examples)
+    assert packed.input_ids.shape == (1, sum(len(ids) for ids, _ in examples))
+    results = []
+    with m.role("policy"):
+        for batch in (from_examples(examples, m.pad_id), packed):
+            loss = -m.sequence_logps(batch)[0].sum()
+            grads = torch.autograd.grad(loss, m.parameters("policy"))
+            results.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
+    assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert not m.padding_free  # on CPU the trainer groups by length instead
 
 
 def test_truncation_keeps_the_start_and_drops_what_trains_nothing():
