@@ -659,7 +659,9 @@ def main_generate(cfg: Config) -> int:
     )
     try:
         start = time.perf_counter()
-        samples = engine.generate(prompts, n=gen.n, adapter=adapter, seed=cfg.run.seed)
+        samples = engine.generate(
+            prompts, n=gen.n, adapter=adapter, seed=cfg.run.seed, desc=None if cfg.run.quiet else "generate"
+        )
         seconds = time.perf_counter() - start
     finally:
         engine.close()
