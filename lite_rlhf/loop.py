@@ -277,12 +277,14 @@ def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
 def raft(ctx: Context, t: int, won: list[Winner]) -> None:
     """SFT on the winners, from the previous policy (no reference model)."""
     d = ctx.cfg.data
-    rows = [(ctx.ids[w.prompt_id], w.response_ids) for w in won]
-    examples = [as_example(*enc) for enc in encode_rows(rows, d.max_length, d.truncation)]
-    update_policy(ctx, t, "raft", f"SFT on {len(won)} winners", len(won), lambda on_step: train_sft(
-        ctx.model, examples, ctx.cfg.raft, seed=derive_seed(ctx.cfg, t, "raft"), quiet=ctx.cfg.run.quiet,
-        on_step=on_step, name="raft",
-    ))  # fmt: skip
+
+    def train(on_step) -> None:  # encoded only when the stage runs, not on a resume that skips it
+        rows = [(ctx.ids[w.prompt_id], w.response_ids) for w in won]
+        examples = [as_example(*enc) for enc in encode_rows(rows, d.max_length, d.truncation)]
+        train_sft(ctx.model, examples, ctx.cfg.raft, seed=derive_seed(ctx.cfg, t, "raft"), quiet=ctx.cfg.run.quiet,
+                  on_step=on_step, name="raft")  # fmt: skip
+
+    update_policy(ctx, t, "raft", f"SFT on {len(won)} winners", len(won), train)
 
 
 def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) -> None:

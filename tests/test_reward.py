@@ -12,7 +12,6 @@ from torch.testing import assert_close
 from lite_rlhf.batching import pad
 from lite_rlhf.config import load_config
 from lite_rlhf.data import DataError, PreferencePair, encode, prompt_ids, response_ids
-from lite_rlhf.models import make_tiny_model
 from lite_rlhf.reward import encode_pairs, main_train_rm, score_texts
 from lite_rlhf.roles import SharedModel
 
@@ -20,18 +19,7 @@ TOPICS = ["the ocean", "the sun", "cats", "dogs", "mountains", "rivers", "water"
 SUBJECTS = ["the fox is", "the dog is", "the sun is", "water is"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine several spin-wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs_rows(topics):

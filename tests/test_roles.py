@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from lite_rlhf.batching import make_batch
 from lite_rlhf.config import load_config
 from lite_rlhf.data import prompt_ids, response_ids
-from lite_rlhf.models import make_tiny_model
 from lite_rlhf.roles import SharedModel, keep_nf4_layout
 
 QA = [
@@ -24,18 +23,7 @@ QA = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a shared 2-core machine several spin-wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))  # hidden 64: bnb CPU needs in_features >= 64
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(tiny, *overrides):

@@ -15,7 +15,6 @@ from torch.testing import assert_close
 from lite_rlhf.batching import IGNORE, from_examples, pack_examples, truncate_example
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.data import Conversation, DataError, conversation_ids, load_conversations
-from lite_rlhf.models import make_tiny_model
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.sft import main_sft, train_sft
 from lite_rlhf.train import group_by_length, optimize, plan_steps
@@ -29,17 +28,7 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
