@@ -15,6 +15,7 @@ _COMMANDS = {
     "run": "run the online iterative DPO (or RAFT) loop (no config: the embedded CPU demo)",
     "sft": "train a LoRA adapter on conversations (supervised fine-tuning: π0)",
     "train-rm": "train the Bradley-Terry reward adapter on preference pairs",
+    "train-pm": "train the pairwise preference adapter on preference pairs (reward.kind=preference)",
     "generate": "sample n answers per prompt from the base or a policy adapter",
     "export": "merge a policy adapter into full weights for deployment",
     "plan": "estimate peak memory per phase and say whether a config fits",
@@ -126,6 +127,10 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
         from lite_rlhf.reward import main_train_rm
 
         return main_train_rm(cfg)
+    if args.command == "train-pm":
+        from lite_rlhf.preference import main_train_pm
+
+        return main_train_pm(cfg)
     if args.command == "generate":
         from lite_rlhf.generate import main_generate
 

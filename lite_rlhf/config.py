@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,9 +78,25 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class RewardConfig(TrainerConfig):
-    adapter: str | None = None  # a trained reward directory (adapter + head): skip reward training
+    # the loop's oracle: bt, a scalar Bradley-Terry reward; preference, a pairwise preference model
+    # (section `preference`) that ranks the n answers by tournament (pairs.ranking)
+    kind: Literal["bt", "preference"] = "bt"
+    adapter: str | None = None  # a trained reward/ (adapter + head) or preference/ directory: skip training
     model: str | None = None  # a separate sequence-classification reward model instead of our adapter
-    score_batch: int = _f(16, lo=1)  # sequences per forward pass when scoring
+    preference_model: str | None = None  # a separate causal-LM preference model (kind=preference) instead of ours
+    score_batch: int = _f(16, lo=1)  # sequences (or comparisons) per forward pass when scoring
+
+
+@dataclass(frozen=True)
+class PreferenceConfig(TrainerConfig):
+    """The pairwise preference model (paper section 2.1): reads the template below as the user turn and
+    answers with one label token; P(A better than B) is the probability of label_a against label_b."""
+
+    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate (LoRA)
+    # the user turn; {context}, {a} and {b} each once: the conversation so far and the two answers
+    template: str = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
+    label_a: str = "A"  # the assistant's answer when response A is better (one token of the tokenizer)
+    label_b: str = "B"  # ... when response B is better
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,11 @@ class PairsConfig:
     length_unit: Literal["chars", "tokens"] = "chars"  # |a| in the length penalty (paper: characters)
     min_margin: float = _f(0.0, lo=0)  # drop pairs whose rewards differ by no more than this
     allow_truncated: bool = False  # may a sample cut off at max_new_tokens be chosen?
+    # reward.kind=preference: how n answers are ranked; round_robin: all n(n-1)/2 pairs, knockout: a
+    # single-elimination bracket for the best and one for the worst (their first round shared)
+    ranking: Literal["round_robin", "knockout"] = "round_robin"
+    # round_robin's score of an answer: wins (Copeland: P > 1/2 is a win, = 1/2 half) or probability (sum of P)
+    round_robin_score: Literal["wins", "probability"] = "wins"
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -294,6 +317,22 @@ def _check_consistency(cfg: Config) -> None:
         )
     if cfg.data.offline_pairs and cfg.loop.algorithm != "dpo":
         raise ConfigError("config key 'data.offline_pairs' feeds DPO; loop.algorithm=raft trains on winners only")
+    if cfg.reward.kind == "preference":
+        if cfg.reward.model:
+            raise ConfigError("config key 'reward.model' is a scalar reward model; with reward.kind=preference "
+                              "give reward.preference_model")  # fmt: skip
+        if cfg.pairs.length_penalty:
+            raise ConfigError("config key 'pairs.length_penalty' subtracts from a scalar reward; "
+                              "reward.kind=preference ranks by tournament, set it to 0")  # fmt: skip
+    elif cfg.reward.preference_model:
+        raise ConfigError("config key 'reward.preference_model' needs reward.kind=preference")
+    fields = re.findall(r"{(\w*)}", cfg.preference.template)
+    if sorted(fields) != ["a", "b", "context"]:
+        raise ConfigError(f"config key 'preference.template' must hold {{context}}, {{a}} and {{b}} once each, "
+                          f"got {cfg.preference.template!r}")  # fmt: skip
+    if cfg.preference.label_a == cfg.preference.label_b:
+        raise ConfigError(f"config keys 'preference.label_a' and 'preference.label_b' are both "
+                          f"{cfg.preference.label_a!r}; give two different labels")  # fmt: skip
     if cfg.data.sft and cfg.model.sft_adapter:
         raise ConfigError(
             "config keys 'data.sft' and 'model.sft_adapter' both give π0: train one (data.sft) or bring one, not both"

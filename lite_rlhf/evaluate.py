@@ -3,9 +3,11 @@
 Decoding: `eval.samples_per_prompt` sampled answers per prompt at the generation temperature, with
 a seed derived from (run seed, iteration), so every iteration is judged on the same prompts.
 Figures (one `metrics.jsonl` line per evaluation):
-- `val_reward` / `test_reward`: mean reward-model score; the best iteration is chosen by `val_reward`;
-- `win_rate`: on test prompts, the share of answers the reward model scores above π0's answer with
-  the same prompt and sample index (ties count half);
+- `val_reward` / `test_reward`: mean reward-model score; the best iteration is chosen by `val_reward`
+  (with a preference model as the oracle there is no reward: None, and the choice is `val_win_rate`);
+- `win_rate` (`val_win_rate`): on test (validation) prompts, the share of answers the oracle prefers
+  to π0's answer with the same prompt and sample index (ties count half): a higher reward, or
+  P(answer ≻ π0's) > 1/2 from the preference model (both orders averaged; π0 against itself is 1/2);
 - `length_tokens`, `length_chars`: mean test answer length;
 - `kl`: Monte-Carlo estimate of KL(π‖π0) = E_{y~π}[log π(y|x) - log π0(y|x)] over the test answers;
 - `gold*`: where the prompts carry a gold check (the demo), the pass rate on test prompts, overall,
@@ -57,7 +59,7 @@ class EvalSets:
 def evaluate_policy(
     engine,
     model,
-    score,
+    oracle,
     sets: EvalSets,
     prompt_ids: dict[str, list[int]],
     ev: EvalConfig,
@@ -84,16 +86,26 @@ def evaluate_policy(
     val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
     # The alignment-tax figures need no reward: only validation and test answers are scored.
     scored = [s for s in samples if s.prompt_id not in tax_ids]
-    rewards = score([prompts[s.prompt_id].messages for s in scored], scored)
-    reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
-    rows = [dict(dataclasses.asdict(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
+    figures: dict = {"iteration": iteration}
+    if oracle.judge is None:
+        rewards = oracle.reward([prompts[s.prompt_id].messages for s in scored], scored)
+        reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
+        rows = [dict(dataclasses.asdict(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
+        figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
+        figures["test_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in test_ids)
+        base_rows = base_rows if base_rows is not None else rows
+        base = {(row["prompt_id"], row["index"]): row["reward"] for row in base_rows}
+        figures["win_rate"] = win_rate({key: v for key, v in reward_of.items() if key[0] in test_ids}, base)
+    else:
+        rows = [dict(dataclasses.asdict(s), reward=None) for s in samples]
+        base = {(row["prompt_id"], row["index"]): row["text"] for row in (base_rows or rows)}
+        figures["val_reward"] = figures["test_reward"] = None
+        for key, ids in (("val_win_rate", val_ids), ("win_rate", test_ids)):
+            mine = [s for s in scored if s.prompt_id in ids and (s.prompt_id, s.index) in base]
+            probs = oracle.judge.probs([(prompts[s.prompt_id].messages, s.text, base[s.prompt_id, s.index]) for s in mine])
+            figures[key] = mean(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) if probs else None
 
     test_samples = [s for s in samples if s.prompt_id in test_ids]
-    figures: dict = {"iteration": iteration}
-    figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
-    figures["test_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in test_ids)
-    base = {(row["prompt_id"], row["index"]): row["reward"] for row in (base_rows if base_rows is not None else rows)}
-    figures["win_rate"] = win_rate({key: v for key, v in reward_of.items() if key[0] in test_ids}, base)
     figures["length_tokens"] = mean(s.n_tokens for s in test_samples)
     figures["length_chars"] = mean(len(s.text) for s in test_samples)
     kl_samples = test_samples[:KL_SAMPLES]

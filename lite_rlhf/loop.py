@@ -1,17 +1,20 @@
 """`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3), or RAFT.
 
-    π0 = base (+ sft adapter, brought or trained here on data.sft); reward adapter trained (Bradley-Terry)
+    π0 = base (+ sft adapter, brought or trained here on data.sft); oracle trained: a Bradley-Terry reward
+         adapter, or a pairwise preference adapter (reward.kind=preference)
     evaluate π0 as iteration 0 (and under a second seed: the noise)
     D = offline pairs, with their π0 log-probs
     for t in 1..T:
         samples  = policy_{t-1} generates n answers per prompt of slice t
         rewards  = reward adapter scores every sample; r~ = r - λ|a|
+                   (preference: a tournament among each prompt's n answers gives the scores)
         dpo:  pairs_t  = best vs worst per prompt, with π0 log-probs computed once
               D        = D ∪ pairs_t
               policy_t = DPO on D from policy_{t-1}, reference π0
         raft: W_t      = the best answer per prompt (above a reward quantile)
               policy_t = SFT on W_t (or W_1 ∪ ... ∪ W_t) from policy_{t-1}
         evaluate policy_t; best/ = the iteration with the highest validation reward
+                                  (preference: validation win rate against π0)
 
 Every stage goes through `RunDir.commit` (outputs, metrics lines and mark together) and is skipped
 when the run state says it is done, so the same command resumes a killed run and ends with the same
@@ -34,11 +37,12 @@ from lite_rlhf.generate import LazyEngine, Sample, make_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
+from lite_rlhf.preference import preference_stage
 from lite_rlhf.report import report_files
 from lite_rlhf.reward import reward_stage
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
-from lite_rlhf.scoring import make_scorer
+from lite_rlhf.scoring import Oracle
 from lite_rlhf.sft import sft_stage, train_sft
 from lite_rlhf.task import Task, data_path, load_task, reward_pairs
 from lite_rlhf.train import NonFiniteLoss
@@ -69,16 +73,13 @@ def run(cfg: Config) -> int:
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir)
     pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
-    if cfg.reward.adapter:
-        model.load_reward(cfg.reward.adapter)
-    elif not cfg.reward.model:
-        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
-    score = make_scorer(cfg, model)
+    train_oracle(rd, model, cfg)
+    oracle = Oracle(cfg, model)
     ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
     ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
     engine = LazyEngine(lambda: make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed,
                                             quantization=cfg.model.quantization))  # fmt: skip
-    ctx = Context(rd, cfg, task, model, engine, score, ids, say)
+    ctx = Context(rd, cfg, task, model, engine, oracle, ids, say)
 
     commit_policy(ctx, 0)  # the policy before any training: a fresh LoRA, or a copy of the sft adapter
     evaluate(ctx, 0, adapter=pi0)  # π0 is served as base (+ sft)
@@ -117,7 +118,7 @@ class Context:
     task: Task
     model: SharedModel
     engine: LazyEngine
-    score: object  # (prompts, samples) -> rewards
+    oracle: Oracle
     ids: dict[str, list[int]]  # prompt id -> prompt token ids, under the one chat template
     say: Say
 
@@ -140,6 +141,21 @@ def derive_seed(cfg: Config, t: int, purpose: str) -> int:
 # --------------------------------------------------------------------------- the stages
 
 
+def train_oracle(rd: RunDir, model: SharedModel, cfg: Config) -> None:
+    """The reward (or preference) adapter: brought (reward.adapter), trained here, or not needed (a
+    separate model judges)."""
+    kind = cfg.reward.kind
+    if cfg.reward.adapter and kind == "bt":
+        model.load_reward(cfg.reward.adapter)
+    elif cfg.reward.adapter:
+        model.add_preference(cfg.run.seed)
+        model.load_adapter("preference", cfg.reward.adapter)
+    elif kind == "bt" and not cfg.reward.model:
+        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
+    elif kind == "preference" and not cfg.reward.preference_model:
+        preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
+
+
 def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
     name = f"iter_{t:03d}/policy"
     if not ctx.rd.done(name):
@@ -154,7 +170,7 @@ def evaluate(ctx: Context, t: int, adapter) -> dict:
     if t > 0:  # the KL estimate runs the policy on the trainer's side: the one evaluated, also after a resume
         ctx.model.load_adapter("policy", ctx.rd.iter_dir(t) / "policy")
     figures, rows = evaluate_policy(
-        ctx.engine, ctx.model, ctx.score, ctx.task.eval_sets, ctx.ids, ctx.cfg.eval, ctx.cfg.data,
+        ctx.engine, ctx.model, ctx.oracle, ctx.task.eval_sets, ctx.ids, ctx.cfg.eval, ctx.cfg.data,
         iteration=t, adapter=adapter, seed=derive_seed(ctx.cfg, 0, "eval"),  # the same seed every iteration
         temperature=ctx.cfg.generation.temperature, gold=ctx.task.gold, base_rows=base_rows,
         score_batch=ctx.cfg.reward.score_batch, quiet=ctx.cfg.run.quiet,
@@ -205,18 +221,19 @@ def generate(ctx: Context, t: int, prompts, adapter) -> list[Sample]:
 
 
 def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:
-    """Reward of every sample, and the length-penalized reward used for ranking."""
+    """Reward of every sample (or its tournament score), and the length-penalized score used for ranking."""
     name, path = f"iter_{t:03d}/scores", ctx.rd.iter_dir(t) / "scores.jsonl"
     if ctx.rd.done(name):
         return [row["penalized"] for row in read_jsonl(path)]
-    by_id = {p.id: p for p in ctx.task.prompts}
-    rewards = ctx.score([by_id[s.prompt_id].messages for s in samples], samples)
+    start = time.time()
+    rewards, cost = ctx.oracle.rank({p.id: p.messages for p in ctx.task.prompts}, samples)
     penalized = penalized_rewards(samples, rewards, ctx.cfg.pairs)
     rows = [
         {"prompt_id": s.prompt_id, "index": s.index, "reward": r, "penalized": p}
         for s, r, p in zip(samples, rewards, penalized, strict=True)
     ]
-    ctx.rd.commit(name, {path: rows})
+    record = {"stage": "scores", "iteration": t, **cost, "scoring_seconds": round(time.time() - start, 1)}
+    ctx.rd.commit(name, {path: rows}, [record])
     return penalized
 
 
@@ -306,8 +323,10 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) ->
 
 
 def choose_best(ctx: Context, t: int) -> int:
-    """best/ -> the policy of the iteration with the highest validation reward (π0 included)."""
-    val = {i: read_json(ctx.rd.iter_dir(i) / "eval.json")["val_reward"] for i in range(t + 1)}
+    """best/ -> the policy of the iteration with the highest validation reward (π0 included), or with a
+    preference model the highest validation win rate against π0 (π0's own is 1/2)."""
+    key = "val_reward" if ctx.cfg.reward.kind == "bt" else "val_win_rate"
+    val = {i: read_json(ctx.rd.iter_dir(i) / "eval.json")[key] for i in range(t + 1)}
     best = max(val, key=lambda i: (val[i], -i))
     name = f"iter_{t:03d}/best"
     if not ctx.rd.done(name):

@@ -14,7 +14,10 @@ _COLUMNS = [
     ("pair_margin", "pair margin", "{:.2f}"),
     ("winners_kept", "winners", "{:d}"),
     ("winner_reward", "winner reward", "{:.2f}"),
+    ("forwards_per_prompt", "forwards/prompt", "{:.1f}"),
+    ("comparisons_per_prompt", "comparisons/prompt", "{:.1f}"),
     ("val_reward", "val reward", "{:.3f}"),
+    ("val_win_rate", "val win vs π0", "{:.2f}"),
     ("test_reward", "test reward", "{:.3f}"),
     ("win_rate", "win vs π0", "{:.2f}"),
     ("kl", "KL(π‖π0)", "{:.2f}"),
@@ -44,11 +47,11 @@ def eval_rows(root: Path) -> list[dict]:
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("stage") in ("pairs", "winners"):
-                pairs[rec["iteration"]] = rec
+            if rec.get("stage") in ("pairs", "winners", "scores"):
+                pairs.setdefault(rec["iteration"], {}).update(rec)
     for row in rows:
         found = pairs.get(row["iteration"], {})
-        row.update({k: v for k, v in found.items() if k.startswith(("pair", "winner", "dropped"))})
+        row.update({k: v for k, v in found.items() if k.startswith(("pair", "winner", "dropped", "forwards", "comparisons"))})
     return rows
 
 
@@ -75,12 +78,13 @@ def report_files(root: Path) -> dict[Path, Content]:
     root = Path(root)
     rows = eval_rows(root)
     best = (root / "best").resolve().parent.name if (root / "best").exists() else "–"
+    by = "validation win rate against π0" if any("val_win_rate" in r for r in rows) else "validation reward"
     extra = root / "summary.json"
     summary = json.loads(extra.read_text()) if extra.exists() else {}
     parts = [
         f"# lite-rlhf run: {root.name}",
         "",
-        f"Best iteration (by validation reward): `{best}`. Iteration 0 is π0.",
+        f"Best iteration (by {by}): `{best}`. Iteration 0 is π0.",
         "",
         table(rows),
         "",

@@ -1,4 +1,4 @@
-"""One base model, three roles: policy, reference π0 and reward model (design.md, idea 1).
+"""One base model, four roles: policy, reference π0, reward model and preference model (design.md, idea 1).
 
 The base weights are loaded once (fp32/bf16, or 4-bit NF4 through bitsandbytes for QLoRA) and wrapped
 in a single peft model that holds the LoRA adapters:
@@ -7,7 +7,9 @@ in a single peft model that holds the LoRA adapters:
 - reference: the base with every adapter disabled, or the frozen adapter "sft" when `model.sft_adapter`
              is set. Then the policy starts as a copy of the sft adapter (not stacked on it) and the
              reference is "sft active", not "adapters disabled", which would give the raw base;
-- reward:    LoRA adapter "reward" plus a scalar head `nn.Linear(hidden, 1)` kept outside peft.
+- reward:    LoRA adapter "reward" plus a scalar head `nn.Linear(hidden, 1)` kept outside peft;
+- preference: LoRA adapter "preference" (added on demand: `add_preference`), whose next-token logits of
+             two label tokens say which of two answers is better (`lite_rlhf/preference.py`).
 
 Roles are switched explicitly and scoped: `with model.role("reference"): ...` restores the previous
 role on exit. Log-probs go through the fused LM-head kernel (`lite_rlhf.kernels.linear_logprobs`), so
@@ -30,7 +32,8 @@ from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.kernels import sequence_logps
 from lite_rlhf.models import nf4_config, resolve_dtype, resolve_model
 
-ROLES = ("policy", "reference", "reward")
+ROLES = ("policy", "reference", "reward", "preference")
+TRAINED = ("policy", "reward", "preference")  # the roles with trainable parameters
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"
 
@@ -47,6 +50,19 @@ def keep_nf4_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, H]`: each row's hidden state at its last position whose mask is 1 (right padding)."""
+    mask = attention_mask.to(hidden.device).bool()
+    positions = torch.arange(mask.shape[1], device=hidden.device)
+    last = (positions * mask).argmax(-1)
+    return hidden[torch.arange(len(last), device=hidden.device), last]
+
+
+def label_logits(last: torch.Tensor, lm_head: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """`[B, len(labels)]` fp32 logits of the label tokens from final hidden states `[B, H]`."""
+    return last.float() @ lm_head[labels].float().T
 
 
 class SharedModel:
@@ -107,6 +123,7 @@ class SharedModel:
             policy_cfg = lora
         self.peft = get_peft_model(base, policy_cfg, adapter_name="policy")
         self.peft.add_adapter("reward", copy.deepcopy(lora))
+        self._lora = lora  # the shape of every adapter trained here
 
         hidden = base.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
@@ -132,9 +149,9 @@ class SharedModel:
             tuner.enable_adapter_layers()
             self.peft.set_adapter("sft" if role == "reference" else role)
         # peft's switches also flip requires_grad; our rule does not depend on the active role:
-        # policy and reward adapters and the head train, the base and the sft adapter never do.
+        # policy, reward and preference adapters and the head train, the base and the sft adapter never do.
         for name, p in self.peft.named_parameters():
-            p.requires_grad_(".policy." in name or ".reward." in name)
+            p.requires_grad_(any(f".{r}." in name for r in TRAINED))
         self.head.requires_grad_(True)
         self._role = role
 
@@ -167,9 +184,9 @@ class SharedModel:
         return self.tokenizer.pad_token_id
 
     def parameters(self, role: str) -> list[nn.Parameter]:
-        """The trainable parameters of `role` ('policy' or 'reward', which includes the head)."""
-        if role not in ("policy", "reward"):
-            raise ValueError(f"role '{role}' has no trainable parameters; use 'policy' or 'reward'")
+        """The trainable parameters of `role` ('policy', 'preference' or 'reward', which includes the head)."""
+        if role not in TRAINED:
+            raise ValueError(f"role '{role}' has no trainable parameters; use one of {TRAINED}")
         params = [p for n, p in self.peft.named_parameters() if f".{role}." in n]
         return params + list(self.head.parameters()) if role == "reward" else params
 
@@ -211,13 +228,26 @@ class SharedModel:
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""
-        attention_mask = attention_mask.to(self.device)
         with self.role("reward"):
             hidden = self.hidden_states(input_ids, attention_mask)  # [B, T, H]
-        positions = torch.arange(attention_mask.shape[1], device=self.device)
-        last = (positions * attention_mask.bool()).argmax(-1)  # [B], last position whose mask is 1
-        picked = hidden[torch.arange(len(last), device=self.device), last]  # [B, H]
-        return self.head(picked.float()).squeeze(-1)
+        return self.head(last_token(hidden, attention_mask).float()).squeeze(-1)
+
+    def label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: list[int]) -> torch.Tensor:
+        """Next-token logits `[B, len(labels)]` (fp32) of the preference role after the last non-padding
+        token, for the label tokens only (rows of the LM head: the full vocabulary is never computed)."""
+        with self.role("preference"):
+            hidden = self.hidden_states(input_ids, attention_mask)
+        return label_logits(last_token(hidden, attention_mask), self.lm_head_weight, labels)
+
+    def add_preference(self, seed: int) -> None:
+        """Add the preference adapter (fresh LoRA drawn from `seed`, the global random state untouched,
+        so a run with it draws the other roles exactly as one without)."""
+        if "preference" in self.peft.peft_config:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.peft.add_adapter("preference", copy.deepcopy(self._lora))
+        self._activate(self._role)
 
     # ------------------------------------------------------------------ adapters on disk
 

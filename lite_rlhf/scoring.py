@@ -1,4 +1,6 @@
-"""Who scores the samples: our reward adapter on the shared base, or a separate reward model.
+"""Who judges the samples (the loop's oracle): a scalar reward (our reward adapter on the shared base,
+or a separate reward model), or a pairwise preference model (our preference adapter, or a separate
+causal LM) whose best and worst of n come from a tournament (`lite_rlhf/ranking.py`).
 
 `reward.model` names a sequence-classification model with one output (as the paper uses, e.g. a
 Bradley-Terry reward model trained elsewhere). It is loaded beside the base, with its own
@@ -14,6 +16,8 @@ import torch
 
 from lite_rlhf.config import Config
 from lite_rlhf.data import Messages
+from lite_rlhf.preference import Judge, SeparatePreferenceModel, model_judge
+from lite_rlhf.ranking import rank
 from lite_rlhf.reward import score_texts
 
 Scorer = Callable[[list[Messages], list], list[float]]  # (prompts, samples) -> rewards
@@ -26,6 +30,44 @@ def make_scorer(cfg: Config, model) -> Scorer:
     return lambda prompts, samples: score_texts(
         model, prompts, [s.token_ids for s in samples], cfg.reward.score_batch, cfg.data.max_length, cfg.run.quiet
     )
+
+
+class Oracle:
+    """The loop's judge: `rank` gives every sample a score to pick best and worst by (rewards, or
+    tournament scores); `reward` (bt) or `judge` (preference) serves the evaluation."""
+
+    def __init__(self, cfg: Config, model):
+        self.cfg = cfg
+        self.reward: Scorer | None = None
+        self.judge: Judge | None = None
+        if cfg.reward.kind == "bt":
+            self.reward = make_scorer(cfg, model)
+        elif cfg.reward.preference_model:
+            self.judge = SeparatePreferenceModel(cfg.reward.preference_model, device=model.device,
+                                                 dtype=model.dtype).judge(cfg)  # fmt: skip
+        else:
+            self.judge = model_judge(model, cfg)
+
+    def rank(self, prompts: dict[str, Messages], samples: list) -> tuple[list[float], dict]:
+        """A score per sample (higher is better) and what it cost, per prompt: forwards and comparisons."""
+        n_prompts = max(1, len({s.prompt_id for s in samples}))
+        if self.judge is None:
+            rewards = self.reward([prompts[s.prompt_id] for s in samples], samples)
+            return rewards, {"forwards_per_prompt": len(samples) / n_prompts}
+        by_key = {(s.prompt_id, s.index): s for s in samples}
+        sizes: dict[str, int] = {}
+        for s in samples:
+            sizes[s.prompt_id] = max(sizes.get(s.prompt_id, 0), s.index + 1)
+        forwards = self.judge.forwards
+
+        def compare(matches):
+            return self.judge.probs([(prompts[k], by_key[k, i].text, by_key[k, j].text) for k, i, j in matches])
+
+        scores, count = rank(sizes, compare, self.cfg.pairs.ranking, self.cfg.pairs.round_robin_score)
+        return [scores[s.prompt_id][s.index] for s in samples], {
+            "comparisons_per_prompt": sum(count.values()) / n_prompts,
+            "forwards_per_prompt": (self.judge.forwards - forwards) / n_prompts,
+        }
 
 
 class SeparateRewardModel:

@@ -25,7 +25,7 @@ from lite_rlhf.models import make_tiny_model
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent / "lite-rlhf"
-TIMING = ("wall_seconds", "train_seconds")  # the only figures allowed to differ
+TIMING = ("wall_seconds", "train_seconds", "scoring_seconds")  # the only figures allowed to differ
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,19 @@ def raft_setup(data):
            "raft": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "history": "all"}}  # fmt: skip
     path, clean, points = clean_run(root, "raft", cfg)
     return root / "raft", path, clean, points
+
+
+@pytest.fixture(scope="module")
+def preference_setup(data):
+    """DPO judged by a pairwise preference model trained here, n = 4 answers ranked by knockout."""
+    root, files, base = data
+    cfg = {**base, "reward": {**base["reward"], "kind": "preference"},
+           "preference": {"lr": 1e-3, "micro_batch": 4, "grad_accum": 1},
+           "generation": {**base["generation"], "n": 4},
+           "pairs": {"allow_truncated": True, "ranking": "knockout"},
+           "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0}}  # fmt: skip
+    path, clean, points = clean_run(root, "preference", cfg)
+    return root / "preference", path, clean, points
 
 
 def run(config: Path, out_dir: Path, kill_at: str | None = None, log: Path | None = None):
@@ -208,6 +221,40 @@ def test_raft_run_trains_sft_then_winners(raft_setup):
 
 def test_raft_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(raft_setup):
     chained(raft_setup)
+
+
+def test_preference_run_ranks_by_knockout_and_chooses_by_win_rate(preference_setup):
+    root, _, clean, points = preference_setup
+    a = artifacts(clean)
+    assert "preference/adapter_model.safetensors" in a and not any(k.startswith("reward/") for k in a)
+    for t in (1, 2):
+        scores = a[f"iter_{t:03d}/scores.jsonl"]
+        by_prompt: dict[str, dict[int, float]] = {}
+        for row in scores:
+            by_prompt.setdefault(row["prompt_id"], {})[row["index"]] = row["reward"]
+        for pid, got in by_prompt.items():  # champion, final loser, the worst bracket's two
+            assert sorted(got.values()) == [-3, -1, 1, 3], (pid, got)
+        for pair in a[f"iter_{t:03d}/pairs.jsonl"]:
+            got = by_prompt[pair["prompt_id"]]
+            assert (pair["chosen_reward"], pair["rejected_reward"]) == (3, -3)
+        cost = [m for m in a["metrics.jsonl"] if m["stage"] == "scores" and m["iteration"] == t][0]
+        assert cost["comparisons_per_prompt"] == 4  # 2 shared, 1 per bracket
+        assert cost["forwards_per_prompt"] <= 8  # both orders of each (none for identical answers)
+    evals = [m for m in a["metrics.jsonl"] if m["stage"] == "eval"]
+    assert evals[0]["val_win_rate"] == 0.5 and evals[0]["win_rate"] == 0.5  # π0 against itself
+    assert all(e["val_reward"] is None and e["test_reward"] is None for e in evals)
+    best = max(range(3), key=lambda i: (evals[i]["val_win_rate"], -i))
+    assert os.readlink(clean / "best") == f"iter_{best:03d}/policy"
+    assert "by validation win rate against π0" in a["report.md"]
+    assert "preference:step" in points and "preference" in {p.split(":")[0] for p in points}
+
+
+def test_preference_run_killed_at_its_own_points_resumes_to_the_same_artifacts(preference_setup):
+    """The preference model's points, the ranking and the win-rate choice: killed at each in turn."""
+    root, config, clean, points = preference_setup
+    mine = [p for p in points if p.startswith(("preference", "iter_000/eval", "iter_001/scores", "iter_002/scores",
+                                               "iter_002/eval", "iter_002/best"))]  # fmt: skip
+    chained((root, config, clean, mine))
 
 
 def test_comparison_sees_a_one_ulp_change(setup, tmp_path):
