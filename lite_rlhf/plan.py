@@ -3,8 +3,9 @@
 An estimate from the model's shape and the config, not a measurement. Terms:
 - training copy of the base: 2 bytes/param in bf16 (4 in fp32); NF4 keeps linear layers in
   ~0.53 bytes/param (4 bits + double-quantized scales) and embeddings / LM head in 16 bits;
-- LoRA: policy and reward adapters in fp32, plus the policy's gradient and AdamW state
-  (4 + 4 + 8 bytes per trainable parameter) during training;
+- LoRA: policy and reward adapters (and the preference adapter when it is the oracle) in fp32,
+  plus the policy's gradient and AdamW state (4 + 4 + 8 bytes per trainable parameter) during
+  training; a separate judge (`reward.model`, `reward.preference_model`) costs its own weights;
 - activations kept for backward, per token per layer (16-bit on GPUs): 6·H + 2·kv + 5·I values
   without checkpointing (norm outputs, q/k/v, attention output, residuals, the MLP's gate/up/act/
   product), H with checkpointing (layer inputs) plus one layer recomputed;
@@ -122,7 +123,8 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
     else:
         train_weights = w_bytes * (s.linear_params + s.embed_params)
     lora = lora_params(s, cfg)
-    adapters = 2 * 4 * lora + 4 * s.hidden  # policy + reward, fp32, and the head
+    # policy + reward (always allocated) + preference when it judges, fp32, and the reward head
+    adapters = (3 if cfg.reward.kind == "preference" else 2) * 4 * lora + 4 * s.hidden
     optimizer = (4 + 8) * lora  # gradient + AdamW moments of the policy
 
     tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
@@ -155,6 +157,10 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
             "engine runtime buffers": runtime,
         }
     base = {"training weights": train_weights, "adapters + head": adapters}
+    separate = cfg.reward.preference_model if cfg.reward.kind == "preference" else cfg.reward.model
+    if separate:  # a judge loaded beside the base, in the training dtype, for the whole run
+        j = model_shape(separate)
+        base["separate judge model"] = w_bytes * (j.linear_params + j.embed_params)
     resident = {**base, **({} if cuda else engine)}  # on CPU the engine never leaves
     phases = {
         "generate": {**base, **engine},

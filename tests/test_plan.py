@@ -4,7 +4,7 @@ import pytest
 
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.models import make_tiny_model
-from lite_rlhf.plan import GiB, estimate, fit_report, model_shape, parse_size
+from lite_rlhf.plan import GiB, estimate, fit_report, lora_params, model_shape, parse_size
 
 LLAMA = "configs/llama3-8b_qlora_24gb.yaml"
 
@@ -62,3 +62,27 @@ def test_cpu_layout_keeps_the_engine_resident(tmp_path):
     assert cpu["train"]["engine weights"] == cpu["generate"]["training weights"]  # fp32 copy of the same base
     assert not any(k.startswith("engine") for k in gpu["train"])
     assert all("engine weights" in cpu[p] for p in cpu)
+
+
+def test_the_preference_oracle_and_a_separate_judge_are_counted(tmp_path):
+    """reward.kind=preference adds one LoRA adapter; reward.preference_model (or reward.model) adds the
+    separate model's weights to every phase of the training side."""
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
+    judge = make_tiny_model(tmp_path / "j", hidden_size=64, heads=2, kv_heads=1, layers=2)
+    bt = estimate(load_config(None, [f"model.name={path}", "model.dtype=float32"]), cuda=False)["phases"]
+    pm = estimate(load_config(None, [f"model.name={path}", "model.dtype=float32", "reward.kind=preference"]),
+                  cuda=False)["phases"]  # fmt: skip
+    cfg = load_config(None, [f"model.name={path}"])
+    added = pm["train"]["adapters + head"] - bt["train"]["adapters + head"]
+    assert added == 4 * lora_params(model_shape(str(path)), cfg) > 0  # one more fp32 LoRA adapter
+    sep = estimate(load_config(None, [f"model.name={path}", "model.dtype=float32", "reward.kind=preference",
+                                      f"reward.preference_model={judge}"]), cuda=False)["phases"]  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(judge)
+    weights = 4 * sum(p.numel() for n, p in m.named_parameters() if "norm" not in n)
+    for phase in sep:
+        assert sep[phase]["separate judge model"] == weights, phase
+    rm = estimate(load_config(None, [f"model.name={path}", "model.dtype=float32", f"reward.model={judge}"]),
+                  cuda=False)["phases"]  # fmt: skip
+    assert rm["score"]["separate judge model"] == weights
