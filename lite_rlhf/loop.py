@@ -37,7 +37,7 @@ from lite_rlhf.generate import LazyEngine, Sample, make_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
-from lite_rlhf.preference import preference_stage
+from lite_rlhf.preference import check_format, preference_stage
 from lite_rlhf.report import report_files
 from lite_rlhf.reward import reward_stage
 from lite_rlhf.roles import SharedModel
@@ -64,6 +64,8 @@ def run(cfg: Config) -> int:
     task = load_task(cfg.data)  # every data file is read and checked before a model loads
     conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
+    if cfg.reward.kind == "preference":
+        check_format(cfg)  # the labels are one token each
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
     say = Say(cfg.run.quiet)
@@ -234,6 +236,8 @@ def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:
     ]
     record = {"stage": "scores", "iteration": t, **cost, "scoring_seconds": round(time.time() - start, 1)}
     ctx.rd.commit(name, {path: rows}, [record])
+    ctx.say(f"iteration {t}: ranked in {record['scoring_seconds']} s, "
+            + ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in cost.items()))  # fmt: skip
     return penalized
 
 

@@ -136,6 +136,18 @@ def nf4_config(compute_dtype):
     )
 
 
+def load_tokenizer(path):
+    """A model's tokenizer, right-padded (scorers read the last non-padding token), with the end-of-sequence
+    token as padding where it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def resolve_model(name: str) -> Path:
     """A directory that `from_pretrained` and vLLM can load."""
     if name == EMBEDDED_MODEL:

@@ -79,6 +79,13 @@ def make_format(tokenizer, pc: PreferenceConfig) -> Format:
     return Format(tuple(_text_ids(tokenizer, r) for r in runs), order, labels, lead)
 
 
+def check_format(cfg: Config) -> Format:
+    """The template and labels against the judge's tokenizer, before any model loads."""
+    from lite_rlhf.models import load_tokenizer, resolve_model
+
+    return make_format(load_tokenizer(resolve_model(cfg.reward.preference_model or cfg.model.name)), cfg.preference)
+
+
 def context_text(messages: Messages) -> str:
     """The conversation so far as the template's {context}: a single user turn as it is, else one
     `role: content` line per message."""
@@ -179,15 +186,12 @@ class SeparatePreferenceModel:
     loaded beside the base with its own tokenizer and chat template (its own weights in memory)."""
 
     def __init__(self, name: str, *, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from lite_rlhf.models import resolve_model
+        from lite_rlhf.models import load_tokenizer, resolve_model
 
         path = resolve_model(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
         self.model.eval()
         self.device = device
@@ -319,6 +323,7 @@ def preference_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pa
 def main_train_pm(cfg: Config) -> int:
     """`lite-rlhf train-pm`: train the preference model into <run.out_dir>/preference/."""
     pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
+    check_format(cfg)
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
     m = preference_stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)

@@ -30,7 +30,7 @@ from torch import nn
 from lite_rlhf.batching import IGNORE, Batch
 from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.kernels import sequence_logps
-from lite_rlhf.models import nf4_config, resolve_dtype, resolve_model
+from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 
 ROLES = ("policy", "reference", "reward", "preference")
 TRAINED = ("policy", "reward", "preference")  # the roles with trainable parameters
@@ -71,7 +71,7 @@ class SharedModel:
     def __init__(self, cfg: Config, device: str | torch.device | None = None, model_dir: str | Path | None = None):
         """Load `model_dir` (default: `resolve_model(cfg.model.name)`) on `device` (default: cuda if available)."""
         from peft import LoraConfig, PeftConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         mcfg = cfg.model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -80,10 +80,7 @@ class SharedModel:
         self.has_sft = mcfg.sft_adapter is not None
         torch.manual_seed(cfg.run.seed)  # LoRA A matrices and the head are drawn at random
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
-        self.tokenizer.padding_side = "right"  # score() reads the last non-padding token
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(self.base_dir)
 
         kwargs = {
             "dtype": self.dtype,

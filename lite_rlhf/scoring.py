@@ -74,15 +74,12 @@ class SeparateRewardModel:
     """A sequence-classification reward model with its own tokenizer (answers are re-tokenized as text)."""
 
     def __init__(self, name: str, *, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from lite_rlhf.models import resolve_model
+        from lite_rlhf.models import load_tokenizer, resolve_model
 
         path = resolve_model(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "right"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype, use_safetensors=True
         ).to(device)

@@ -258,3 +258,14 @@ def test_adding_the_preference_adapter_leaves_the_other_roles_as_drawn(tiny):
         if ".preference." not in name:
             assert torch.equal(p, theirs[name]), name
     assert torch.equal(a.head.weight, b.head.weight)
+
+
+def test_a_bad_label_is_one_line_and_exit_2(tiny, tmp_path):
+    train = write(tmp_path / "train.jsonl", rows(TOPICS[:2]))
+    out = subprocess.run([str(BIN), "train-pm", f"model.name={tiny}", f"data.preferences={train}",
+                          f"run.out_dir={tmp_path / 'run'}", "preference.label_a=Response A is better"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [x for x in out.stderr.splitlines() if x.startswith("lite-rlhf:") and "error" in x]
+    assert len(errors) == 1 and "preference.label_a" in errors[0] and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "preference").exists()
