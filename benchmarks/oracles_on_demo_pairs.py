@@ -2,7 +2,7 @@
 pairwise preference model (`train-pm`), each with its learning rate chosen on a split of the 283
 training pairs (never on the 47 held out), then trained on all 283 and judged on the 47.
 
-    .venv/bin/python benchmarks/oracles_on_demo_pairs.py OUT_DIR [--lrs 2e-4,1e-3,2e-3,5e-3]
+    .venv/bin/python benchmarks/oracles_on_demo_pairs.py OUT_DIR [--bt-lrs 2e-4,1e-3,2e-3,5e-3] [--pm-lrs 1e-3,2e-3,5e-3]
 
 Every run is `lite-rlhf train-rm|train-pm configs/demo.yaml data.preferences=... data.eval_preferences=...
 <reward|preference>.lr=LR run.out_dir=...`: the same command line apart from the subcommand and the
@@ -40,7 +40,8 @@ def train(kind: str, train_file: Path, eval_file: Path, lr: str, out: Path) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--lrs", default="2e-4,1e-3,2e-3,5e-3")
+    ap.add_argument("--bt-lrs", default="2e-4,1e-3,2e-3,5e-3")
+    ap.add_argument("--pm-lrs", default="1e-3,2e-3,5e-3")
     ap.add_argument("--split-seed", type=int, default=0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -53,9 +54,9 @@ def main() -> int:
     print(f"split: {len(lines) - k} pairs to train, {k} to choose the rate; the 47 held-out pairs are not read")
 
     rows = []
-    for kind in ("bt", "preference"):
+    for kind, lrs in (("preference", args.pm_lrs), ("bt", args.bt_lrs)):
         tried = {}
-        for lr in args.lrs.split(","):
+        for lr in lrs.split(","):
             m = train(kind, split_train, split_val, lr, args.out / f"{kind}-split-{lr}")
             tried[lr] = m
             rows.append({"oracle": kind, "pairs": f"split {len(lines) - k}/{k}", "lr": lr, **{f: m.get(f) for f in FIGURES}})
