@@ -96,7 +96,7 @@ def worker(spec: dict) -> dict:
     from lite_rlhf.plan import estimate
     from lite_rlhf.roles import SharedModel
     from lite_rlhf.runstate import RunDir, write_dir
-    from lite_rlhf.scoring import make_scorer
+    from lite_rlhf.scoring import Oracle
     from lite_rlhf.task import load_task
 
     baseline = current_rss_mib()
@@ -110,7 +110,7 @@ def worker(spec: dict) -> dict:
     model = SharedModel(cfg, model_dir=model_dir)
     if spec["reward_adapter"]:
         model.load_reward(Path(spec["reward_adapter"]))
-    scorer = make_scorer(cfg, model)
+    oracle = Oracle(cfg, model)
     engine = make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed)
     write_dir(rd.iter_dir(0) / "policy", lambda tmp: model.save_adapter("policy", tmp))
     loaded = {"seconds": round(time.perf_counter() - t0, 2), "rss_above_baseline_mib": current_rss_mib() - baseline}
@@ -121,7 +121,7 @@ def worker(spec: dict) -> dict:
 
     def evaluate(t, adapter, base_rows):
         return evaluate_policy(
-            engine, model, scorer, task.eval_sets, prompt_ids, cfg.eval, cfg.data, iteration=t, adapter=adapter,
+            engine, model, oracle, task.eval_sets, prompt_ids, cfg.eval, cfg.data, iteration=t, adapter=adapter,
             seed=derive_seed(cfg, 0, "eval"), temperature=cfg.generation.temperature, gold=task.gold,
             base_rows=base_rows, score_batch=cfg.reward.score_batch,
         )  # fmt: skip
@@ -139,7 +139,7 @@ def worker(spec: dict) -> dict:
         lambda: engine.generate(prompts, n=cfg.generation.n, adapter=policy, seed=derive_seed(cfg, 1, "generate")),
     )
     gen_tokens = sum(s.n_tokens for s in samples)
-    rewards = ph.run("score", lambda: scorer([by_id[s.prompt_id].messages for s in samples], samples))
+    rewards = ph.run("score", lambda: oracle.reward([by_id[s.prompt_id].messages for s in samples], samples))
     pairs, dropped = ph.run(
         "select pairs", lambda: select_pairs(samples, penalized_rewards(samples, rewards, cfg.pairs), cfg.pairs)
     )

@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
 
     rows = [json.loads(x) for x in args.samples.read_text().splitlines()]
-    prompts, _ = load_prompts(demo_file("prompts"))
+    prompts, _ = load_prompts(demo_file("prompts.jsonl"))
     prompts.sort(key=lambda p: p.id)
     by_id = {p.id: p.messages for p in prompts}
     keep = sorted({r["prompt_id"] for r in rows})[: args.prompts]

@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "lite_rlhf" / "demo"
 BIN = Path(sys.executable).parent / "lite-rlhf"
 FIGURES = ("eval_accuracy", "position_consistency", "first_position_rate", "eval_accuracy_chosen_longer",
-           "eval_accuracy_chosen_not_longer", "length_baseline_accuracy", "length_correlation", "eval_pairs",
-           "train_seconds")  # fmt: skip
+           "eval_accuracy_chosen_not_longer", "length_baseline_accuracy", "length_correlation", "eval_pairs")  # fmt: skip
 
 
 def train(kind: str, train_file: Path, eval_file: Path, lr: str, out: Path) -> dict:
