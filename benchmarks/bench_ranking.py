@@ -5,7 +5,7 @@ the same answers, in one process; and how often each scheme picks the same best 
     .venv/bin/lite-rlhf generate configs/demo.yaml data.prompts=demo generation.n=8 \\
         generation.output=OUT/samples.jsonl --quiet                      # π0's answers, 8 per prompt
     .venv/bin/python benchmarks/bench_ranking.py OUT/samples.jsonl --reward R/reward \\
-        --preference P/preference [--prompts 40] [--csv benchmarks/results/ranking.csv]
+        --preference P/preference [--prompts 40] [--n 4,8] [--csv benchmarks/results/bench_ranking.csv]
 
 R and P are trained directories (`lite-rlhf train-rm` / `train-pm`, e.g. from
 benchmarks/oracles_on_demo_pairs.py). Times are wall seconds of `Oracle.rank` alone (tokenizing,
@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--reward", required=True)
     ap.add_argument("--preference", required=True)
     ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--n", default="4,8", help="answers per prompt to rank, e.g. 4,8")
     ap.add_argument("--csv", type=Path)
     args = ap.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> int:
         oracles[scheme] = Oracle(c, model)
 
     results = []
-    for n in (4, 8):
+    for n in [int(x) for x in args.n.split(",")]:
         samples = [SimpleNamespace(**r, token_ids=None) for r in rows if r["prompt_id"] in keep and r["index"] < n]
         # BT scores token ids; here the answers are re-tokenized text, as the preference model reads them
         tok = model.tokenizer
@@ -95,14 +96,13 @@ def main() -> int:
                 r[f"same_best_as_{other}"] = round(sum(p[k][0] == q[k][0] for k in p) / len(p), 3)
                 r[f"same_worst_as_{other}"] = round(sum(p[k][1] == q[k][1] for k in p) / len(p), 3)
         print(json.dumps(results[-3:], indent=1), flush=True)
+        if args.csv:  # as each n finishes
+            append_csv(args.csv, list(dict.fromkeys(k for r in results[-3:] for k in r)), results[-3:])
 
     cols = list(results[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    if args.csv:
-        fields = list(dict.fromkeys(k for r in results for k in r))
-        append_csv(args.csv, fields, results)
     return 0
 
 
