@@ -269,3 +269,23 @@ def test_a_bad_label_is_one_line_and_exit_2(tiny, tmp_path):
     errors = [x for x in out.stderr.splitlines() if x.startswith("lite-rlhf:") and "error" in x]
     assert len(errors) == 1 and "preference.label_a" in errors[0] and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "run" / "preference").exists()
+
+
+def test_the_loop_brings_a_trained_preference_adapter(trained, tiny):
+    """reward.kind=preference with reward.adapter=<preference dir>: loaded, not trained again; the judge
+    then gives the trained adapter's probabilities."""
+    from lite_rlhf.loop import train_oracle
+
+    cfg, tmp, _ = trained
+    out = tmp / "run" / "preference"
+    brought = config(tiny, "reward.kind=preference", f"reward.adapter={out}")
+    model = SharedModel(brought)
+    train_oracle(None, model, brought)  # no run directory is touched on this path
+    reference = SharedModel(cfg)
+    reference.add_preference(cfg.run.seed)
+    reference.load_adapter("preference", out)
+    items = [([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in rows(TOPICS[8:])]
+    assert model_judge(model, brought).first_probs(items) == model_judge(reference, cfg).first_probs(items)
+    fresh = SharedModel(cfg)
+    fresh.add_preference(cfg.run.seed)
+    assert model_judge(model, brought).first_probs(items) != model_judge(fresh, cfg).first_probs(items)
