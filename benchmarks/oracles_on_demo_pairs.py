@@ -2,7 +2,8 @@
 pairwise preference model (`train-pm`), each with its learning rate chosen on a split of the 283
 training pairs (never on the 47 held out), then trained on all 283 and judged on the 47.
 
-    .venv/bin/python benchmarks/oracles_on_demo_pairs.py OUT_DIR [--bt-lrs 2e-4,1e-3,2e-3,5e-3] [--pm-lrs 1e-3,2e-3,5e-3]
+    .venv/bin/python benchmarks/oracles_on_demo_pairs.py OUT_DIR \
+        [--bt-lrs 2e-4,1e-3,2e-3,5e-3] [--pm-lrs 1e-3,2e-3,5e-3]
 
 Every run is `lite-rlhf train-rm|train-pm configs/demo.yaml data.preferences=... data.eval_preferences=...
 <reward|preference>.lr=LR run.out_dir=...`: the same command line apart from the subcommand and the
@@ -21,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "lite_rlhf" / "demo"
 BIN = Path(sys.executable).parent / "lite-rlhf"
-FIGURES = ("eval_accuracy", "position_consistency", "first_position_rate", "eval_accuracy_chosen_longer",
-           "eval_accuracy_chosen_not_longer", "length_baseline_accuracy", "length_correlation", "eval_pairs")  # fmt: skip
+FIGURES = (
+    "eval_accuracy", "position_consistency", "first_position_rate", "eval_accuracy_chosen_longer",
+    "eval_accuracy_chosen_not_longer", "length_baseline_accuracy", "length_correlation", "eval_pairs",
+)  # fmt: skip
 
 
 def train(kind: str, train_file: Path, eval_file: Path, lr: str, out: Path) -> dict:
@@ -30,7 +33,8 @@ def train(kind: str, train_file: Path, eval_file: Path, lr: str, out: Path) -> d
     metrics = out / section / "metrics.json"
     if not metrics.exists():
         args = [str(BIN), command, str(ROOT / "configs" / "demo.yaml"), f"data.preferences={train_file}",
-                f"data.eval_preferences={eval_file}", f"{section}.lr={lr}", f"run.out_dir={out}", "--quiet"]  # fmt: skip
+                f"data.eval_preferences={eval_file}", f"{section}.lr={lr}", f"run.out_dir={out}",
+                "--quiet"]  # fmt: skip
         print("$", " ".join(args[1:]), flush=True)
         subprocess.run(args, check=True)
     return json.loads(metrics.read_text())
@@ -58,7 +62,8 @@ def main() -> int:
         for lr in lrs.split(","):
             m = train(kind, split_train, split_val, lr, args.out / f"{kind}-split-{lr}")
             tried[lr] = m
-            rows.append({"oracle": kind, "pairs": f"split {len(lines) - k}/{k}", "lr": lr, **{f: m.get(f) for f in FIGURES}})
+            split = f"split {len(lines) - k}/{k}"
+            rows.append({"oracle": kind, "pairs": split, "lr": lr, **{f: m.get(f) for f in FIGURES}})
         # the highest split accuracy; ties to the more position-consistent, then the lower rate
         chosen = max(tried, key=lambda lr: (tried[lr]["eval_accuracy"], tried[lr].get("position_consistency") or 0,
                                             -float(lr)))  # fmt: skip

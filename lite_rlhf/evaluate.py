@@ -102,7 +102,8 @@ def evaluate_policy(
         figures["val_reward"] = figures["test_reward"] = None
         for key, ids in (("val_win_rate", val_ids), ("win_rate", test_ids)):
             mine = [s for s in scored if s.prompt_id in ids and (s.prompt_id, s.index) in base]
-            probs = oracle.judge.probs([(prompts[s.prompt_id].messages, s.text, base[s.prompt_id, s.index]) for s in mine])
+            items = [(prompts[s.prompt_id].messages, s.text, base[s.prompt_id, s.index]) for s in mine]
+            probs = oracle.judge.probs(items)
             figures[key] = mean(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) if probs else None
 
     test_samples = [s for s in samples if s.prompt_id in test_ids]

@@ -68,7 +68,8 @@ def make_format(tokenizer, pc: PreferenceConfig) -> Format:
     user = pc.template
     for name in FIELDS:
         user = user.replace("{" + name + "}", f"\ue000{name}\ue000")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    turn = [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
     parts = re.split("\ue000(context|a|b)\ue000", text)
     if len(parts) != 7:
         raise ConfigError("config key 'preference.template': the chat template does not render its fields")
@@ -227,8 +228,9 @@ def train_preference(
     for pair in pairs:
         swap = rng.random() < 0.5  # drawn for every pair, so a dropped pair does not shift the others
         a, b = (pair.rejected, pair.chosen) if swap else (pair.chosen, pair.rejected)
-        enc = comparison_ids(fmt, fmt.field_ids(tok, "context", context_text(pair.prompt)),
-                             fmt.field_ids(tok, "a", a), fmt.field_ids(tok, "b", b), d.max_length, d.truncation)  # fmt: skip
+        fields = [fmt.field_ids(tok, "context", context_text(pair.prompt)), fmt.field_ids(tok, "a", a),
+                  fmt.field_ids(tok, "b", b)]  # fmt: skip
+        enc = comparison_ids(fmt, *fields, d.max_length, d.truncation)
         if enc is None:
             dropped += 1
             continue
@@ -257,8 +259,12 @@ def train_preference(
     records: list[dict] = []
     steps = group_by_length(plan_steps(len(rows), pc, seed), [len(r) for r in rows])
     model.train(True)
+    def on_step(record: dict) -> None:
+        records.append({"stage": "preference", **record})
+        kill_point("preference:step")
+
     optimize(model.parameters("preference"), pc, steps, micro_loss, step_stats, name="preference", quiet=quiet,
-             on_step=lambda rec: (records.append({"stage": "preference", **rec}), kill_point("preference:step")))  # fmt: skip
+             on_step=on_step)  # fmt: skip
     model.train(False)
     counts = {"train_pairs": len(rows), "train_truncated": truncated, "train_dropped": dropped}
     return counts | {"train_first_is_chosen": targets.count(0) / len(targets), "steps": len(steps)}, records

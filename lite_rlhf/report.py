@@ -51,7 +51,8 @@ def eval_rows(root: Path) -> list[dict]:
                 pairs.setdefault(rec["iteration"], {}).update(rec)
     for row in rows:
         found = pairs.get(row["iteration"], {})
-        row.update({k: v for k, v in found.items() if k.startswith(("pair", "winner", "dropped", "forwards", "comparisons"))})
+        shown = ("pair", "winner", "dropped", "forwards", "comparisons")
+        row.update({k: v for k, v in found.items() if k.startswith(shown)})
     return rows
 
 

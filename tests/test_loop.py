@@ -72,7 +72,9 @@ def clean_run(root: Path, name: str, cfg: dict):
     out = run(path, clean, log=log)
     assert out.returncode == 0, out.stderr[-3000:]
     bars = re.findall(
-        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|dpo|raft|sft|reward|preference): +\d+%", out.stderr
+        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|dpo|raft|sft|reward|preference)"
+        r": +\d+%",
+        out.stderr,
     )
     assert not bars, f"run.quiet=true still drew progress bars: {sorted(set(bars))}"
     points = list(dict.fromkeys(log.read_text().split()))  # in order, each once

@@ -122,8 +122,8 @@ def test_truncation_keeps_answer_starts_equal_shares_and_the_context_end(tiny):
     ids, _ = comparison_ids(fmt, ctx[:10], short_a, b, fixed + 60)
     assert [t for t in ids if 2000 <= t < 2100] == short_a and len([t for t in ids if t >= 3000]) == 45
     assert comparison_ids(fmt, ctx, a, b, fixed + 60, "drop") is None
-    assert comparison_ids(fmt, [1], [2], [3], fixed + 3) == (fmt.segments[0] + [1] + fmt.segments[1] + [2] +
-                                                             fmt.segments[2] + [3] + fmt.segments[3], False)  # fmt: skip
+    whole = fmt.segments[0] + [1] + fmt.segments[1] + [2] + fmt.segments[2] + [3] + fmt.segments[3]
+    assert comparison_ids(fmt, [1], [2], [3], fixed + 3) == (whole, False)
 
 
 def test_labels_must_be_one_token_and_the_template_whole(tiny):
@@ -147,7 +147,8 @@ def trained(tiny, tmp_path_factory):
     train = write(tmp / "train.jsonl", rows(TOPICS[:8]))
     held = write(tmp / "eval.jsonl", rows(TOPICS[8:]))
     args = [f"data.preferences={train}", f"data.eval_preferences={held}", f"run.out_dir={tmp / 'run'}",
-            "preference.lr=3e-3", "preference.epochs=4", "preference.micro_batch=4", "preference.grad_accum=2"]  # fmt: skip
+            "preference.lr=3e-3", "preference.epochs=4", "preference.micro_batch=4",
+            "preference.grad_accum=2"]  # fmt: skip
     cfg = config(tiny, *args)
     assert main_train_pm(cfg) == 0
     return cfg, tmp, args

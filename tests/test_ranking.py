@@ -24,7 +24,8 @@ def transitive(values: dict[str, list[float]], noise: float = 0.0, seed: int = 0
         for key, i, j in matches:
             d = values[key][i] - values[key][j]
             p = 1 / (1 + 2.718281828 ** (-d))
-            out.append(min(max(p + (rng.uniform(-noise, noise) if d else 0), 0.5001 if d > 0 else 0), 0.4999 if d < 0 else 1))
+            noisy = p + (rng.uniform(-noise, noise) if d else 0)  # clipped so that it never flips the verdict
+            out.append(min(max(noisy, 0.5001 if d > 0 else 0), 0.4999 if d < 0 else 1))
         return out
 
     return compare, asked
