@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lite_rlhf.batching import make_batch
 from lite_rlhf.config import DataConfig, EvalConfig
 from lite_rlhf.data import Prompt
+from lite_rlhf.ranking import win
 
 KL_SAMPLES = 64  # KL costs two forward passes per answer: estimated on the first KL_SAMPLES test answers
 
@@ -104,7 +105,7 @@ def evaluate_policy(
             mine = [s for s in scored if s.prompt_id in ids and (s.prompt_id, s.index) in base]
             items = [(prompts[s.prompt_id].messages, s.text, base[s.prompt_id, s.index]) for s in mine]
             probs = oracle.judge.probs(items)
-            figures[key] = mean(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) if probs else None
+            figures[key] = mean(map(win, probs)) if probs else None
 
     test_samples = [s for s in samples if s.prompt_id in test_ids]
     figures["length_tokens"] = mean(s.n_tokens for s in test_samples)

@@ -18,10 +18,12 @@ keeping its start; the context keeps its end. Answers are compared as text.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +32,10 @@ from tqdm.auto import tqdm
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, ConfigError, PreferenceConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair
-from lite_rlhf.loggers import attach_logger
+from lite_rlhf.ranking import win
+from lite_rlhf.reward import length_figures, train_oracle_command
 from lite_rlhf.roles import SharedModel, label_logits, last_token
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
-from lite_rlhf.task import reward_pairs
 from lite_rlhf.train import group_by_length, optimize, plan_steps
 
 FIELDS = ("context", "a", "b")
@@ -95,6 +97,15 @@ def context_text(messages: Messages) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def encode_comparison(
+    fmt: Format, field_ids, context: Messages, a: str, b: str, max_length: int, truncation: str = "keep_ends"
+) -> tuple[list[int], bool] | None:
+    """`comparison_ids` of a conversation and two answers given as text; `field_ids(name, text)` tokenizes
+    a field (`Format.field_ids` with the tokenizer, or a cache of it)."""
+    fields = field_ids("context", context_text(context)), field_ids("a", a), field_ids("b", b)
+    return comparison_ids(fmt, *fields, max_length, truncation)
+
+
 def comparison_ids(
     fmt: Format, context: list[int], a: list[int], b: list[int], max_length: int, truncation: str = "keep_ends"
 ) -> tuple[list[int], bool] | None:
@@ -131,11 +142,15 @@ class Judge:
         self.max_length, self.batch_size, self.quiet = max_length, batch_size, quiet
         self.forwards = 0  # ordered comparisons run through the model
         self.truncated = 0  # of which cut to max_length
+        self._ids: dict[tuple[str, str], list[int]] = {}  # a tournament meets each answer n - 1 times
+
+    def _field_ids(self, name: str, text: str) -> list[int]:
+        if (name, text) not in self._ids:
+            self._ids[name, text] = self.fmt.field_ids(self.tokenizer, name, text)
+        return self._ids[name, text]
 
     def encode(self, context: Messages, a: str, b: str) -> list[int]:
-        tok, fmt = self.tokenizer, self.fmt
-        enc = comparison_ids(fmt, fmt.field_ids(tok, "context", context_text(context)), fmt.field_ids(tok, "a", a),
-                             fmt.field_ids(tok, "b", b), self.max_length)  # fmt: skip
+        enc = encode_comparison(self.fmt, self._field_ids, context, a, b, self.max_length)
         if enc is None:
             raise DataError(f"data.max_length={self.max_length} leaves no room beside the preference template")
         self.truncated += enc[1]
@@ -228,9 +243,7 @@ def train_preference(
     for pair in pairs:
         swap = rng.random() < 0.5  # drawn for every pair, so a dropped pair does not shift the others
         a, b = (pair.rejected, pair.chosen) if swap else (pair.chosen, pair.rejected)
-        fields = [fmt.field_ids(tok, "context", context_text(pair.prompt)), fmt.field_ids(tok, "a", a),
-                  fmt.field_ids(tok, "b", b)]  # fmt: skip
-        enc = comparison_ids(fmt, *fields, d.max_length, d.truncation)
+        enc = encode_comparison(fmt, partial(fmt.field_ids, tok), pair.prompt, a, b, d.max_length, d.truncation)
         if enc is None:
             dropped += 1
             continue
@@ -279,29 +292,20 @@ def evaluate_preference(judge: Judge, pairs: list[PreferencePair]) -> dict:
     n, before = len(pairs), judge.truncated
     p_cr = judge.first_probs([(p.prompt, p.chosen, p.rejected) for p in pairs])  # P(A) with A = chosen
     p_rc = judge.first_probs([(p.prompt, p.rejected, p.chosen) for p in pairs])  # P(A) with A = rejected
-    prob = [0.5 * (x + 1.0 - y) for x, y in zip(p_cr, p_rc, strict=True)]
-
-    def right(p: float) -> float:
-        return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-    def accuracy_where(chosen_longer: bool) -> float | None:  # a length-biased judge fails one of the two
-        got = [right(q) for q, p in zip(prob, pairs, strict=True) if (len(p.chosen) > len(p.rejected)) == chosen_longer]
-        return sum(got) / len(got) if got else None
-
-    longer = [(len(p.chosen) > len(p.rejected)) + 0.5 * (len(p.chosen) == len(p.rejected)) for p in pairs]
-    eps = 1e-12
+    right = [win(0.5 * (x + 1.0 - y)) for x, y in zip(p_cr, p_rc, strict=True)]  # both orders averaged
+    figures = length_figures(pairs, right)
+    nll = [-math.log(max(p, 1e-12)) for p in p_cr + [1.0 - y for y in p_rc]]  # the label's probability
     return {
         "eval_pairs": n,
-        "eval_accuracy": sum(map(right, prob)) / n,
+        "eval_accuracy": sum(right) / n,
         "position_consistency": sum((x > 0.5) == (y < 0.5) for x, y in zip(p_cr, p_rc, strict=True)) / n,
-        "eval_accuracy_one_order": (sum(map(right, p_cr)) + sum(right(1.0 - y) for y in p_rc)) / (2 * n),
+        "eval_accuracy_one_order": (sum(map(win, p_cr)) + sum(win(1.0 - y) for y in p_rc)) / (2 * n),
         "first_position_rate": (sum(x > 0.5 for x in p_cr) + sum(y > 0.5 for y in p_rc)) / (2 * n),
-        "eval_accuracy_chosen_longer": accuracy_where(True),
+        "eval_accuracy_chosen_longer": figures["eval_accuracy_chosen_longer"],
         "eval_accuracy_chosen_longer_pairs": sum(len(p.chosen) > len(p.rejected) for p in pairs),
-        "eval_accuracy_chosen_not_longer": accuracy_where(False),
-        "eval_loss": -sum(torch.tensor([x, 1.0 - y]).clamp_min(eps).log().sum().item() for x, y in
-                          zip(p_cr, p_rc, strict=True)) / (2 * n),  # fmt: skip
-        "length_baseline_accuracy": sum(longer) / n,
+        "eval_accuracy_chosen_not_longer": figures["eval_accuracy_chosen_not_longer"],
+        "eval_loss": sum(nll) / (2 * n),
+        "length_baseline_accuracy": figures["length_baseline_accuracy"],
         "eval_truncated": judge.truncated - before,
     }
 
@@ -328,12 +332,8 @@ def preference_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pa
 
 def main_train_pm(cfg: Config) -> int:
     """`lite-rlhf train-pm`: train the preference model into <run.out_dir>/preference/."""
-    pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
     check_format(cfg)
-    rd = RunDir(cfg)
-    close_logger = attach_logger(rd, cfg.run)
-    m = preference_stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)
-    close_logger()
+    m, rd = train_oracle_command(cfg, preference_stage)
     if not cfg.run.quiet:
         acc = "n/a" if m["eval_accuracy"] is None else f"{m['eval_accuracy']:.3f}"
         cons = "n/a" if m["position_consistency"] is None else f"{m['position_consistency']:.3f}"

@@ -30,6 +30,11 @@ Match = tuple[str, int, int]  # (prompt id, i, j): how likely is answer i better
 Compare = Callable[[list[Match]], list[float]]  # P(i ≻ j) for each match, in order
 
 
+def win(p: float) -> float:
+    """The verdict of one comparison for the first answer: P > 1/2 wins (1), P = 1/2 is half, else 0."""
+    return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
+
+
 def rank(sizes: dict[str, int], compare: Compare, scheme: str, score: str = "wins") -> tuple[dict, dict]:
     """Scores of each prompt's answers (higher is better) and the comparisons made per prompt."""
     if scheme == "round_robin":
@@ -44,9 +49,9 @@ def round_robin(sizes: dict[str, int], compare: Compare, score: str = "wins") ->
     probs = compare(matches) if matches else []
     scores = {key: [0.0] * n for key, n in sizes.items()}
     for (key, i, j), p in zip(matches, probs, strict=True):
-        win = p if score == "probability" else 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-        scores[key][i] += win
-        scores[key][j] += 1.0 - win
+        got = p if score == "probability" else win(p)
+        scores[key][i] += got
+        scores[key][j] += 1.0 - got
     return scores, {key: n * (n - 1) // 2 for key, n in sizes.items()}
 
 

@@ -101,6 +101,23 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
     return None if math.isnan(c) else c
 
 
+def length_figures(pairs: list[PreferencePair], right: list[float]) -> dict:
+    """Held-out accuracy split by whether the chosen answer is the longer (a length-biased oracle fails
+    one of the two), and the accuracy of "the longer answer wins" (a tie counts half, a coin flip's
+    expectation). `right[i]`: how right the oracle was on pair i."""
+
+    def accuracy_where(chosen_longer: bool) -> float | None:
+        got = [r for r, p in zip(right, pairs, strict=True) if (len(p.chosen) > len(p.rejected)) == chosen_longer]
+        return sum(got) / len(got) if got else None
+
+    longer = [(len(p.chosen) > len(p.rejected)) + 0.5 * (len(p.chosen) == len(p.rejected)) for p in pairs]
+    return {
+        "eval_accuracy_chosen_longer": accuracy_where(True),
+        "eval_accuracy_chosen_not_longer": accuracy_where(False),
+        "length_baseline_accuracy": sum(longer) / len(pairs),
+    }
+
+
 def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]) -> dict:
     """Held-out accuracy, mean margin, length-only baseline, reward/length correlation."""
     if not pairs:
@@ -112,22 +129,16 @@ def evaluate_reward(model: SharedModel, cfg: Config, pairs: list[PreferencePair]
     scores = score_ids(model, enc.chosen + enc.rejected, cfg.reward.score_batch, cfg.run.quiet)
     margins = [c - r for c, r in zip(scores[:n], scores[n:], strict=True)]
     kept = [pairs[i] for i in enc.kept]
-    # "The longer answer wins": a tie counts half, the expected accuracy of a coin flip.
-    longer = [(len(p.chosen) > len(p.rejected)) + 0.5 * (len(p.chosen) == len(p.rejected)) for p in kept]
     lengths = [len(p.chosen) for p in kept] + [len(p.rejected) for p in kept]
-
-    def accuracy_where(chosen_longer: bool) -> float | None:  # a length-biased reward fails one of the two
-        ms = [m for m, p in zip(margins, kept, strict=True) if (len(p.chosen) > len(p.rejected)) == chosen_longer]
-        return sum(m > 0 for m in ms) / len(ms) if ms else None
-
+    figures = length_figures(kept, [float(m > 0) for m in margins])
     return {
         "eval_pairs": n,
         "eval_accuracy": sum(m > 0 for m in margins) / n,
-        "eval_accuracy_chosen_longer": accuracy_where(True),
-        "eval_accuracy_chosen_not_longer": accuracy_where(False),
+        "eval_accuracy_chosen_longer": figures["eval_accuracy_chosen_longer"],
+        "eval_accuracy_chosen_not_longer": figures["eval_accuracy_chosen_not_longer"],
         "eval_loss": sum(-F.logsigmoid(torch.tensor(m)).item() for m in margins) / n,
         "eval_margin": sum(margins) / n,
-        "length_baseline_accuracy": sum(longer) / n,
+        "length_baseline_accuracy": figures["length_baseline_accuracy"],
         "length_correlation": _pearson(scores, [float(x) for x in lengths]),
         "eval_truncated": enc.n_truncated,
         "eval_dropped": enc.n_dropped,
@@ -198,13 +209,20 @@ def reward_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pairs,
     return read_json(path / "metrics.json")
 
 
-def main_train_rm(cfg: Config) -> int:
-    """`lite-rlhf train-rm`: train the reward model into <run.out_dir>/reward/."""
+def train_oracle_command(cfg: Config, stage) -> tuple[dict, RunDir]:
+    """`train-rm` / `train-pm`: the pairs, the run directory and its logger, then `stage` (reward_stage
+    or preference_stage) on a fresh shared model. Returns metrics.json's figures and the run directory."""
     pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
-    m = reward_stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)
+    m = stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)
     close_logger()
+    return m, rd
+
+
+def main_train_rm(cfg: Config) -> int:
+    """`lite-rlhf train-rm`: train the reward model into <run.out_dir>/reward/."""
+    m, rd = train_oracle_command(cfg, reward_stage)
     if not cfg.run.quiet:
         corr = "n/a" if m["length_correlation"] is None else f"{m['length_correlation']:+.2f}"
         print(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reward import TOPICS, pairs_rows, write_rows
 
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.data import PreferencePair
@@ -28,23 +29,9 @@ from lite_rlhf.preference import (
 from lite_rlhf.roles import SharedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TOPICS = ["the ocean", "the sun", "cats", "dogs", "mountains", "rivers", "water", "the fox", "a star", "the world"]
-SUBJECTS = ["the fox is", "the dog is", "the sun is", "water is"]
 BIN = Path(sys.executable).parent / "lite-rlhf"
-
-
-def rows(topics):
-    """Chosen says banana, rejected yellow: same length, so only the words (and where they sit) decide."""
-    return [
-        {"prompt": f"describe {t}. use the word banana.", "chosen": f"{s} a banana.", "rejected": f"{s} a yellow."}
-        for t in topics
-        for s in SUBJECTS
-    ]
-
-
-def write(path, items):
-    path.write_text("".join(json.dumps(r) + "\n" for r in items))
-    return path
+# Chosen says banana, rejected yellow: same length, so only the words (and where they sit) decide.
+rows, write = pairs_rows, write_rows
 
 
 def config(tiny, *overrides):
