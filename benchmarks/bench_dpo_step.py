@@ -136,11 +136,14 @@ def _stable_ids(tokenizer, ids: list[int]) -> list[int]:
     raise RuntimeError("token ids did not settle under decode/encode")
 
 
-def build_pairs(tokenizer, shape: str, n_pairs: int) -> list[dict]:
+def build_pairs(
+    tokenizer, shape: str, n_pairs: int, answer_tokens: int | None = None, prompt_tokens: int = PROMPT_TOKENS
+) -> list[dict]:
     """`n_pairs` deterministic pairs of the shape from the demo preference file (see the module docstring).
 
     Each pair: id, prompt_ids, chosen_ids, rejected_ids (answers end with the end-of-turn token) and the
-    text of each (prompt_text is the rendered chat template, as TRL gets it).
+    text of each (prompt_text is the rendered chat template, as TRL gets it). `answer_tokens` (default: the
+    shape's) and `prompt_tokens` set other sizes (benchmarks/gpu_proof.py).
     """
     from lite_rlhf.data import load_preferences, prompt_ids
 
@@ -148,7 +151,7 @@ def build_pairs(tokenizer, shape: str, n_pairs: int) -> list[dict]:
     keys = [json.dumps(r.prompt) for r in rows]
     firsts = [i for i, k in enumerate(keys) if k not in keys[:i]]  # first row of each distinct prompt
     eos = tokenizer.eos_token_id
-    target = SHAPES[shape]["answer_tokens"] - 1  # text tokens; the end-of-turn token completes the answer
+    target = (answer_tokens or SHAPES[shape]["answer_tokens"]) - 1  # text tokens; end-of-turn completes the answer
 
     def answer(start: int, field: str) -> list[int]:
         texts: list[str] = []
@@ -163,7 +166,7 @@ def build_pairs(tokenizer, shape: str, n_pairs: int) -> list[dict]:
         start = firsts[i % len(firsts)]
         messages = [dict(m) for m in rows[start].prompt]
         k = 1
-        while len(prompt_ids(tokenizer, messages)) < PROMPT_TOKENS:
+        while len(prompt_ids(tokenizer, messages)) < prompt_tokens:
             topic = rows[firsts[(i + k) % len(firsts)]].prompt[-1]["content"].split(". ")[0]  # "Describe a cat"
             messages[-1]["content"] += f" {topic}."
             k += 1

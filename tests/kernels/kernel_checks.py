@@ -46,6 +46,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # terms and a log-sum-exp of V terms, ~(H + log V) * 1.2e-7 * |logit| <= ~1e-5 for |logits| <= 60
 # here. Observed: ~1e-6. The same tolerance therefore holds for every input dtype.
 LOGP_TOL = {"rtol": 1e-5, "atol": 2e-5}
+# At real sizes on a GPU (H = 1,024..4,096-term dot products), fp32 summation-order error grows to ~1e-4
+# on |logits| ~ 2..10; TF32 stays off unless torch allows it (torch.backends.cuda.matmul.allow_tf32).
+REAL_SIZE_LOGP_TOL = {"rtol": 1e-4, "atol": 2e-4}
 
 # Gradients: the fp32 gradients agree to ~1e-6 (sums of V or N terms of size <= 1, observed <= 2e-6);
 # for bf16/fp16 inputs both sides then round that fp32 value to the input dtype, so they can differ
@@ -59,13 +62,14 @@ GRAD_TOL = {
 }
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    """hidden [*lead, H] and weight [V, H] in `dtype` (leaf tensors, no grad), targets [*lead] int64."""
-    g = torch.Generator().manual_seed(seed)
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu"):
+    """hidden [*lead, H] and weight [V, H] in `dtype` (leaf tensors, no grad), targets [*lead] int64, drawn on
+    `device` (the numbers depend on the device's generator; on the CPU they are the suite's)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     h_dim, vocab = case.hidden_size, case.vocab
-    hidden = torch.randn(*case.lead, h_dim, generator=g)
-    weight = torch.randn(vocab, h_dim, generator=g) * (case.logit_scale / h_dim**0.5)
-    targets = torch.randint(0, vocab, case.lead, generator=g)
+    hidden = torch.randn(*case.lead, h_dim, generator=g, device=device)
+    weight = torch.randn(vocab, h_dim, generator=g, device=device) * (case.logit_scale / h_dim**0.5)
+    targets = torch.randint(0, vocab, case.lead, generator=g, device=device)
     if case.ignore == "all":
         targets.fill_(IGNORE)
     elif case.ignore == "rows":
@@ -73,8 +77,8 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     elif case.ignore == "some" and len(case.lead) == 2 and case.lead[1] > 1:
         seq = case.lead[1]
         for row in range(case.lead[0]):  # prompt prefix and right padding, of random lengths
-            prompt = int(torch.randint(0, seq // 2, (1,), generator=g))
-            pad = int(torch.randint(0, seq // 3, (1,), generator=g))
+            prompt = int(torch.randint(0, seq // 2, (1,), generator=g, device=device))
+            pad = int(torch.randint(0, seq // 3, (1,), generator=g, device=device))
             targets[row, :prompt] = IGNORE
             targets[row, seq - pad :] = IGNORE
     elif case.ignore == "some":  # one-token rows: ignore some rows
@@ -86,10 +90,24 @@ def _msg(label: str):
     return lambda default: f"{label}: {default}"  # assert_close's default text holds the observed difference
 
 
-def check_logprobs(case: Case, dtype: torch.dtype, train_weight: bool, fn=linear_logprobs, seed: int = 0) -> None:
-    """Forward and backward of `fn` against linear_logprobs_reference on one case."""
-    hidden, weight, targets = make_inputs(case, dtype, seed)
-    upstream = torch.randn(case.lead, generator=torch.Generator().manual_seed(seed + 1))
+def max_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference (0 for empty tensors), for reports beside the pass/fail."""
+    return float((actual.detach().float() - expected.detach().float()).abs().max()) if actual.numel() else 0.0
+
+
+def check_logprobs(
+    case: Case,
+    dtype: torch.dtype,
+    train_weight: bool,
+    fn=linear_logprobs,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    logp_tol: dict | None = None,
+) -> dict[str, float]:
+    """Forward and backward of `fn` against linear_logprobs_reference on one case; returns the largest
+    absolute difference of each compared quantity. `logp_tol` replaces LOGP_TOL (real sizes on a GPU)."""
+    hidden, weight, targets = make_inputs(case, dtype, seed, device)
+    upstream = torch.randn(case.lead, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     results = []
     for impl in (fn, linear_logprobs_reference):
         h = hidden.clone().requires_grad_(True)
@@ -100,15 +118,18 @@ def check_logprobs(case: Case, dtype: torch.dtype, train_weight: bool, fn=linear
     (out, gh, gw), (ref, ref_gh, ref_gw) = results
     label = f"{case} {dtype} train_weight={train_weight}"
     assert out.dtype == torch.float32 and out.shape == targets.shape, label
-    assert_close(out, ref, **LOGP_TOL, msg=_msg(f"log-probs, {label}"))
+    assert_close(out, ref, **(logp_tol or LOGP_TOL), msg=_msg(f"log-probs, {label}"))
     assert bool((out[targets == IGNORE] == 0).all()), f"ignored positions must give 0: {label}"
     assert gh.dtype == dtype, label
     assert_close(gh, ref_gh, **GRAD_TOL[dtype], msg=_msg(f"hidden grad, {label}"))
+    diffs = {"log-probs": max_difference(out, ref), "hidden grad": max_difference(gh, ref_gh)}
     if train_weight:
         assert gw.dtype == dtype, label
         assert_close(gw, ref_gw, **GRAD_TOL[dtype], msg=_msg(f"weight grad, {label}"))
+        diffs["weight grad"] = max_difference(gw, ref_gw)
     else:
         assert gw is None and ref_gw is None
+    return diffs
 
 
 # Fused DPO: the loss is a smooth function of per-sequence sums of <= 40 log-probs, each within 2e-5
@@ -125,28 +146,47 @@ DPO_CASES = [
 DPO_LOSS_SETTINGS = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.1, 0.2), ("ipo", 0.1, 0.0), ("hinge", 0.1, 0.0)]
 
 
-def make_dpo_inputs(n_pairs: int, seq: int, h_dim: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+def make_dpo_inputs(
+    n_pairs: int,
+    seq: int,
+    h_dim: int,
+    vocab: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+):
     """hidden [2B, T, H], weight [V, H], targets [2B, T] with prompts, padding and one all-ignored
     rejected row; summed reference log-probs [B] near the policy's so the losses are not saturated."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(2 * n_pairs, seq, h_dim, generator=g)
-    weight = torch.randn(vocab, h_dim, generator=g) * (2.0 / h_dim**0.5)
-    targets = torch.randint(0, vocab, (2 * n_pairs, seq), generator=g)
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(2 * n_pairs, seq, h_dim, generator=g, device=device)
+    weight = torch.randn(vocab, h_dim, generator=g, device=device) * (2.0 / h_dim**0.5)
+    targets = torch.randint(0, vocab, (2 * n_pairs, seq), generator=g, device=device)
     for row in range(2 * n_pairs):
-        prompt = int(torch.randint(0, max(1, seq // 3), (1,), generator=g))
+        prompt = int(torch.randint(0, max(1, seq // 3), (1,), generator=g, device=device))
         targets[row, :prompt] = IGNORE
     targets[-1] = IGNORE  # a rejected answer with no scored token (its log-prob sum is 0)
     with torch.no_grad():
         sums = linear_logprobs_reference(hidden, weight, targets, ignore_index=IGNORE).sum(dim=1)
-    ref = sums + torch.randn(2 * n_pairs, generator=g) * 3.0
+    ref = sums + torch.randn(2 * n_pairs, generator=g, device=device) * 3.0
     return hidden.to(dtype), weight.to(dtype), targets, ref[:n_pairs].clone(), ref[n_pairs:].clone()
 
 
 def check_fused_dpo(
-    n_pairs, seq, h_dim, vocab, loss_type, beta, label_smoothing, dtype, train_weight, fn=fused_dpo_loss
-) -> None:
-    """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss")."""
-    hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(n_pairs, seq, h_dim, vocab, dtype)
+    n_pairs,
+    seq,
+    h_dim,
+    vocab,
+    loss_type,
+    beta,
+    label_smoothing,
+    dtype,
+    train_weight,
+    fn=fused_dpo_loss,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss");
+    returns the largest absolute difference of each compared quantity."""
+    hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(n_pairs, seq, h_dim, vocab, dtype, device=device)
     kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "ignore_index": IGNORE}
     results = []
     for impl in (fn, fused_dpo_loss_reference):
@@ -163,18 +203,26 @@ def check_fused_dpo(
     assert_close(cr, ref_cr, **DPO_LOSS_TOL, msg=_msg(f"chosen rewards, {label}"))
     assert_close(rr, ref_rr, **DPO_LOSS_TOL, msg=_msg(f"rejected rewards, {label}"))
     assert_close(gh, ref_gh, **GRAD_TOL[dtype], msg=_msg(f"hidden grad, {label}"))
+    diffs = {
+        "loss": max_difference(loss, ref_loss),
+        "rewards": max(max_difference(cr, ref_cr), max_difference(rr, ref_rr)),
+        "hidden grad": max_difference(gh, ref_gh),
+    }
     if train_weight:
         assert_close(gw, ref_gw, **GRAD_TOL[dtype], msg=_msg(f"weight grad, {label}"))
+        diffs["weight grad"] = max_difference(gw, ref_gw)
     else:
         assert gw is None
+    return diffs
 
 
-def check_mixed_dtypes(fn=linear_logprobs) -> None:
+def check_mixed_dtypes(fn=linear_logprobs, device: str | torch.device = "cpu") -> dict[str, float]:
     """bf16 hidden states with an fp32 LM head (and the reverse): each gradient in its input's dtype."""
     case = CASES[0]
+    diffs: dict[str, float] = {}
     for h_dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float16)):
-        hidden, _, targets = make_inputs(case, h_dtype)
-        _, weight, _ = make_inputs(case, w_dtype)
+        hidden, _, targets = make_inputs(case, h_dtype, device=device)
+        _, weight, _ = make_inputs(case, w_dtype, device=device)
         grads = []
         for impl in (fn, linear_logprobs_reference):
             h = hidden.clone().requires_grad_(True)
@@ -188,3 +236,6 @@ def check_mixed_dtypes(fn=linear_logprobs) -> None:
         assert_close(out, ref, **LOGP_TOL, msg=_msg(f"log-probs, {label}"))
         assert_close(gh, ref_gh, **GRAD_TOL[h_dtype], msg=_msg(f"hidden grad, {label}"))
         assert_close(gw, ref_gw, **GRAD_TOL[w_dtype], msg=_msg(f"weight grad, {label}"))
+        for what, a, b in (("log-probs", out, ref), ("hidden grad", gh, ref_gh), ("weight grad", gw, ref_gw)):
+            diffs[what] = max(diffs.get(what, 0.0), max_difference(a, b))
+    return diffs
