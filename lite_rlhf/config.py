@@ -35,7 +35,10 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # local directory, hub id, or the embedded default
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     quantization: Literal["none", "nf4"] = "none"  # nf4: 4-bit base through bitsandbytes (QLoRA)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # Recompute activations in backward (less memory, more time): false, true (every decoder layer), a number of
+    # layers, or auto: the fewest layers whose estimated training peak fits memory_budget (`lite_rlhf.plan`).
+    gradient_checkpointing: bool | int | Literal["auto"] = "auto"
+    memory_budget: str | None = None  # e.g. 2GiB; default: free CUDA memory less a margin, or 75% of available RAM
     sft_adapter: str | None = None  # π0 = base + this frozen adapter (the policy starts as a copy)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: transformers picks
 
@@ -307,7 +310,22 @@ def _build(tree: dict[str, Any], where: str) -> Config:
     return cfg
 
 
+def parse_size(text: str, what: str = "--gpu-mem") -> float:
+    """Bytes of a size such as 24GB, 24GiB, 512MiB or 2.5G (a GB is read as a GiB)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GB|GiB|G|MB|MiB|M)?\s*", str(text), re.I)
+    if not m or m.group(1).count(".") > 1:
+        raise ConfigError(f"{what} '{text}' is not a size such as 24GB or 512MiB")
+    scale = {"m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get((m.group(2) or "G").lower(), 1.0)
+    return float(m.group(1)) * scale * 1024**3
+
+
 def _check_consistency(cfg: Config) -> None:
+    gc = cfg.model.gradient_checkpointing
+    if isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
+        raise ConfigError(f"config key 'model.gradient_checkpointing' must be true, false, auto or a number of "
+                          f"layers >= 0, got {gc}")  # fmt: skip
+    if cfg.model.memory_budget is not None:
+        parse_size(cfg.model.memory_budget, "config key 'model.memory_budget':")
     if not cfg.run.out_dir.strip():
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
     if cfg.dpo.label_smoothing and cfg.dpo.loss_type != "sigmoid":

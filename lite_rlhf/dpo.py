@@ -19,7 +19,7 @@ from lite_rlhf.batching import IGNORE, Row, fits, make_batch
 from lite_rlhf.config import ConfigError, DataConfig, DPOConfig
 from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path
 from lite_rlhf.pairs import Pair
-from lite_rlhf.train import optimize, plan_steps
+from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 
 def pair_rows(pairs: list[Pair], prompt_ids: dict[str, list[int]]) -> list[Row]:
@@ -36,21 +36,27 @@ def pair_fits(pair: Pair, prompt_ids: dict[str, list[int]], d: DataConfig) -> bo
 def add_reference_logps(
     model, pairs: list[Pair], prompt_ids: dict[str, list[int]], d: DataConfig, micro_batch: int, *, quiet: bool = True
 ) -> list[Pair]:
-    """π0's summed log-probs of each pair's chosen and rejected response, computed once."""
+    """π0's summed log-probs of each pair's chosen and rejected response, computed once, in batches of
+    pairs of similar length (less padding); returned in the order given."""
     from tqdm.auto import tqdm
 
-    out = []
+    order = sorted(range(len(pairs)), key=lambda i: -_longest_row(pairs[i], prompt_ids))
+    out: list[Pair | None] = [None] * len(pairs)
     with model.role("reference"):
-        for i in tqdm(range(0, len(pairs), micro_batch), desc="reference log-probs", unit="batch", disable=quiet):
-            chunk = pairs[i : i + micro_batch]
-            batch = make_batch(pair_rows(chunk, prompt_ids), model.pad_id, d.max_length, d.truncation)
-            logps = model.sequence_logps(batch)[0].float().cpu()
+        for at in tqdm(range(0, len(pairs), micro_batch), desc="reference log-probs", unit="batch", disable=quiet):
+            chunk = order[at : at + micro_batch]
+            rows = pair_rows([pairs[i] for i in chunk], prompt_ids)
+            logps = model.sequence_logps(make_batch(rows, model.pad_id, d.max_length, d.truncation))[0].float().cpu()
             b = len(chunk)
-            for j, p in enumerate(chunk):
-                out.append(
-                    dataclasses.replace(p, ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[b + j]))
+            for j, i in enumerate(chunk):
+                out[i] = dataclasses.replace(
+                    pairs[i], ref_chosen_logp=float(logps[j]), ref_rejected_logp=float(logps[b + j])
                 )
     return out
+
+
+def _longest_row(pair: Pair, prompt_ids: dict[str, list[int]]) -> int:
+    return len(prompt_ids[pair.prompt_id]) + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 def dpo_loss_fn(dpo: DPOConfig, device: torch.device | str) -> Callable:
@@ -102,9 +108,11 @@ def train_dpo(
         stats.add(loss.item(), chosen_r, rejected_r)
         return loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
 
+    lengths = [min(d.max_length, _longest_row(p, prompt_ids)) for p in pairs]
+    steps = group_by_length(plan_steps(len(pairs), dpo, seed), lengths)
+    model.fit_checkpointing("dpo", longest_micro_batch(steps, lengths, rows_per_example=2), quiet=quiet)
     model.train()
     with model.role("policy"):
-        steps = plan_steps(len(pairs), dpo, seed)
         optimize(
             model.parameters("policy"), dpo, steps, micro_loss, stats.flush, name="dpo", quiet=quiet, on_step=on_step
         )

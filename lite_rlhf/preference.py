@@ -36,7 +36,7 @@ from lite_rlhf.ranking import win
 from lite_rlhf.reward import length_figures, train_oracle_command
 from lite_rlhf.roles import SharedModel, label_logits, last_token
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
-from lite_rlhf.train import group_by_length, optimize, plan_steps
+from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 FIELDS = ("context", "a", "b")
 
@@ -270,7 +270,9 @@ def train_preference(
         }
 
     records: list[dict] = []
-    steps = group_by_length(plan_steps(len(rows), pc, seed), [len(r) for r in rows])
+    lengths = [len(r) for r in rows]
+    steps = group_by_length(plan_steps(len(rows), pc, seed), lengths)
+    model.fit_checkpointing("preference", longest_micro_batch(steps, lengths), quiet=quiet)
     model.train(True)
     def on_step(record: dict) -> None:
         records.append({"stage": "preference", **record})

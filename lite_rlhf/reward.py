@@ -26,7 +26,7 @@ from lite_rlhf.loggers import attach_logger
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
 from lite_rlhf.task import reward_pairs
-from lite_rlhf.train import optimize, plan_steps
+from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,9 @@ def train_reward(
         }
 
     records: list[dict] = []
-    steps = plan_steps(len(enc.kept), rc, seed)
+    lengths = [max(len(c), len(r)) for c, r in zip(enc.chosen, enc.rejected, strict=True)]
+    steps = group_by_length(plan_steps(len(enc.kept), rc, seed), lengths)
+    model.fit_checkpointing("reward", longest_micro_batch(steps, lengths, rows_per_example=2), quiet=quiet)
     model.train(True)
     optimize(
         model.parameters("reward"),

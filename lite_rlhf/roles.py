@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +29,28 @@ import torch
 from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch
-from lite_rlhf.config import Config, ConfigError
+from lite_rlhf.config import Config, ConfigError, parse_size
 from lite_rlhf.kernels import sequence_logps
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
+from lite_rlhf.plan import checkpoint_setting, choose_checkpointing, model_shape
 
 ROLES = ("policy", "reference", "reward", "preference")
 TRAINED = ("policy", "reward", "preference")  # the roles with trainable parameters
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"
+GIB = 1024**3
+
+
+def available_ram() -> float:
+    """Bytes of RAM Linux reports available (MemAvailable), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def keep_nf4_layout(model: nn.Module) -> None:
@@ -98,8 +113,6 @@ class SharedModel:
                 raise ConfigError(
                     f"config key 'model.name': '{mcfg.name}' scales its logits ({key}), which the log-prob kernel lacks"
                 )
-        if mcfg.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
 
         lora = LoraConfig(
@@ -128,6 +141,11 @@ class SharedModel:
         nn.init.zeros_(self.head.bias)
 
         self._decoder = self.peft.get_base_model().get_decoder()
+        self._cfg = cfg
+        self.checkpointed_layers, self._checkpointing_on = 0, False
+        fixed = checkpoint_setting(cfg, len(self._decoder.layers))
+        if fixed:  # a number or every layer; auto is decided per stage (fit_checkpointing)
+            self.set_checkpointing(fixed)
         self._role = "policy"
         self._activate("policy")
         self.train(False)
@@ -186,6 +204,50 @@ class SharedModel:
             raise ValueError(f"role '{role}' has no trainable parameters; use one of {TRAINED}")
         params = [p for n, p in self.peft.named_parameters() if f".{role}." in n]
         return params + list(self.head.parameters()) if role == "reward" else params
+
+    # ------------------------------------------------------------------ memory
+
+    def set_checkpointing(self, layers: int) -> None:
+        """Recompute the activations of the first `layers` decoder layers in backward (0: none). Only a
+        layer's input is kept for backward; numerics are unchanged (same operations, RNG state replayed)."""
+        if layers and not self._checkpointing_on:  # once: the checkpoint function on every layer, then flags
+            base = self.peft.get_base_model()
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointing_on = True
+        for i, block in enumerate(self._decoder.layers):
+            block.gradient_checkpointing = i < layers
+        self.checkpointed_layers = layers
+
+    def memory_budget(self) -> tuple[float, str]:
+        """Bytes a training stage may hold in all (weights included), and where that figure comes from:
+        `model.memory_budget`, else what is held now plus free CUDA memory less a margin (5%, at least
+        1 GiB), or plus 75% of the RAM Linux reports available."""
+        if self._cfg.model.memory_budget:
+            return parse_size(self._cfg.model.memory_budget), "model.memory_budget"
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            held = torch.cuda.memory_allocated(self.device)
+            return held + free - max(GIB, 0.05 * total), "free GPU memory less a margin"
+        held = sum(p.numel() * p.element_size() for p in self.peft.parameters()) + 4 * self.head.weight.numel()
+        return held + 0.75 * available_ram(), "75% of available RAM"
+
+    def fit_checkpointing(self, stage: str, tokens: int, *, quiet: bool) -> int:
+        """Checkpoint the layers `model.gradient_checkpointing` asks for, for a stage whose longest
+        micro-batch holds `tokens` tokens (rows x padded width); auto: the fewest layers whose estimated
+        training peak (`lite_rlhf.plan.train_terms`) fits `memory_budget()`. Says the choice (unless
+        quiet) and returns it."""
+        shape = model_shape(str(self.base_dir))
+        layers = checkpoint_setting(self._cfg, shape.layers)
+        if layers is None:
+            budget, source = self.memory_budget()
+            layers, peak = choose_checkpointing(self._cfg, shape, tokens, budget, cuda=self.device.type == "cuda")
+            if not quiet:
+                verdict = "within" if peak <= budget else "OVER"
+                print(f"[lite-rlhf] {stage}: gradient checkpointing on {layers} of {shape.layers} layers; estimated "
+                      f"peak {peak / GIB:.2f} GiB {verdict} the budget of {budget / GIB:.2f} GiB ({source}) for the "
+                      f"longest micro-batch, {tokens:,} tokens", flush=True)  # fmt: skip
+        self.set_checkpointing(layers)
+        return layers
 
     # ------------------------------------------------------------------ forward passes
 

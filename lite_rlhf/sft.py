@@ -31,7 +31,7 @@ from lite_rlhf.loggers import attach_logger
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
 from lite_rlhf.task import data_path
-from lite_rlhf.train import group_by_length, optimize, plan_steps
+from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 
 def sft_examples(tokenizer, conversations, d: DataConfig) -> tuple[list[Example], dict]:
@@ -78,9 +78,11 @@ def train_sft(
         losses.clear()
         return {"loss": nll / tokens, "tokens": tokens}
 
+    lengths = [len(ids) for ids, _ in examples]
     steps = plan_steps(len(examples), sec, seed)
     if sec.packing:
-        steps = group_by_length(steps, [len(ids) for ids, _ in examples])
+        steps = group_by_length(steps, lengths)
+    model.fit_checkpointing(name, longest_micro_batch(steps, lengths), quiet=quiet)  # packed rows: at most this
     model.train()
     with model.role("policy"):
         optimize(

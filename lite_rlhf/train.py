@@ -64,6 +64,11 @@ def group_by_length(steps: Steps, lengths: list[int]) -> Steps:
     return out
 
 
+def longest_micro_batch(steps: Steps, lengths: list[int], rows_per_example: int = 1) -> int:
+    """Tokens (rows x padded width) of the largest micro-batch in `steps`: what sizes activation memory."""
+    return max((rows_per_example * len(mb) * max(lengths[i] for i in mb) for step in steps for mb in step), default=0)
+
+
 def schedule(warmup: int, total: int) -> Callable[[int], float]:
     """The lr factor of step k (from 0): a linear warm-up over `warmup` steps that never runs a step at 0
     ((k+1)/(warmup+1): a one-step warm-up runs at half the rate), then a cosine from 1 towards 0 over

@@ -35,6 +35,10 @@ def test_precedence_file_then_overrides(tmp_path):
         (["generation.top_p=1.5"], "config key 'generation.top_p' must be in (0, 1], got 1.5"),
         (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "applies to loss_type 'sigmoid' only"),
         (["beta"], "not of the form section.key=value"),
+        (["model.gradient_checkpointing=sometimes"], "config key 'model.gradient_checkpointing' must be bool or int "
+                                                     "or one of 'auto', got 'sometimes'"),
+        (["model.gradient_checkpointing=-2"], "config key 'model.gradient_checkpointing' must be true, false, auto"),
+        (["model.memory_budget=lots"], "config key 'model.memory_budget': 'lots' is not a size such as 24GB"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
@@ -95,3 +99,10 @@ def test_every_field_has_a_comment():
             if "#" not in source[line] and not source[line - 1].strip().startswith("#"):
                 silent.append(f"{section.name}.{f.name}")
     assert not silent, silent
+
+
+def test_gradient_checkpointing_takes_a_switch_a_count_or_auto():
+    assert load_config().model.gradient_checkpointing == "auto" and load_config().model.memory_budget is None
+    for text, value in (("true", True), ("false", False), ("3", 3), ("auto", "auto"), ("0", 0)):
+        assert load_config(None, [f"model.gradient_checkpointing={text}"]).model.gradient_checkpointing == value
+    assert load_config(None, ["model.memory_budget=2GiB"]).model.memory_budget == "2GiB"

@@ -48,3 +48,56 @@ def test_triton_is_refused_without_cuda_or_the_interpreter():
         pytest.skip("CUDA is available")
     with pytest.raises(ConfigError, match="dpo.kernel"):
         dpo_loss_fn(load_config(None, ["dpo.kernel=triton"]).dpo, "cpu")
+
+
+def mixed_lengths(tiny):
+    """A model and 4 pairs whose rows differ in length (2 short, 2 long, interleaved), with reference log-probs."""
+    cfg = load_config(None, [f"model.name={tiny}", "lora.r=4", "dpo.micro_batch=2", "dpo.grad_accum=2",
+                             "dpo.lr=1e-2", "dpo.epochs=1", "model.gradient_checkpointing=false"])  # fmt: skip
+    model = SharedModel(cfg)
+    tok = model.tokenizer
+    ids = {str(i): prompt_ids(tok, [{"role": "user", "content": f"describe the {w}."}])
+           for i, w in enumerate(("sun", "sea", "fox", "dog"))}  # fmt: skip
+    long = "the sun is a star. " * 6
+    pairs = [Pair(pid, response_ids(tok, long if i % 2 else "a star."), response_ids(tok, "no"), "", "", 1.0, 0.0)
+             for i, pid in enumerate(ids)]  # fmt: skip
+    return cfg, model, ids, pairs
+
+
+def test_length_grouping_pads_less_and_trains_the_same(tiny, monkeypatch):
+    """train_dpo groups similar lengths into a micro-batch within each optimizer step: fewer padded tokens,
+    the same pairs per step, and the same adapter as the plan's own order within fp32 rounding."""
+    import lite_rlhf.dpo as dpo_module
+
+    make_batch, padded = dpo_module.make_batch, []
+
+    def counting_make_batch(*args):
+        batch = make_batch(*args)
+        padded.append(batch.input_ids.numel())
+        return batch
+
+    results = {}
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(dpo_module, "group_by_length", lambda steps, lengths: steps)
+        cfg, model, ids, pairs = mixed_lengths(tiny)
+        pairs = add_reference_logps(model, pairs, ids, cfg.data, cfg.dpo.micro_batch)
+        start = torch.cat([p.detach().flatten() for p in model.parameters("policy")])
+        padded.clear()
+        monkeypatch.setattr(dpo_module, "make_batch", counting_make_batch)
+        train_dpo(model, pairs, ids, cfg.dpo, cfg.data, seed=0, quiet=True, on_step=lambda r: None)
+        monkeypatch.setattr(dpo_module, "make_batch", make_batch)
+        results[grouped] = (sum(padded), torch.cat([p.detach().flatten() for p in model.parameters("policy")]))
+    assert results[True][0] < results[False][0], f"padded tokens grouped {results[True][0]} vs {results[False][0]}"
+    assert not torch.equal(results[True][1], start), "the step must move the adapter"
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_logps_in_length_order_keep_the_pairs_order(tiny):
+    cfg, model, ids, pairs = mixed_lengths(tiny)
+    batched = add_reference_logps(model, pairs, ids, cfg.data, micro_batch=2)  # batches of similar length
+    alone = add_reference_logps(model, pairs, ids, cfg.data, micro_batch=1)  # no padding at all
+    assert [p.prompt_id for p in batched] == [p.prompt_id for p in pairs]
+    for a, b in zip(batched, alone, strict=True):
+        assert abs(a.ref_chosen_logp - b.ref_chosen_logp) < 1e-4, (a, b)
+        assert abs(a.ref_rejected_logp - b.ref_rejected_logp) < 1e-4, (a, b)

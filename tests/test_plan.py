@@ -4,7 +4,16 @@ import pytest
 
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.models import make_tiny_model
-from lite_rlhf.plan import GiB, estimate, fit_report, lora_params, model_shape, parse_size
+from lite_rlhf.plan import (
+    GiB,
+    choose_checkpointing,
+    estimate,
+    fit_report,
+    lora_params,
+    model_shape,
+    parse_size,
+    train_terms,
+)
 
 LLAMA = "configs/llama3-8b_qlora_24gb.yaml"
 
@@ -86,3 +95,29 @@ def test_the_preference_oracle_and_a_separate_judge_are_counted(tmp_path):
     rm = estimate(load_config(None, [f"model.name={path}", "model.dtype=float32", f"reward.model={judge}"]),
                   cuda=False)["phases"]  # fmt: skip
     assert rm["score"]["separate judge model"] == weights
+
+
+def test_auto_checkpoints_the_fewest_layers_that_fit():
+    """choose_checkpointing against the estimate it is built on, and the activation term by hand: a layer
+    keeps 6H + 2kv + 5I values per token without checkpointing, its input H with it (plus one layer
+    recomputed)."""
+    cfg = load_config(LLAMA, ["model.gradient_checkpointing=auto"])
+    s = model_shape(cfg.model.name)
+    tokens = 2 * 2048
+    full = 6 * 4096 + 2 * 1024 + 5 * 14336
+    assert train_terms(cfg, s, tokens, 0, cuda=True)["activations"] == 2 * tokens * 32 * full
+    assert train_terms(cfg, s, tokens, 32, cuda=True)["activations"] == 2 * tokens * (32 * 4096 + full)
+    assert train_terms(cfg, s, tokens, 5, cuda=True)["activations"] == 2 * tokens * (27 * full + 5 * 4096 + full)
+    peaks = [sum(train_terms(cfg, s, tokens, k, cuda=True).values()) for k in range(33)]
+    assert all(a > b for a, b in zip(peaks[1:], peaks[2:], strict=False))  # each layer more saves memory
+    budget = (peaks[12] + peaks[11]) / 2
+    assert choose_checkpointing(cfg, s, tokens, budget, cuda=True) == (12, peaks[12])
+    assert choose_checkpointing(cfg, s, tokens, 10 * peaks[0], cuda=True) == (0, peaks[0])
+    k, peak = choose_checkpointing(cfg, s, tokens, peaks[32] / 2, cuda=True)
+    assert k == 32 and peak > peaks[32] / 2  # nothing fits: every layer, and the estimate says it is over
+
+    micro = load_config(LLAMA, ["model.gradient_checkpointing=auto", "dpo.micro_batch=1", "data.max_length=2048",
+                                f"model.memory_budget={budget / GiB:.3f}GiB"])  # fmt: skip
+    assert estimate(micro)["checkpointed_layers"] == 12
+    text, _ = fit_report(load_config(LLAMA, ["model.gradient_checkpointing=7"]), 24 * GiB, 1)
+    assert "gradient checkpointing: 7 of 32 layers" in text

@@ -268,13 +268,54 @@ def test_role_scope_and_grad(tiny):
     assert logps.requires_grad, "the policy role must keep autograd"
 
 
+def layer_calls(model, b) -> list[int]:
+    """How many times each decoder layer's attention runs in one training forward + backward (a hook on
+    the layer itself sees the recomputation only from inside)."""
+    calls = [0] * len(model._decoder.layers)
+    hooks = [layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model._decoder.layers)]  # fmt: skip
+    policy_grads(model, b)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    """false, true and a number of layers: the checkpointed layers (the first k) run twice, the others once,
+    and the gradients are the same."""
     grads = []
-    for flag in ("false", "true"):
+    for flag, calls in (("false", [1, 1]), ("true", [2, 2]), ("1", [2, 1])):
         model = make(tiny, f"model.gradient_checkpointing={flag}")
         perturb(model, "policy")
+        assert layer_calls(model, batch(model)[3]) == calls, flag
         grads.append(policy_grads(model, batch(model)[3]))
-    assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
+    for g in grads[1:]:
+        assert_close(g, grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
+
+
+def test_auto_checkpointing_fits_the_budget_and_says_so(tiny, capsys):
+    """auto: no layer under a budget that holds everything, every layer (and a warning) under one that holds
+    nothing; the choice is printed unless quiet, and it can change from stage to stage."""
+    model = make(tiny, "model.memory_budget=4GiB")  # the default is auto
+    assert model.fit_checkpointing("dpo", 4 * 300, quiet=False) == 0
+    assert layer_calls(model, batch(model)[3]) == [1, 1]
+    out = capsys.readouterr().out
+    assert "[lite-rlhf] dpo: gradient checkpointing on 0 of 2 layers; estimated peak" in out
+    assert "within the budget of 4.00 GiB (model.memory_budget) for the longest micro-batch, 1,200 tokens" in out
+
+    model = make(tiny, "model.memory_budget=1MiB")
+    assert model.fit_checkpointing("reward", 1200, quiet=False) == 2 and model.checkpointed_layers == 2
+    assert "OVER the budget of 0.00 GiB" in capsys.readouterr().out
+    assert layer_calls(model, batch(model)[3]) == [2, 2]
+    model.fit_checkpointing("quiet", 1200, quiet=True)
+    assert capsys.readouterr().out == ""
+
+    default = make(tiny)  # no budget given: 75% of the available RAM, plenty for a tiny model
+    assert default.memory_budget()[1] == "75% of available RAM"
+    assert default.fit_checkpointing("dpo", 1200, quiet=True) == 0
+    fixed = make(tiny, "model.gradient_checkpointing=1", "model.memory_budget=1MiB")
+    assert fixed.checkpointed_layers == 1 and fixed.fit_checkpointing("dpo", 1200, quiet=False) == 1
+    assert capsys.readouterr().out == ""  # a fixed setting is not a choice: nothing to say
 
 
 def test_missing_sft_adapter_names_the_key(tiny, tmp_path):
