@@ -450,7 +450,7 @@ def job_dpo_step(job: Job, variant: str, shape: str) -> None:
         row["plan_vs_measured"] = f"{ratio:.2f}"
         judged = "not judged (CPU smoke: the plan counts GPU bytes)" if job.smoke else (
             "met" if abs(ratio - 1) <= 0.25 else "missed")  # fmt: skip
-        row["note"] = f"plan within 25%: {judged}"
+        row["note"] = f"plan within 25%: {judged}; {row.pop('checkpointed')} layers checkpointed (auto)"
         row["plan_train_mib"] = f"{row['plan_train_mib']:.0f}"
     job.emit("dpo_step", row)
 
@@ -459,7 +459,7 @@ def run_lite_step(job: Job, model_dir: Path, pairs: list[dict], per_step: int, l
     from lite_rlhf import dpo
     from lite_rlhf.config import load_config
     from lite_rlhf.pairs import Pair
-    from lite_rlhf.plan import estimate
+    from lite_rlhf.plan import model_shape, train_terms
     from lite_rlhf.roles import SharedModel
 
     cfg = load_config(None, [
@@ -474,8 +474,9 @@ def run_lite_step(job: Job, model_dir: Path, pairs: list[dict], per_step: int, l
     fed = dpo.add_reference_logps(model, fed, prompt_map, cfg.data, cfg.dpo.micro_batch)
     meter.start()
     dpo.train_dpo(model, fed, prompt_map, cfg.dpo, cfg.data, seed=0, quiet=True, on_step=lambda summary: meter.end())
-    plan = sum(estimate(cfg, cuda=True)["phases"]["train"].values()) / 2**20
-    return {"plan_train_mib": plan}
+    # the plan's training terms for the longest micro-batch (2 rows per pair) and the layers the run checkpointed
+    terms = train_terms(cfg, model_shape(str(model_dir)), 2 * per_step * length, model.checkpointed_layers, cuda=True)
+    return {"plan_train_mib": sum(terms.values()) / 2**20, "checkpointed": model.checkpointed_layers}
 
 
 def run_trl_step(job: Job, model_dir: Path, tokenizer, pairs: list[dict], per_step: int, meter: Steps) -> dict:

@@ -8,7 +8,9 @@ An estimate from the model's shape and the config, not a measurement. Terms:
   training; a separate judge (`reward.model`, `reward.preference_model`) costs its own weights;
 - activations kept for backward, per token per layer (16-bit on GPUs): 6·H + 2·kv + 5·I values
   without checkpointing (norm outputs, q/k/v, attention output, residuals, the MLP's gate/up/act/
-  product), H with checkpointing (layer inputs) plus one layer recomputed;
+  product), H with checkpointing (layer inputs) plus one layer recomputed; `model.gradient_checkpointing`
+  can checkpoint some of the layers, and auto picks the fewest that fit a budget (`choose_checkpointing`,
+  which every trainer calls through `SharedModel.fit_checkpointing` with its longest micro-batch);
 - log-probs: our kernel keeps [tokens, H] fp32 gradients and one vocabulary block; full logits
   would be tokens × V × 4 bytes × 3 (logits, log-softmax, gradient);
 - the vLLM engine: its own copy of the base (bf16, or bitsandbytes 4-bit) plus KV cache; on one
