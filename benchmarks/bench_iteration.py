@@ -25,6 +25,7 @@ jobs run are not valid (2-5x slow on 2 cores).
 
     .venv/bin/python benchmarks/bench_iteration.py                 # ~6 min on a quiet 2-core machine
     .venv/bin/python benchmarks/bench_iteration.py --prompts 8 --no-save   # smoke
+    .venv/bin/python benchmarks/bench_iteration.py --compare-sharing       # two copies, then one (~12 min)
 
 Prints a markdown table; writes benchmarks/results/bench_iteration.{csv,md}.
 """
@@ -89,7 +90,7 @@ def worker(spec: dict) -> dict:
     from lite_rlhf.config import load_config
     from lite_rlhf.dpo import add_reference_logps, pair_fits, pair_rows, train_dpo
     from lite_rlhf.evaluate import evaluate_policy
-    from lite_rlhf.generate import make_engine
+    from lite_rlhf.generate import make_engine, start_engine
     from lite_rlhf.loop import derive_seed
     from lite_rlhf.models import resolve_model
     from lite_rlhf.pairs import penalized_rewards, select_pairs
@@ -111,7 +112,8 @@ def worker(spec: dict) -> dict:
     if spec["reward_adapter"]:
         model.load_reward(Path(spec["reward_adapter"]))
     oracle = Oracle(cfg, model)
-    engine = make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed)
+    engine = start_engine(model, cfg, lambda share: make_engine(
+        model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, share=share), print)  # fmt: skip
     write_dir(rd.iter_dir(0) / "policy", lambda tmp: model.save_adapter("policy", tmp))
     loaded = {"seconds": round(time.perf_counter() - t0, 2), "rss_above_baseline_mib": current_rss_mib() - baseline}
     print(
@@ -201,6 +203,8 @@ def worker(spec: dict) -> dict:
         "train_tokens": train_tokens,
         "train_tokens_per_s": round(train_tokens / times["train"], 1),
         "engine": engine.description,
+        "one_copy": engine.shared,
+        "iteration_seconds": round(sum(times.values()), 2),
     }
 
 
@@ -209,23 +213,42 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="prompts in the iteration (the demo's slice: 40)")
     parser.add_argument("--reward-adapter", default="", help="a trained reward adapter directory (default: untrained)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, key=value")
+    parser.add_argument("--compare-sharing", action="store_true",
+                        help="run twice, generation.share_weights=false then true, and compare")  # fmt: skip
     parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    if args.compare_sharing:
+        runs = {share: measure(args, [*args.set, f"generation.share_weights={share}"]) for share in ("false", "true")}
+        text = "\n\n".join([compare_sharing(runs["false"][0], runs["true"][0]),
+                             "## Two copies (generation.share_weights=false)", runs["false"][1],
+                             "## One copy (generation.share_weights=true)", runs["true"][1]])  # fmt: skip
+        print(text)
+        if not args.no_save:
+            save("bench_iteration_sharing", text, [{**r, "share_weights": share, **runs[share][2]}
+                                                   for share in runs for r in runs[share][0]["rows"]])  # fmt: skip
+        return
+    res, text, common = measure(args, args.set)
+    print(text)
+    if not args.no_save:
+        save("bench_iteration", text, [{**r, **common} for r in res["rows"]])
 
+
+def measure(args, overrides: list[str]) -> tuple[dict, str, dict]:
+    """One iteration in a fresh process: its results, the report's text, the load averages."""
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"out_dir": tmp, "prompts": args.prompts, "reward_adapter": args.reward_adapter, "set": args.set}
+        spec = {"out_dir": tmp, "prompts": args.prompts, "reward_adapter": args.reward_adapter, "set": overrides}
         start = time.perf_counter()
         res = run_worker(Path(__file__).resolve(), spec, timeout=7200)
         total = time.perf_counter() - start
     load_after = os.getloadavg()[0]
 
     lines = [
-        f"One iteration of configs/demo.yaml{' ' + ' '.join(args.set) if args.set else ''} on the embedded model: "
+        f"One iteration of configs/demo.yaml{' ' + ' '.join(overrides) if overrides else ''} on the embedded model: "
         f"{res['prompts']} prompts, {res['samples']} answers ({res['generated_tokens']} tokens), "
         f"{res['pairs']} pairs; {res['engine']}.",
         f"Post-import baseline {res['baseline_mib']:.0f} MiB; set-up (model + engine) {res['setup']['seconds']} s, "
@@ -257,22 +280,49 @@ def main() -> None:
     for r in res["rows"]:
         terms = ", ".join(f"{k} {v:.0f}" for k, v in r["estimate_parts"].items())
         lines.append(f"- {r['phase']} (sequence {r['seq_len_for_estimate']}): {terms}")
-    text = "\n".join(lines)
-    print(text)
-    if args.no_save:
-        return
+    return res, "\n".join(lines), {"load_avg_before": load_before, "load_avg_after": load_after}
 
+
+def compare_sharing(two: dict, one: dict) -> str:
+    """Per phase: wall time and peak memory with two copies of the base and with one."""
+    lines = [
+        f"Two copies: {two['engine']}; one copy: {one['engine']} (the trainer's base "
+        f"{'is' if one['one_copy'] else 'is NOT'} views of the engine's weights).",
+        "",
+        "| phase | wall s, two copies | wall s, one copy | peak MiB, two copies | peak MiB, one copy | one − two MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(two["rows"], one["rows"], strict=True):
+        lines.append(f"| {a['phase']} | {a['seconds']} | {b['seconds']} | {a['peak_above_baseline_mib']:.0f} "
+                     f"| {b['peak_above_baseline_mib']:.0f} "
+                     f"| {b['peak_above_baseline_mib'] - a['peak_above_baseline_mib']:+.0f} |")  # fmt: skip
+    gen = one["generate_tokens_per_s"] / two["generate_tokens_per_s"]
+    lines += [
+        f"| set-up (model + engine) | {two['setup']['seconds']} | {one['setup']['seconds']} "
+        f"| {two['setup']['rss_above_baseline_mib']:.0f} (RSS after) | {one['setup']['rss_above_baseline_mib']:.0f} "
+        f"(RSS after) | {one['setup']['rss_above_baseline_mib'] - two['setup']['rss_above_baseline_mib']:+.0f} |",
+        "",
+        f"Generation: {two['generate_tokens_per_s']} tokens/s with two copies, {one['generate_tokens_per_s']} with "
+        f"one ({gen:.2f}x). The iteration (sum of its phases): {two['iteration_seconds']} s and "
+        f"{one['iteration_seconds']} s ({one['iteration_seconds'] / two['iteration_seconds']:.2f}x); π0's evaluation "
+        f"{two['pi0_eval_seconds']} s and {one['pi0_eval_seconds']} s.",
+    ]
+    return "\n".join(lines)
+
+
+def save(name: str, text: str, rows: list[dict]) -> None:
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rev = git_revision(HERE.parent)
     command = "benchmarks/bench_iteration.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = f"# bench_iteration\n\n{stamp}, git {rev}, {machine_description()}\n\n`.venv/bin/python {command}`\n\n"
-    (RESULTS / "bench_iteration.md").write_text(header + text + "\n")
+    header = f"# {name}\n\n{stamp}, git {rev}, {machine_description()}\n\n`.venv/bin/python {command}`\n\n"
+    (RESULTS / f"{name}.md").write_text(header + text + "\n")
     fields = ["timestamp", "git_rev", "phase", "seconds", "peak_above_baseline_mib", "estimate_mib",
               "estimate_over_measured", "load_avg_before", "load_avg_after"]  # fmt: skip
-    common = {"timestamp": stamp, "git_rev": rev, "load_avg_before": load_before, "load_avg_after": load_after}
-    append_csv(RESULTS / "bench_iteration.csv", fields, [{**r, **common} for r in res["rows"]])
-    print(f"wrote {RESULTS.relative_to(HERE.parent)}/bench_iteration.md and appended to bench_iteration.csv")
+    if name != "bench_iteration":
+        fields.append("share_weights")
+    append_csv(RESULTS / f"{name}.csv", fields, [{**r, "timestamp": stamp, "git_rev": rev} for r in rows])
+    print(f"wrote {RESULTS.relative_to(HERE.parent)}/{name}.md and appended to {name}.csv")
 
 
 if __name__ == "__main__":

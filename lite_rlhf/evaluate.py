@@ -123,8 +123,10 @@ def evaluate_policy(
 def kl_estimate(
     model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int, quiet: bool = False
 ) -> float:
-    """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens."""
+    """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens; batches of
+    similar length (less padding)."""
     diffs = []
+    samples = sorted(samples, key=lambda s: -(len(prompt_ids[s.prompt_id]) + len(s.token_ids)))
     for i in tqdm(range(0, len(samples), batch_size), desc="KL estimate", unit="batch", leave=False, disable=quiet):
         chunk = samples[i : i + batch_size]
         batch = make_batch(

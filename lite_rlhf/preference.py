@@ -274,6 +274,7 @@ def train_preference(
     steps = group_by_length(plan_steps(len(rows), pc, seed), lengths)
     model.fit_checkpointing("preference", longest_micro_batch(steps, lengths), quiet=quiet)
     model.train(True)
+
     def on_step(record: dict) -> None:
         records.append({"stage": "preference", **record})
         kill_point("preference:step")

