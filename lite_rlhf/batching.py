@@ -25,7 +25,6 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] long, right-padded
     mask: torch.Tensor  # [B, T] long, 1 on real tokens
     targets: torch.Tensor  # [B, T] long, the next response token or IGNORE
-    position_ids: torch.Tensor | None = None  # [1, N] when packed: each example's positions from 0
 
 
 def encode_rows(rows: list[Row], max_length: int, truncation: str) -> list[tuple[list[int], int]]:
@@ -65,14 +64,24 @@ def from_examples(examples: list[Example], pad_id: int) -> Batch:
     return Batch(input_ids, mask, targets)
 
 
-def pack_examples(examples: list[Example]) -> Batch:
-    """Examples concatenated into one padding-free row `[1, N]` with each example's own position ids.
-    Attention stays inside each example: transformers reads the restarts of the position ids
-    (flash-attention's varlen kernel on CUDA; a block-diagonal mask with sdpa or eager)."""
-    rows = [from_examples([ex], pad_id=0) for ex in examples]  # one example: no padding
-    input_ids = torch.cat([r.input_ids for r in rows], dim=1)
-    position_ids = torch.cat([torch.arange(r.input_ids.shape[1]) for r in rows])[None]
-    return Batch(input_ids, torch.ones_like(input_ids), torch.cat([r.targets for r in rows], dim=1), position_ids)
+def length_groups(lengths: list[int], overhead: float) -> list[list[int]]:
+    """The rows of a padded batch split into forward passes that cost the least: each pass computes
+    rows x its longest row tokens, plus `overhead` tokens' worth for running a pass at all. Rows sorted
+    longest first, cut into contiguous runs by dynamic programming (exact for this cost); indices into
+    `lengths`, longest group first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    ls = [lengths[i] for i in order]
+    best, cut = [0.0] + [float("inf")] * len(ls), [0] * (len(ls) + 1)
+    for j in range(1, len(ls) + 1):
+        for i in range(j):  # the group order[i:j], whose longest row is ls[i]
+            cost = best[i] + (j - i) * ls[i] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(ls)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def make_batch(rows: list[Row], pad_id: int, max_length: int, truncation: str) -> Batch:

@@ -6,10 +6,10 @@ over the trained tokens only: the assistant turns of a conversation (`data.conve
 the one chat template), or the response of a (prompt, response) row. The log-probs go through the
 fused LM-head kernel like DPO's, so the `[tokens, vocab]` logits are never built. The optimizer step
 is the shared helper (`train.optimize`): cosine with warm-up, accumulation weighted by tokens,
-clipping, one metrics record per step. With `packing`, each micro-batch is one padding-free packed
-row on CUDA with flash-attention (`batching.pack_examples`; written for GPUs, not run here), and
-elsewhere the examples of each optimizer step are grouped by length into micro-batches
-(`train.group_by_length`): the same gradient up to rounding either way.
+clipping, one metrics record per step. With `packing`, the examples of each optimizer step are grouped
+by length into micro-batches (`train.group_by_length`); within a micro-batch the model computes nothing on
+padding where that pays (`SharedModel.hidden_states`: one packed row on CUDA with flash-attention, written
+for GPUs and not run here; rows of similar length together on CPU): the same gradient up to rounding.
 
 RAFT (Dong et al. 2023, https://arxiv.org/abs/2304.06767) is this trainer run on the best answer per
 prompt (`select_winners`), from the previous policy, without a reference model.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lite_rlhf.batching import Example, from_examples, pack_examples, truncate_example
+from lite_rlhf.batching import Example, from_examples, truncate_example
 from lite_rlhf.config import Config, ConfigError, DataConfig, RaftConfig, SFTConfig
 from lite_rlhf.data import Conversation, DataError, conversation_ids, load_conversations
 from lite_rlhf.loggers import attach_logger
@@ -64,11 +64,10 @@ def train_sft(
         raise DataError("no SFT example fits data.max_length with a trained token left")
     n_trained = [sum(trained[1:]) for _, trained in examples]  # the first token is never a target
     losses: list[tuple[float, int]] = []
-    packed = sec.packing and model.padding_free  # CUDA + flash-attention; length grouping elsewhere
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         chosen = [examples[i] for i in indices]
-        batch = pack_examples(chosen) if packed else from_examples(chosen, model.pad_id)
+        batch = from_examples(chosen, model.pad_id)
         logps, n_tokens = model.sequence_logps(batch)
         losses.append((-logps.sum().item(), int(n_tokens.sum())))
         return -logps.sum()  # the micro-batch's summed NLL; the helper divides by the step's trained tokens
@@ -82,7 +81,7 @@ def train_sft(
     steps = plan_steps(len(examples), sec, seed)
     if sec.packing:
         steps = group_by_length(steps, lengths)
-    model.fit_checkpointing(name, longest_micro_batch(steps, lengths), quiet=quiet)  # packed rows: at most this
+    model.fit_checkpointing(name, longest_micro_batch(steps, lengths), quiet=quiet)
     model.train()
     with model.role("policy"):
         optimize(

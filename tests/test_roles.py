@@ -323,3 +323,43 @@ def test_missing_sft_adapter_names_the_key(tiny, tmp_path):
 
     with pytest.raises(ConfigError, match="model.sft_adapter"):
         make(tiny, f"model.sft_adapter={tmp_path / 'nowhere'}")
+
+
+def test_length_groups_minimise_padded_tokens_plus_a_cost_per_pass():
+    from lite_rlhf.batching import length_groups
+
+    lengths = [100, 10, 95, 12, 11, 98]
+    # one pass: 6 x 100 = 600 + 80; two passes (100, 98, 95 | 12, 11, 10): 300 + 36 + 160 = 496
+    assert length_groups(lengths, 80) == [[0, 5, 2], [3, 4, 1]]
+    assert length_groups(lengths, 1000) == [[0, 5, 2, 3, 4, 1]]  # a pass costs more than the padding saved
+    assert length_groups(lengths, 0) == [[0], [5], [2], [3], [4], [1]]  # free passes: no padding at all
+    assert length_groups([], 80) == []
+
+
+@pytest.mark.parametrize("how", ["grouped", "packed"])
+def test_no_compute_on_padding_gives_the_padded_results(tiny, how):
+    """Rows in length groups (CPU) or packed into one row with per-row positions (the CUDA flash-attention
+    path, here through transformers' block-diagonal mask) give the hidden states, log-probs and LoRA
+    gradients of the plain padded batch."""
+    model = make(tiny)
+    perturb(model, "policy")
+    qa = QA + [("hi", "ok."), ("tell me a long story about the sea and the sun.", "once upon a time " * 8)]
+    rows = [(prompt_ids(model.tokenizer, [{"role": "user", "content": q}]), response_ids(model.tokenizer, a))
+            for q, a in qa]  # fmt: skip
+    b = make_batch(rows, model.tokenizer.pad_token_id, 512, "keep_ends")
+    out = {}
+    for mode in ("padded", how):
+        model.forward_overhead = {"padded": float("inf"), "grouped": 0.0}.get(mode, float("inf"))
+        model.pack_rows = mode == "packed"
+        model.peft.zero_grad()
+        with model.role("policy"):
+            hidden = model.hidden_states(b.input_ids, b.mask)
+            logps, _ = model.sequence_logps(b)
+        logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters("policy")])
+        out[mode] = (hidden * b.mask[..., None], logps.detach(), grads)
+    assert_close(out[how][0], out["padded"][0].detach(), atol=1e-5, rtol=1e-5)
+    assert_close(out[how][1], out["padded"][1], atol=1e-4, rtol=1e-5)
+    scale = out["padded"][2].abs().max().item()  # ~80 here: sums of ~600 tokens' log-prob gradients
+    assert scale > 0
+    assert_close(out[how][2], out["padded"][2], atol=1e-4 * scale, rtol=1e-4)  # fp32 sums in another order

@@ -12,7 +12,7 @@ import torch
 from lite_rlhf.kernels import sequence_logps
 from torch.testing import assert_close
 
-from lite_rlhf.batching import IGNORE, from_examples, pack_examples, truncate_example
+from lite_rlhf.batching import IGNORE, from_examples, truncate_example
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.data import Conversation, DataError, conversation_ids, load_conversations
 from lite_rlhf.roles import SharedModel
@@ -119,9 +119,9 @@ def test_length_grouping_keeps_each_step_and_its_gradient(model):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rows_give_the_padded_loss_and_gradient(tiny, attn):
-    """Examples packed into one row with per-example position ids (the padding-free layout used with
-    flash-attention on CUDA) give the padded batch's loss and gradient: attention stays inside each
-    example (on CPU, transformers turns the position ids into a block-diagonal mask)."""
+    """Examples packed into one row with per-example position ids (`SharedModel.pack_rows`, the padding-free
+    layout used with flash-attention on CUDA) give the padded batch's loss and gradient: attention stays inside
+    each example (on CPU, transformers turns the position ids into a block-diagonal mask)."""
     m = SharedModel(load_config(None, [f"model.name={tiny}", "lora.r=4", f"model.attn_implementation={attn}"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -129,17 +129,20 @@ def test_packed_rows_give_the_padded_loss_and_gradient(tiny, attn):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     examples = [conversation_ids(m.tokenizer, Conversation(CHAT[: k + 1], 0)) for k in (2, 4)]
     examples.append(conversation_ids(m.tokenizer, Conversation(CHAT[1:3], 0)))
-    packed = pack_examples(examples)
-    assert packed.input_ids.shape == (1, sum(len(ids) for ids, _ in examples))
+    calls = []
+    m._decoder.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    batch = from_examples(examples, m.pad_id)
     results = []
     with m.role("policy"):
-        for batch in (from_examples(examples, m.pad_id), packed):
+        for pack in (False, True):
+            m.pack_rows, m.forward_overhead = pack, float("inf")
             loss = -m.sequence_logps(batch)[0].sum()
             grads = torch.autograd.grad(loss, m.parameters("policy"))
             results.append((loss.detach(), torch.cat([g.flatten() for g in grads])))
     assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
-    assert not m.padding_free  # on CPU the trainer groups by length instead
+    assert calls == [batch.input_ids.shape, (1, sum(len(ids) for ids, _ in examples))]  # padded, then one packed row
+    assert not m.padding_free  # on CPU rows are grouped by length instead
 
 
 def test_truncation_keeps_the_start_and_drops_what_trains_nothing():
