@@ -17,7 +17,8 @@ Memory: for each phase the peak resident memory (VmHWM, reset at the phase's sta
 resident memory right after the imports (torch, transformers, peft, vllm): the "increase above the
 post-import baseline". `lite_rlhf.plan.estimate(cuda=False)` gives its estimate of the same increase for
 the same configuration, with ``data.max_length`` set to the longest sequence the phase actually saw
-(the plan sizes for the configured maximum). Target (issue 7): within 25% per phase.
+(the plan sizes for the configured maximum) and the checkpointed layers the DPO stage chose.
+Target (issue 7): within 25% per phase.
 
 The reward adapter is untrained unless ``--reward-adapter DIR`` names one (e.g. ``runs/demo/reward``):
 its weights change which pairs are kept, not the cost of a phase. Timings from a machine where other
@@ -183,7 +184,12 @@ def worker(spec: dict) -> dict:
             parts = estimate(cfg, cuda=False)["phases"]["score"]
             parts = {k: v for k, v in parts.items() if not k.startswith("activations")}
         else:
-            length_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=seq[row["phase"]]))
+            length_cfg = dataclasses.replace(
+                cfg,
+                data=dataclasses.replace(cfg.data, max_length=seq[row["phase"]]),
+                # the layers the DPO stage checkpointed (auto decides at run time, from the machine's memory)
+                model=dataclasses.replace(cfg.model, gradient_checkpointing=model.checkpointed_layers),
+            )
             parts = estimate(length_cfg, cuda=False)["phases"][row["phase"]]
         row["estimate_mib"] = sum(parts.values()) / 2**20
         row["estimate_parts"] = {k: round(v / 2**20, 1) for k, v in parts.items()}
