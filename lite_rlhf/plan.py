@@ -268,6 +268,15 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
     lines.append(
         f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them"
     )
+    needed = max(
+        sum(v for k, v in est["phases"][p].items() if k.startswith("engine")) for p in ("generate", "evaluate")
+    )
+    if gpus == 1 and needed > engine_share:  # vLLM refuses to start when its weights and cache exceed its share
+        ok = False
+        util = min(0.95, needed / gpu_mem + 0.05)
+        share = f"{engine_share / GiB:.1f} GiB"
+        lines.append(f"the engine needs {needed / GiB:.1f} GiB (weights + minimum KV cache), its share is "
+                     f"{share}: raise generation.gpu_memory_utilization to {util:.2f}")  # fmt: skip
     if ok:
         lines.append("fits")
     else:

@@ -173,9 +173,10 @@ def share_weights(peft_model: nn.Module, llm, device: torch.device) -> int:
     the bytes of the trainer's copy given up. All or nothing: on a mismatch (ShareError) nothing changed."""
     trainer = base_parameters(peft_model)
     views = engine_views(engine_model(llm), trainer)
+    device = torch.device(device)  # "cuda" matches the engine's "cuda:0"
     for name, p in trainer.items():
         view = views[name]
-        if view.dtype != p.dtype or view.device != torch.device(device):
+        if view.dtype != p.dtype or view.device.type != device.type or device.index not in (None, view.device.index):
             raise ShareError(f"{name}: the engine holds {view.dtype} on {view.device}, the trainer {p.dtype}")
         if not torch.equal(p.data.to(view.device), view):
             raise ShareError(f"{name} differs between the trainer and the engine")
