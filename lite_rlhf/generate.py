@@ -86,6 +86,11 @@ def auto_backend() -> tuple[str, str]:
     return AUTO_CPU_BACKEND, AUTO_CPU_REASON
 
 
+def backend_of(gen: GenerationConfig) -> str:
+    """The backend `gen.backend` names: vllm or hf (auto resolved for this machine)."""
+    return gen.backend if gen.backend != "auto" else auto_backend()[0]
+
+
 def make_engine(
     model_dir: Path,
     gen: GenerationConfig,
@@ -100,8 +105,7 @@ def make_engine(
     `quantization="nf4"`: the policy trains on a 4-bit base (QLoRA), sample from the same base where the
     backend can; `max_model_len`: prompt + answer tokens (default: the model's context length); `share`: start
     vLLM so that the trainer's base can become views of its weights (`start_engine`)."""
-    backend = gen.backend if gen.backend != "auto" else auto_backend()[0]
-    if backend == "vllm":
+    if backend_of(gen) == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise GenerationError(
                 "generation.backend=vllm but vllm is not installed: install the extra "
@@ -118,8 +122,7 @@ def start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str]
     from lite_rlhf.share import ShareError, offload_base, reason_not_to_share, restore_base, share_weights, vllm_version
 
     cuda = model.device.type == "cuda"
-    backend = cfg.generation.backend if cfg.generation.backend != "auto" else auto_backend()[0]
-    reason = reason_not_to_share(cfg, backend=backend, cuda=cuda, vllm_version=vllm_version(cuda))
+    reason = reason_not_to_share(cfg, backend=backend_of(cfg.generation), cuda=cuda, vllm_version=vllm_version(cuda))
     if reason:
         if cfg.generation.share_weights is not False:
             say(f"engine: its own copy of the base weights ({reason})")
@@ -347,9 +350,6 @@ class VllmEngine(Engine):
     ):
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         self.cuda = _cuda()
-        # share: the trainer's base will be views of this engine's weights (lite_rlhf/share.py): on CPU the
-        # linears run on the plain weight, on CUDA the engine runs in this process and sleeps its KV cache only
-        self.share = share
         self.dtype = dtype_name(gen.dtype, self.cuda)
         self.quantization = quantization
         self.lora_rank = _vllm_rank(lora_rank)
@@ -362,14 +362,16 @@ class VllmEngine(Engine):
                 "unquantized base while the policy trains on the 4-bit one (samples are slightly off-policy)",
                 stacklevel=2,
             )
-        self.llm = self._start()
+        self.llm = self._start(share)
         import vllm
 
         where = f"cuda ({gen.device or 'default device'})" if self.cuda else "cpu, in-process"
         quant = ", bitsandbytes 4-bit base" if self.cuda and quantization == "nf4" else ""
         self.description = f"vllm {vllm.__version__} on {where}, {self.dtype}{quant}"
 
-    def _start(self):
+    def _start(self, share: bool):
+        """share: the trainer's base will be views of this engine's weights (lite_rlhf/share.py): on CPU the
+        linears run on the plain weight, on CUDA the engine runs in this process (and sleeps its KV cache only)."""
         if not self.cuda:
             # Before vllm is imported: keep the engine in this process (start-up 2-4 s instead of
             # 13-15 s; the sampler then draws from this process's torch generator, see _generate).
@@ -393,7 +395,7 @@ class VllmEngine(Engine):
         if self.cuda:
             kwargs.update(gpu_memory_utilization=self.gen.gpu_memory_utilization)
             kwargs.update(tensor_parallel_size=self.gen.tensor_parallel_size)
-            if self.share:  # in this process, so that the trainer can view its weights
+            if share:  # in this process, so that the trainer can view its weights
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             if self.gen.sleep_during_training:
                 kwargs.update(enable_sleep_mode=True)
@@ -411,9 +413,9 @@ class VllmEngine(Engine):
             enable_prefix_caching=False,
         )
         self._cpu_lora_ops()
-        from lite_rlhf import share
+        from lite_rlhf import share as share_module
 
-        share.install_plain_gemm(self.share)
+        share_module.install_plain_gemm(share)
         # The in-process worker replaces torch.set_num_threads with a no-op for the whole process (which
         # would also pin the training that follows): the original is put back after start-up.
         set_num_threads = torch.set_num_threads

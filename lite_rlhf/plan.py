@@ -247,10 +247,12 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
     lines += ["| phase | training GPU | engine | total on card 0 |", "|---|---|---|---|"]
     ok = True
     engine_share = cfg.generation.gpu_memory_utilization * gpu_mem
-    worst_phase, worst = "", 0.0
+    worst_phase, worst, needed = "", 0.0, 0.0  # needed: the engine's most while it generates
     for phase, parts in est["phases"].items():
         train = sum(v for k, v in parts.items() if not k.startswith("engine")) + _CUDA_CONTEXT
         engine_needed = sum(v for k, v in parts.items() if k.startswith("engine"))
+        if phase in ("generate", "evaluate"):
+            needed = max(needed, engine_needed)
         if gpus == 1:
             # The engine holds its share while awake; it sleeps during training (weights to CPU, or with one
             # copy of the weights its KV cache only). With one copy it runs in this process: no second context.
@@ -267,9 +269,6 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
     lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {gpu_mem / GiB:.0f} GiB"]
     lines.append(
         f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them"
-    )
-    needed = max(
-        sum(v for k, v in est["phases"][p].items() if k.startswith("engine")) for p in ("generate", "evaluate")
     )
     if gpus == 1 and needed > engine_share:  # vLLM refuses to start when its weights and cache exceed its share
         ok = False

@@ -40,9 +40,9 @@ TRAINED = ("policy", "reward", "preference")  # the roles with trainable paramet
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"
 GIB = 1024**3
-# What one more forward pass costs on CPU, in tokens' worth of compute: DPO micro-batches of 4 demo pairs (8 rows,
-# 26% padding) forward + backward on SmolLM2-135M, 2 threads: 8 rows at once 22.6-24.4 s, in 2 length groups
-# 20.9 s, in 4 groups 24.6 s (5,160 / 4,332 / 3,934 tokens): going from 2 to 4 passes cost ~77 tokens per pass.
+# What one more forward pass costs on CPU, in tokens' worth of compute: DPO micro-batches of 4 demo pairs forward +
+# backward on SmolLM2-135M, 2 threads, split into 1, 2 and 4 passes: one extra pass cost 88 tokens' worth
+# (benchmarks/bench_length_groups.py, results/bench_length_groups.md); a first, ad-hoc measurement gave 77.
 FORWARD_OVERHEAD_TOKENS = 80
 
 
@@ -278,15 +278,15 @@ class SharedModel:
         if self.pack_rows:
             return self._packed_hidden(ids, lengths)
         mask, width = attention_mask.to(self.device), ids.shape[1]
-        groups = (
-            length_groups(lengths, self.forward_overhead) if self.forward_overhead < math.inf else [range(len(ids))]
-        )
+        groups = length_groups(lengths, self.forward_overhead)  # one group when a pass costs more than padding
+        if len(groups) == 1:
+            groups = [list(range(len(lengths)))]  # one pass: the rows in their own order, nothing to put back
         parts = []
         for group in groups:
-            rows, w = torch.tensor(list(group), device=self.device), max(lengths[i] for i in group)
+            rows, w = torch.tensor(group, device=self.device), max(lengths[i] for i in group)
             out = self._decoder(input_ids=ids[rows, :w], attention_mask=mask[rows, :w], use_cache=False)
             parts.append(nn.functional.pad(out.last_hidden_state, (0, 0, 0, width - w)))
-        if len(parts) == 1 and list(groups[0]) == list(range(len(ids))):
+        if len(parts) == 1:
             return parts[0]
         order = torch.tensor([i for group in groups for i in group], device=self.device)
         return torch.cat(parts)[torch.argsort(order)]

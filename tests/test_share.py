@@ -29,7 +29,6 @@ from lite_rlhf.share import (
     engine_model,
     engine_views,
     reason_not_to_share,
-    shares_storage,
 )
 
 pytestmark = pytest.mark.slow
@@ -37,6 +36,12 @@ pytestmark = pytest.mark.slow
 FRANCE = Prompt("france", [{"role": "user", "content": "What is the capital of France?"}])
 OCEAN = Prompt("ocean", [{"role": "user", "content": "Describe the ocean in two sentences."}])
 LOGPROB_TOL = 1e-4
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Does `a` lie inside the storage of `b`?"""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sb.data_ptr() <= a.data_ptr() < sb.data_ptr() + sb.nbytes() and sa.data_ptr() == sb.data_ptr()
 
 
 def config(**over):
