@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -83,14 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         from lite_rlhf.doctor import doctor
 
         return doctor()
+    from lite_rlhf import dist
+
+    speak = dist.is_main()  # under torchrun every rank meets the same bad input: rank 0 says it
     try:
         cfg = resolve(args)
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
+        if dist.world() > 1:
+            if args.command != "run":
+                raise ConfigError(f"`lite-rlhf {args.command}` runs in one process: launch it without torchrun "
+                                  "(`run` is the command that runs on ranks)")  # fmt: skip
+            if not speak:
+                os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            dist.start()
         return _dispatch(args, cfg)
     except ConfigError as err:
-        print(f"lite-rlhf: config error: {err}", file=sys.stderr)
+        if speak:
+            print(f"lite-rlhf: config error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lite-rlhf: interrupted; run the same command again to resume", file=sys.stderr)
@@ -99,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         from lite_rlhf.errors import user_errors
 
         if isinstance(err, user_errors()):
-            print(f"lite-rlhf: error: {err}", file=sys.stderr)
+            if speak:
+                print(f"lite-rlhf: error: {err}", file=sys.stderr)
             return 2
         raise
+    finally:
+        dist.finish()
 
 
 def _quiet_libraries() -> None:

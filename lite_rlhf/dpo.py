@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from lite_rlhf import dist
 from lite_rlhf.batching import IGNORE, Row, fits, make_batch
 from lite_rlhf.config import ConfigError, DataConfig, DPOConfig
 from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path
@@ -37,7 +38,12 @@ def add_reference_logps(
     model, pairs: list[Pair], prompt_ids: dict[str, list[int]], d: DataConfig, micro_batch: int, *, quiet: bool = True
 ) -> list[Pair]:
     """π0's summed log-probs of each pair's chosen and rejected response, computed once, in batches of
-    pairs of similar length (less padding); returned in the order given."""
+    pairs of similar length (less padding); returned in the order given. Under torchrun each rank computes
+    its share."""
+    return dist.map_sharded(pairs, lambda part: _reference_logps(model, part, prompt_ids, d, micro_batch, quiet))
+
+
+def _reference_logps(model, pairs: list[Pair], prompt_ids, d: DataConfig, micro_batch: int, quiet: bool) -> list[Pair]:
     from tqdm.auto import tqdm
 
     order = sorted(range(len(pairs)), key=lambda i: -_longest_row(pairs[i], prompt_ids))

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
+from lite_rlhf import dist
 from lite_rlhf.batching import make_batch
 from lite_rlhf.config import DataConfig, EvalConfig
 from lite_rlhf.data import Prompt
@@ -124,20 +125,28 @@ def kl_estimate(
     model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int, quiet: bool = False
 ) -> float:
     """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens; batches of
-    similar length (less padding)."""
-    diffs = []
-    samples = sorted(samples, key=lambda s: -(len(prompt_ids[s.prompt_id]) + len(s.token_ids)))
-    for i in tqdm(range(0, len(samples), batch_size), desc="KL estimate", unit="batch", leave=False, disable=quiet):
-        chunk = samples[i : i + batch_size]
-        batch = make_batch(
-            [(prompt_ids[s.prompt_id], s.token_ids) for s in chunk], model.pad_id, d.max_length, "keep_ends"
-        )
+    similar length (less padding). Under torchrun each rank runs its share."""
+    diffs = dist.map_sharded(samples, lambda part: _logp_differences(model, prompt_ids, part, d, batch_size, quiet))
+    return sum(diffs) / len(diffs) if diffs else 0.0
+
+
+@torch.no_grad()
+def _logp_differences(model, prompt_ids, samples: list, d: DataConfig, batch_size: int, quiet: bool) -> list[float]:
+    """log π(y|x) - log π0(y|x) of each sample, in the order given."""
+    diffs = [0.0] * len(samples)
+    lengths = [len(prompt_ids[s.prompt_id]) + len(s.token_ids) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: -lengths[i])
+    for at in tqdm(range(0, len(order), batch_size), desc="KL estimate", unit="batch", leave=False, disable=quiet):
+        chunk = order[at : at + batch_size]
+        rows = [(prompt_ids[samples[i].prompt_id], samples[i].token_ids) for i in chunk]
+        batch = make_batch(rows, model.pad_id, d.max_length, "keep_ends")
         with model.role("policy"):
             pol = model.sequence_logps(batch)[0].float().cpu()
         with model.role("reference"):
             ref = model.sequence_logps(batch)[0].float().cpu()
-        diffs += (pol - ref).tolist()
-    return sum(diffs) / len(diffs) if diffs else 0.0
+        for i, diff in zip(chunk, (pol - ref).tolist(), strict=True):
+            diffs[i] = diff
+    return diffs
 
 
 def noise_figures(engine, test: list[Prompt], k: int, adapter, seed: int, gold: Gold, quiet: bool = False) -> dict:

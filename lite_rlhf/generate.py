@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lite_rlhf import dist
 from lite_rlhf.config import Config, GenerationConfig
 from lite_rlhf.data import Prompt, prompt_ids
 from lite_rlhf.models import dtype_name, nf4_config
@@ -254,7 +255,8 @@ class Engine:
     ) -> list[Sample]:
         """n samples per prompt (ordered by prompt, then index) from the base, or the base + `adapter`.
         The same (prompts, n, adapter, seed, settings) give the same samples. All inputs are checked
-        before anything is generated."""
+        before anything is generated. Under torchrun each rank's engine samples its share of the prompts
+        and every rank gets all the samples back."""
         if n < 1:
             raise GenerationError(f"n must be at least 1, got {n}")
         temperature = self.gen.temperature if temperature is None else temperature
@@ -263,7 +265,13 @@ class Engine:
         ids = [self._encode(p, max_new_tokens) for p in prompts]
         if not prompts:
             return []
-        return self._generate(prompts, ids, n, adapter_dir, seed, temperature, max_new_tokens, logprobs, desc)
+
+        def per_prompt(part: list[tuple[Prompt, list[int]]]) -> list[list[Sample]]:
+            mine = self._generate([p for p, _ in part], [x for _, x in part], n, adapter_dir, seed, temperature,
+                                  max_new_tokens, logprobs, desc)  # fmt: skip
+            return [mine[k * n : (k + 1) * n] for k in range(len(part))]
+
+        return [s for group in dist.map_sharded(list(zip(prompts, ids, strict=True)), per_prompt) for s in group]
 
     def _encode(self, prompt: Prompt, max_new_tokens: int) -> list[int]:
         if not prompt.messages or not any(m.get("content", "").strip() for m in prompt.messages):

@@ -16,6 +16,10 @@
         evaluate policy_t; best/ = the iteration with the highest validation reward
                                   (preference: validation win rate against π0)
 
+Under torchrun (`torchrun --nproc-per-node=N -m lite_rlhf run ...`) every rank runs this same loop on its own
+device and engine: the batched calls inside the stages are split across ranks and gathered (`lite_rlhf/dist.py`),
+and rank 0 writes the run directory.
+
 Every stage goes through `RunDir.commit` (outputs, metrics lines and mark together) and is skipped
 when the run state says it is done, so the same command resumes a killed run and ends with the same
 artifacts (same seed, same pairs, same weights).
@@ -28,8 +32,9 @@ import time
 
 import torch
 
+from lite_rlhf import dist
 from lite_rlhf.batching import as_example, encode_rows, fits
-from lite_rlhf.config import Config
+from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.data import load_conversations, prompt_ids, response_ids
 from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
 from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
@@ -54,26 +59,34 @@ def main_run(cfg: Config) -> int:
     except NonFiniteLoss as err:
         print(f"lite-rlhf: {err}; stopped, the last good policy is kept (see {cfg.run.out_dir}/best)")
         return 1
-    print(f"lite-rlhf: done; best iteration {best} -> {cfg.run.out_dir}/best, report {cfg.run.out_dir}/report.md")
+    if dist.is_main():
+        print(f"lite-rlhf: done; best iteration {best} -> {cfg.run.out_dir}/best, report {cfg.run.out_dir}/report.md")
     return 0
 
 
 def run(cfg: Config) -> int:
     """The whole loop; returns the best iteration."""
     t_start = time.time()
+    if dist.active():
+        if cfg.generation.device:
+            raise ConfigError("config key 'generation.device': under torchrun each rank trains and generates on "
+                              "its own device (cuda:LOCAL_RANK); leave it unset")  # fmt: skip
+        cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, device=dist.device()))
+    if not dist.is_main():  # logging and progress from rank 0 only
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, quiet=True))
     task = load_task(cfg.data)  # every data file is read and checked before a model loads
     conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     if cfg.reward.kind == "preference":
         check_format(cfg)  # the labels are one token each
     rd = RunDir(cfg)
-    close_logger = attach_logger(rd, cfg.run)
+    close_logger = attach_logger(rd, cfg.run) if dist.is_main() else (lambda: None)
     say = Say(cfg.run.quiet)
     for warning in task.warnings:
         say(f"warning: {warning}")
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
     model_dir = resolve_model(cfg.model.name)
-    model = SharedModel(cfg, model_dir=model_dir)
+    model = SharedModel(cfg, model_dir=model_dir, device=dist.device())
     pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
     train_oracle(rd, model, cfg)
     oracle = Oracle(cfg, model)
@@ -104,10 +117,10 @@ def run(cfg: Config) -> int:
         best = choose_best(ctx, t)
         commit_report(ctx, f"iter_{t:03d}/report")
         say(f"iteration {t} done; best so far: iteration {best}; {time.time() - t_start:.0f} s since start")
-    engine.close()
     commit_summary(ctx, best, time.time() - t_start)
     commit_report(ctx, "report")
     close_logger()
+    engine.close()  # last: an in-process vLLM engine ends torch.distributed with it (the ranks' group under torchrun)
     return best
 
 
@@ -340,8 +353,8 @@ def choose_best(ctx: Context, t: int) -> int:
 
 
 def commit_report(ctx: Context, name: str) -> None:
-    if not ctx.rd.done(name):
-        ctx.rd.commit(name, report_files(ctx.rd.root))
+    if not ctx.rd.done(name):  # read and drawn by the rank that writes it
+        ctx.rd.commit(name, report_files(ctx.rd.root) if ctx.rd.writer else {})
 
 
 def commit_summary(ctx: Context, best: int, seconds: float) -> None:

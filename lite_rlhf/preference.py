@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lite_rlhf import dist
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, ConfigError, PreferenceConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair
@@ -158,8 +159,12 @@ class Judge:
 
     @torch.no_grad()
     def first_probs(self, items: list[tuple[Messages, str, str]]) -> list[float]:
-        """P(label_a) for each (context, a, b) in the order given."""
-        seqs = [self.encode(*item) for item in items]
+        """P(label_a) for each (context, a, b) in the order given (under torchrun each rank runs its share)."""
+        seqs = [self.encode(*item) for item in items]  # on every rank: the counts stay the whole call's
+        self.forwards += len(seqs)
+        return dist.map_sharded(seqs, self._first_probs)
+
+    def _first_probs(self, seqs: list[list[int]]) -> list[float]:
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = [0.0] * len(seqs)
         for start in tqdm(range(0, len(order), self.batch_size), desc="comparing", unit="batch", leave=False,
@@ -169,7 +174,6 @@ class Judge:
             probs = self.logits(ids, mask).softmax(-1)[:, 0].tolist()
             for i, p in zip(idx, probs, strict=True):
                 out[i] = p
-        self.forwards += len(seqs)
         return out
 
     def probs(self, items: list[tuple[Messages, str, str]]) -> list[float]:

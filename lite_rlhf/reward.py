@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lite_rlhf import dist
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, DataConfig, RewardConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair, encode, prompt_ids, response_ids
@@ -57,7 +58,12 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, trunca
 
 @torch.no_grad()
 def score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int, quiet: bool = False) -> list[float]:
-    """Rewards of token sequences (prompt + response), in input order; batches of similar length."""
+    """Rewards of token sequences (prompt + response), in input order; batches of similar length. Under
+    torchrun each rank scores its share."""
+    return dist.map_sharded(seqs, lambda part: _score_ids(model, part, batch_size, quiet))
+
+
+def _score_ids(model: SharedModel, seqs: list[list[int]], batch_size: int, quiet: bool) -> list[float]:
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
     was_training = model.peft.training

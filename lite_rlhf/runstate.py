@@ -10,8 +10,10 @@ stage is never redone. So a killed run restarted with the same command ends with
 `kill_point(name)` is where the resume tests cut the power: one before every commit (the stage's
 work is lost), one after its files are written (written, not marked), and inside long stages.
 
-What makes two runs the same run is `config.identity`: a directory holding a run of another identity
-is refused; one that has not committed its first stage pins nothing.
+What makes two runs the same run is `config.identity` and the number of ranks (`dist.world`): a directory
+holding a run of another identity, or one run on another number of ranks, is refused; one that has not
+committed its first stage pins nothing. Under torchrun rank 0 alone writes; every rank marks the stage
+done after the barrier that ends the commit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from uuid import uuid4
 
 import yaml
 
+from lite_rlhf import dist
 from lite_rlhf.config import Config, identity, to_yaml
 
 
@@ -52,12 +55,15 @@ Content = str | dict | list | Callable[[Path], None] | Link
 def kill_point(name: str) -> None:
     """Fault injection for the resume tests. `LITE_RLHF_KILL_AT=<name>` SIGKILLs the process here, as a
     power cut would; `LITE_RLHF_KILL_LOG=<file>` appends every point reached (the tests' list of
-    points). Both unset (always, outside tests), it does nothing."""
+    points). Both unset (always, outside tests), it does nothing. Under torchrun, `LITE_RLHF_KILL_RANK=<r>`
+    kills rank r only."""
     log = os.environ.get("LITE_RLHF_KILL_LOG")
-    if log:
+    if log and dist.is_main():
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(name + "\n")
-    if os.environ.get("LITE_RLHF_KILL_AT") == name:
+    if os.environ.get("LITE_RLHF_KILL_AT") == name and os.environ.get("LITE_RLHF_KILL_RANK", str(dist.rank())) == str(
+        dist.rank()
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -155,13 +161,26 @@ class RunDir:
                     f"{self.root} holds a run with a different config ({', '.join(changed[:4])} differ; see {saved}); "
                     "use another run.out_dir, or delete the directory to start over"
                 )
+        self.state_path = self.root / "state.json"
+        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
+        ranks = self.state.setdefault("world_size", dist.world() if not self.state["done"] else 1)
+        if self.state["done"] and ranks != dist.world():
+            raise RunStateError(
+                f"{self.root} holds a run on {ranks} rank(s) (state.json world_size); this start has {dist.world()}: "
+                f"resume it on {ranks} (torchrun --nproc-per-node), or use another run.out_dir"
+            )
+        self.state["world_size"] = dist.world()
+        self.writer = dist.is_main()  # under torchrun rank 0 writes, the others wait at each commit's barrier
+        if not self.writer:
+            self.on_commit: list[Callable[[int, list[dict]], None]] = []
+            self.lines = 0
+            self._since = time.monotonic()
+            return
         try:  # refuse before any model loads, not after the first stage's work
             self.root.mkdir(parents=True, exist_ok=True)
             _temp_path(self.root / "state.json").unlink()
         except OSError as err:
             raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
-        self.state_path = self.root / "state.json"
-        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
         # Loggers: `send(line number of the first record, records)` for committed lines only.
         self.on_commit: list[Callable[[int, list[dict]], None]] = []
         # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
@@ -183,8 +202,13 @@ class RunDir:
         return stage in self.state["done"]
 
     def commit(self, stage: str, files: dict[Path, Content] | None = None, metrics: list[dict] = ()) -> None:
-        """Write the stage's outputs, append its metrics lines, mark it done: in that order."""
+        """Write the stage's outputs, append its metrics lines, mark it done: in that order. Under torchrun
+        rank 0 does so; every rank leaves at the barrier after it, with the stage marked done."""
         kill_point(stage)
+        if not self.writer:
+            dist.barrier()
+            self.state["done"].append(stage)
+            return
         files = dict(files or {})
         if not self.state["done"]:  # the first commit pins the run's identity
             files = {self.root / "config.yaml": self.config_text, **files}
@@ -207,12 +231,15 @@ class RunDir:
         # Wall seconds since the previous commit (or since this process opened the run): the stage's own time,
         # the model loading included for the first stage after a start.
         self.state.setdefault("stage_seconds", {})[stage] = round(time.monotonic() - self._since, 1)
+        if dist.active():  # of which rank 0 waited in collectives (for the slowest rank, or for the data)
+            self.state.setdefault("collective_seconds", {})[stage] = round(dist.take_seconds(), 2)
         self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.state["metrics_bytes"] = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         write_json(self.state_path, self.state)
         for send in self.on_commit:
             send(self.lines, list(metrics))
         self.lines += len(metrics)
+        dist.barrier()
         self._since = time.monotonic()
 
     @property

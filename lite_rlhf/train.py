@@ -10,7 +10,9 @@ weight_decay.
 Accumulation: the micro-batch loss is the *sum* of its examples' losses (of its tokens' losses for
 SFT); dividing by the number of examples (tokens) in the whole optimizer step makes the accumulated
 gradient the step's mean, whatever the micro-batch sizes (the last one of an epoch may be short) and
-however the step's examples are grouped into micro-batches (`group_by_length`).
+however the step's examples are grouped into micro-batches (`group_by_length`). Under torchrun each rank
+runs its part of every step's micro-batches (`dist.my_part`) and the gradients are summed over ranks
+before clipping, so the step is the single-process step; the step's record combines the ranks' figures.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
+
+from lite_rlhf import dist
 
 
 class NonFiniteLoss(RuntimeError):
@@ -38,6 +42,7 @@ class TrainSection(Protocol):
 
 
 Steps = list[list[list[int]]]  # optimizer steps -> micro-batches -> example indices
+COUNTS = ("tokens",)  # step figures that are counts (summed over ranks); every other one is a mean
 
 
 def plan_steps(n: int, sec: TrainSection, seed: int) -> Steps:
@@ -104,11 +109,14 @@ def optimize(
     with tqdm(total=len(steps), desc=name, unit="step", disable=quiet) as bar:
         for k, step in enumerate(steps, start=1):
             n = sum(weight(mb) for mb in step)
-            for mb in step:
+            mine = dist.my_part(step)
+            for mb in mine:
                 loss = micro_loss(mb)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {k}")
                 (loss / n).backward()
+            dist.sum_gradients(params)
+            stats = combine(dist.all_gather((step_stats() if mine else {}, sum(weight(mb) for mb in mine))))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLoss(f"{name} gradient norm is {grad_norm.item()} at step {k}")
@@ -116,7 +124,20 @@ def optimize(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            record = {"step": k, **step_stats(), "lr": lr, "grad_norm": float(grad_norm)}
+            record = {"step": k, **stats, "lr": lr, "grad_norm": float(grad_norm)}
             on_step(record)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
             bar.update(1)
+
+
+def combine(parts: list[tuple[dict, float]]) -> dict:
+    """One step's figures from the ranks' (figures, weight): means weighted by the ranks' shares of the
+    step, counts (`COUNTS`) summed. A single part comes back as it is."""
+    parts = [(stats, w) for stats, w in parts if stats]
+    if len(parts) <= 1:
+        return parts[0][0] if parts else {}
+    total = sum(w for _, w in parts)
+    return {
+        key: sum(s[key] for s, _ in parts) if key in COUNTS else sum(s[key] * w for s, w in parts) / total
+        for key in parts[0][0]
+    }

