@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", help="output directory (default: <run.out_dir>/merged/)")
         if name == "plan":
             sp.add_argument("--gpu-mem", default="24GB", help="memory of one GPU, e.g. 24GB (default) or 12GB")
-            sp.add_argument("--gpus", type=int, default=1, help="1: engine and training share a card; 2: one each")
+            sp.add_argument("--gpus", type=int, default=1, help="cards: 1, engine and training share it; 2, one "
+                            "each; k, with generation.tensor_parallel_size=k; N, with --ranks N")  # fmt: skip
+            sp.add_argument("--ranks", type=int, default=1, help="torchrun ranks (one card each; default 1)")
     return p
 
 
@@ -157,7 +159,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "plan":
         from lite_rlhf.plan import main_plan
 
-        return main_plan(cfg, gpu_mem=args.gpu_mem, gpus=args.gpus)
+        return main_plan(cfg, gpu_mem=args.gpu_mem, gpus=args.gpus, ranks=args.ranks)
     raise AssertionError(args.command)
 
 

@@ -68,9 +68,10 @@ def run(cfg: Config) -> int:
     """The whole loop; returns the best iteration."""
     t_start = time.time()
     if dist.active():
-        if cfg.generation.device:
-            raise ConfigError("config key 'generation.device': under torchrun each rank trains and generates on "
-                              "its own device (cuda:LOCAL_RANK); leave it unset")  # fmt: skip
+        if cfg.generation.device or cfg.generation.tensor_parallel_size > 1:
+            key = "generation.device" if cfg.generation.device else "generation.tensor_parallel_size"
+            raise ConfigError(f"config key '{key}': under torchrun each rank trains and generates on its own device "
+                              "(cuda:LOCAL_RANK): leave generation.device unset, tensor_parallel_size 1")  # fmt: skip
         cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, device=dist.device()))
     if not dist.is_main():  # logging and progress from rank 0 only
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, quiet=True))

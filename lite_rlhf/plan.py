@@ -161,7 +161,9 @@ def choose_checkpointing(cfg: Config, s: Shape, tokens: int, budget: float, *, c
     return s.layers, peak
 
 
-def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> dict[str, dict[str, float]]:
+def estimate(
+    cfg: Config, *, cuda: bool = True, budget: float | None = None, ranks: int = 1
+) -> dict[str, dict[str, float]]:
     """Bytes per component for each phase of one iteration.
 
     cuda=True: the GPU layout (training device, and the engine's share; the engine sleeps during
@@ -171,10 +173,11 @@ def estimate(cfg: Config, *, cuda: bool = True, budget: float | None = None) -> 
     measured memory. The training phase is sized for a full DPO micro-batch (`dpo.micro_batch` pairs
     of `data.max_length` tokens); with `model.gradient_checkpointing=auto` the checkpointed layers are
     chosen for `model.memory_budget`, else for `budget` (e.g. the card), else all of them.
-    `checkpointed_layers` in the result says how many."""
+    `checkpointed_layers` in the result says how many. `ranks` > 1 (torchrun on CUDA): each rank's engine
+    runs in its own process, so its weights are a second copy."""
     s = model_shape(cfg.model.name)
     act_bytes = w_bytes = value_bytes(cfg, cuda)
-    shared = sharing(cfg, cuda)
+    shared = sharing(cfg, cuda) and not (cuda and ranks > 1)  # a rank's CUDA engine runs in its own process
     tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
     checkpointed = checkpoint_setting(cfg, s.layers)
     if checkpointed is None:
@@ -235,11 +238,36 @@ def sharing(cfg: Config, cuda: bool) -> bool:
     return reason_not_to_share(cfg, backend="vllm", cuda=cuda, vllm_version=SUPPORTED) is None
 
 
-def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
-    est = estimate(cfg, cuda=True, budget=gpu_mem - _CUDA_CONTEXT)
-    one_copy = est["shared"] and gpus == 1
+def layout(cfg: Config, gpus: int, ranks: int) -> tuple[bool, str]:
+    """(does the engine share the trainer's card, the layout in words) for `gpus` cards and `ranks` torchrun
+    ranks; a layout the loop cannot run is a ConfigError."""
+    tp = cfg.generation.tensor_parallel_size
+    if ranks > 1:
+        if gpus != ranks or tp > 1:
+            raise ConfigError(f"under torchrun each rank trains and generates on its own card: plan {ranks} ranks "
+                              f"with --gpus {ranks} and generation.tensor_parallel_size=1")  # fmt: skip
+        return True, f"{ranks} torchrun ranks, one card each (trainer and engine); every card as below"
+    if tp > 1:
+        if gpus != tp:
+            raise ConfigError(f"generation.tensor_parallel_size={tp} spreads the engine over {tp} cards, the trainer "
+                              f"on the first: plan it with --gpus {tp}")  # fmt: skip
+        return True, f"the engine tensor-parallel over {tp} cards, the trainer on card 0 (not run on GPUs here)"
+    if gpus == 1:
+        return True, "one card: trainer and engine"
+    if gpus > 2:
+        raise ConfigError(f"{gpus} cards: plan {gpus} torchrun ranks (--ranks {gpus}) or an engine over {gpus} cards "
+                          f"(generation.tensor_parallel_size={gpus})")  # fmt: skip
+    return False, "trainer on card 0, engine on card 1 (generation.device=cuda:1)"
+
+
+def fit_report(cfg: Config, gpu_mem: float, gpus: int, ranks: int = 1) -> tuple[str, bool]:
+    with_trainer, where = layout(cfg, gpus, ranks)
+    est = estimate(cfg, cuda=True, budget=gpu_mem - _CUDA_CONTEXT, ranks=ranks)
+    tp = cfg.generation.tensor_parallel_size
+    one_copy = est["shared"] and with_trainer
     lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
              f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
+             f"layout: {where}",
              f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
              f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})",
              "base weights: " + ("one copy, the engine's are the trainer's (generation.share_weights)" if one_copy
@@ -250,10 +278,10 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
     worst_phase, worst, needed = "", 0.0, 0.0  # needed: the engine's most while it generates
     for phase, parts in est["phases"].items():
         train = sum(v for k, v in parts.items() if not k.startswith("engine")) + _CUDA_CONTEXT
-        engine_needed = sum(v for k, v in parts.items() if k.startswith("engine"))
+        engine_needed = sum(v for k, v in parts.items() if k.startswith("engine")) / tp  # each card's part
         if phase in ("generate", "evaluate"):
             needed = max(needed, engine_needed)
-        if gpus == 1:
+        if with_trainer:
             # The engine holds its share while awake; it sleeps during training (weights to CPU, or with one
             # copy of the weights its KV cache only). With one copy it runs in this process: no second context.
             engine_on_card = max(engine_share, engine_needed) if phase in ("generate", "evaluate") else 0.05 * GiB
@@ -263,14 +291,14 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
         if total > worst:
             worst_phase, worst = phase, total
         ok &= total <= gpu_mem
-        if gpus > 1:
+        if not with_trainer:
             ok &= engine_needed + _CUDA_CONTEXT <= gpu_mem
         lines.append(f"| {phase} | {train / GiB:.1f} GiB | {engine_needed / GiB:.1f} GiB | {total / GiB:.1f} GiB |")
     lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {gpu_mem / GiB:.0f} GiB"]
     lines.append(
         f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel avoids them"
     )
-    if gpus == 1 and needed > engine_share:  # vLLM refuses to start when its weights and cache exceed its share
+    if with_trainer and needed > engine_share:  # vLLM refuses to start when its weights and cache exceed its share
         ok = False
         util = min(0.95, needed / gpu_mem + 0.05)
         share = f"{engine_share / GiB:.1f} GiB"
@@ -284,7 +312,7 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int) -> tuple[str, bool]:
 
 
 def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
-    out = []
+    out: list[str] = []
     if phase == "train":
         if cfg.model.gradient_checkpointing is not True:
             out.append("model.gradient_checkpointing=true")
@@ -297,11 +325,12 @@ def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
         if cfg.model.quantization != "nf4":
             out.append("model.quantization=nf4")
         out.append(f"data.max_length={cfg.data.max_length // 2} (a smaller KV cache for the engine)")
-        out.append("a second GPU for the engine (generation.device=cuda:1)")
+        if gpus == 1:
+            out.append("a second GPU for the engine (generation.device=cuda:1)")
     return out
 
 
-def main_plan(cfg: Config, gpu_mem: str = "24GB", gpus: int = 1) -> int:
-    text, ok = fit_report(cfg, parse_size(gpu_mem), gpus)
+def main_plan(cfg: Config, gpu_mem: str = "24GB", gpus: int = 1, ranks: int = 1) -> int:
+    text, ok = fit_report(cfg, parse_size(gpu_mem), gpus, ranks)
     print(text)
     return 0 if ok else 1

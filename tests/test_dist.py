@@ -103,6 +103,7 @@ def test_two_ranks_share_the_prompts_and_the_pairs(two_ranks):
     assert trained[0] and trained[1]
     assert sorted(trained[0] + trained[1]) == sorted(expected)
     assert "[lite-rlhf]" not in done.stdout  # run.quiet: nothing from any rank
+    assert done.stdout.count("lite-rlhf: done;") == 1  # rank 0 speaks, the others do not
 
 
 def test_another_number_of_ranks_is_refused(two_ranks):
@@ -114,6 +115,14 @@ def test_another_number_of_ranks_is_refused(two_ranks):
     lines = one.stderr.strip().splitlines()
     assert len(lines) == 1 and "on 2 rank(s)" in lines[0] and "this start has 1" in lines[0], one.stderr
     assert (out / "state.json").read_text() == before
+    spy = root / "spy-refused"
+    spy.mkdir()
+    tp = launch(
+        2, "loop", str(spy), "run", str(path), f"run.out_dir={root / 'tp'}", "generation.tensor_parallel_size=2"
+    )
+    assert tp.returncode != 0 and not (root / "tp").exists()
+    said = [line for line in tp.stderr.splitlines() if line.startswith("lite-rlhf:")]
+    assert len(said) == 1 and "config key 'generation.tensor_parallel_size'" in said[0], tp.stderr[-2000:]
 
 
 def test_rank_1_killed_in_dpo_resumes_to_the_same_artifacts(two_ranks):

@@ -145,3 +145,30 @@ def test_auto_checkpoints_the_fewest_layers_that_fit():
     assert estimate(micro)["checkpointed_layers"] == 12
     text, _ = fit_report(load_config(LLAMA, ["model.gradient_checkpointing=7"]), 24 * GiB, 1)
     assert "gradient checkpointing: 7 of 32 layers" in text
+
+
+def engine_column(text: str) -> dict[str, float]:
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "GiB" in line]
+    return {r[1].strip(): float(r[3].split()[0]) for r in rows}
+
+
+def test_layouts_for_several_cards():
+    cfg = load_config(LLAMA, ["model.quantization=none", "generation.gpu_memory_utilization=0.8"])
+    one, _ = fit_report(cfg, 80 * GiB, 1)
+    ranks, _ = fit_report(cfg, 80 * GiB, 4, ranks=4)
+    assert "4 torchrun ranks, one card each" in ranks
+    assert "one copy" in one and "two copies" in ranks  # a rank's CUDA engine runs in its own process
+    tp = load_config(LLAMA, ["model.quantization=none", "generation.tensor_parallel_size=2"])
+    split, _ = fit_report(tp, 80 * GiB, 2)
+    whole, _ = fit_report(
+        load_config(LLAMA, ["model.quantization=none", "generation.share_weights=false"]), 80 * GiB, 1
+    )
+    assert "tensor-parallel over 2 cards" in split
+    for phase, gib in engine_column(whole).items():  # each card holds half of the engine
+        assert engine_column(split)[phase] == pytest.approx(gib / 2, abs=0.06), phase
+    with pytest.raises(ConfigError, match="--ranks 4"):
+        fit_report(cfg, 80 * GiB, 4)
+    with pytest.raises(ConfigError, match="--gpus 2"):
+        fit_report(tp, 80 * GiB, 1)
+    with pytest.raises(ConfigError, match="one card each|own card"):
+        fit_report(tp, 80 * GiB, 2, ranks=2)
