@@ -6,7 +6,8 @@ tiny DPO setup of test_loop.py.
   micro-batches than ranks.
 - The loop completes 2 iterations; every training prompt is sampled by exactly one rank; every DPO pair of
   an iteration is trained on by exactly one rank; resuming with another number of ranks is refused.
-- Rank 1 killed inside DPO, the same command restarted: every artifact equals the uninterrupted 2-rank run's.
+- Rank 1 killed inside DPO, or rank 0 after writing a stage's files but before marking it, the same command
+  restarted: every artifact equals the uninterrupted 2-rank run's.
 
 Collectives time out after LITE_RLHF_DIST_TIMEOUT seconds, so a dead rank fails a test instead of hanging it."""
 
@@ -125,16 +126,22 @@ def test_another_number_of_ranks_is_refused(two_ranks):
     assert len(said) == 1 and "config key 'generation.tensor_parallel_size'" in said[0], tp.stderr[-2000:]
 
 
-def test_rank_1_killed_in_dpo_resumes_to_the_same_artifacts(two_ranks):
+@pytest.mark.parametrize(
+    "point, rank, done_before",
+    [("iter_002/policy:step", "1", "iter_001/policy"), ("iter_001/pairs:written", "0", "iter_001/scores")],
+    ids=["rank-1-inside-dpo", "rank-0-files-written-not-marked"],
+)
+def test_a_killed_rank_resumes_to_the_same_artifacts(two_ranks, point, rank, done_before):
     root, path, clean, _, _ = two_ranks
-    out = root / "dist" / "killed" / "run"  # the same name as the clean run's: report.md starts with it
-    spy = root / "spy-killed"
+    out = root / "dist" / f"killed-{rank}" / "run"  # the same name as the clean run's: report.md starts with it
+    spy = root / f"spy-killed-{rank}"
     spy.mkdir()
     args = ("loop", str(spy), "run", str(path), f"run.out_dir={out}")
-    killed = launch(2, *args, env={"LITE_RLHF_KILL_AT": "iter_002/policy:step", "LITE_RLHF_KILL_RANK": "1"})
+    killed = launch(2, *args, env={"LITE_RLHF_KILL_AT": point, "LITE_RLHF_KILL_RANK": rank})
     assert killed.returncode != 0
     state = json.loads((out / "state.json").read_text())
-    assert "iter_001/policy" in state["done"] and "iter_002/policy" not in state["done"]
+    stage = point.split(":")[0]
+    assert done_before in state["done"] and stage not in state["done"]
     resumed = launch(2, *args)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert differences(artifacts(clean), artifacts(out)) == []
