@@ -145,3 +145,28 @@ def test_a_killed_rank_resumes_to_the_same_artifacts(two_ranks, point, rank, don
     resumed = launch(2, *args)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert differences(artifacts(clean), artifacts(out)) == []
+
+
+def test_a_preference_run_on_two_ranks_ranks_by_knockout(two_ranks):
+    """The judge's comparisons (every tournament round, the held-out figures, the win rates) split across
+    ranks; the forwards of the whole call are counted, not one rank's share."""
+    root, path, _, _, _ = two_ranks
+    cfg = yaml.safe_load(path.read_text())
+    cfg |= {"reward": {**cfg["reward"], "kind": "preference"},
+            "preference": {"lr": 1e-3, "micro_batch": 4, "grad_accum": 1},
+            "generation": {**cfg["generation"], "n": 4},
+            "pairs": {"allow_truncated": True, "ranking": "knockout"}}  # fmt: skip
+    pref = root / "dist-preference.yaml"
+    pref.write_text(yaml.safe_dump(cfg))
+    spy = root / "spy-preference"
+    spy.mkdir()
+    out = root / "dist" / "preference" / "run"
+    done = launch(2, "loop", str(spy), "run", str(pref), f"run.out_dir={out}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    costs = [r for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "scores"]
+    assert len(costs) == 2
+    for cost in costs:
+        assert cost["comparisons_per_prompt"] == 4  # 2 shared, 1 per bracket
+        assert 4 < cost["forwards_per_prompt"] <= 8  # both orders of each, over both ranks' shares
+    evals = [json.loads((out / f"iter_{t:03d}" / "eval.json").read_text()) for t in (0, 1, 2)]
+    assert evals[0]["val_win_rate"] == 0.5 and all(e["win_rate"] is not None for e in evals)
