@@ -81,9 +81,10 @@ def evaluate_policy(
     sets = sets.limit(ev.max_prompts)
     val, test, tax = sets.val, sets.test, sets.tax
     k = ev.samples_per_prompt
-    samples = engine.generate(
-        val + test + tax, n=k, adapter=adapter, seed=seed, desc=None if quiet else f"iter {iteration} eval"
-    )
+    # The KL estimate's policy side comes with the samples where the engine computes it while sampling (vLLM).
+    logprobs = iteration > 0 and engine.logprobs_while_sampling
+    samples = engine.generate(val + test + tax, n=k, adapter=adapter, seed=seed, logprobs=logprobs,
+                              desc=None if quiet else f"iter {iteration} eval")  # fmt: skip
     prompts = {p.id: p for p in val + test + tax}
     val_ids, test_ids, tax_ids = ({p.id for p in ps} for ps in (val, test, tax))
     # The alignment-tax figures need no reward: only validation and test answers are scored.
@@ -92,14 +93,14 @@ def evaluate_policy(
     if oracle.judge is None:
         rewards = oracle.reward([prompts[s.prompt_id].messages for s in scored], scored)
         reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
-        rows = [dict(dataclasses.asdict(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
+        rows = [dict(row(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
         figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
         figures["test_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in test_ids)
         base_rows = base_rows if base_rows is not None else rows
         base = {(row["prompt_id"], row["index"]): row["reward"] for row in base_rows}
         figures["win_rate"] = win_rate({key: v for key, v in reward_of.items() if key[0] in test_ids}, base)
     else:
-        rows = [dict(dataclasses.asdict(s), reward=None) for s in samples]
+        rows = [dict(row(s), reward=None) for s in samples]
         base = {(row["prompt_id"], row["index"]): row["text"] for row in (base_rows or rows)}
         figures["val_reward"] = figures["test_reward"] = None
         for key, ids in (("val_win_rate", val_ids), ("win_rate", test_ids)):
@@ -120,12 +121,20 @@ def evaluate_policy(
     return figures, rows
 
 
+def row(sample) -> dict:
+    """A sample as an `eval_samples.jsonl` row (its per-token log-probs are not kept)."""
+    return dataclasses.asdict(sample) | {"logprobs": None}
+
+
 @torch.no_grad()
 def kl_estimate(
     model, prompt_ids: dict[str, list[int]], samples: list, d: DataConfig, batch_size: int, quiet: bool = False
 ) -> float:
     """Mean over policy samples of log π(y|x) - log π0(y|x), summed over the answer's tokens; batches of
-    similar length (less padding). Under torchrun each rank runs its share."""
+    similar length (less padding). log π: the sampled tokens' log-probs the engine returned with a sample
+    (the same adapter, temperature 1: within 5e-4 per token of the trainer's, tests/test_generate.py), or the
+    trainer's policy role for a sample without them or cut to data.max_length; log π0: the reference role.
+    Under torchrun each rank runs its share."""
     diffs = dist.map_sharded(samples, lambda part: _logp_differences(model, prompt_ids, part, d, batch_size, quiet))
     return sum(diffs) / len(diffs) if diffs else 0.0
 
@@ -133,20 +142,26 @@ def kl_estimate(
 @torch.no_grad()
 def _logp_differences(model, prompt_ids, samples: list, d: DataConfig, batch_size: int, quiet: bool) -> list[float]:
     """log π(y|x) - log π0(y|x) of each sample, in the order given."""
-    diffs = [0.0] * len(samples)
     lengths = [len(prompt_ids[s.prompt_id]) + len(s.token_ids) for s in samples]
+    policy = {
+        i: sum(s.logprobs) for i, s in enumerate(samples) if s.logprobs is not None and lengths[i] <= d.max_length
+    }
+    reference: dict[int, float] = {}
     order = sorted(range(len(samples)), key=lambda i: -lengths[i])
     for at in tqdm(range(0, len(order), batch_size), desc="KL estimate", unit="batch", leave=False, disable=quiet):
         chunk = order[at : at + batch_size]
-        rows = [(prompt_ids[samples[i].prompt_id], samples[i].token_ids) for i in chunk]
-        batch = make_batch(rows, model.pad_id, d.max_length, "keep_ends")
-        with model.role("policy"):
-            pol = model.sequence_logps(batch)[0].float().cpu()
         with model.role("reference"):
-            ref = model.sequence_logps(batch)[0].float().cpu()
-        for i, diff in zip(chunk, (pol - ref).tolist(), strict=True):
-            diffs[i] = diff
-    return diffs
+            reference |= zip(chunk, _summed_logps(model, prompt_ids, [samples[i] for i in chunk], d), strict=True)
+        missing = [i for i in chunk if i not in policy]
+        if missing:
+            with model.role("policy"):
+                policy |= zip(missing, _summed_logps(model, prompt_ids, [samples[i] for i in missing], d), strict=True)
+    return [policy[i] - reference[i] for i in range(len(samples))]
+
+
+def _summed_logps(model, prompt_ids, samples: list, d: DataConfig) -> list[float]:
+    rows = [(prompt_ids[s.prompt_id], s.token_ids) for s in samples]
+    return model.sequence_logps(make_batch(rows, model.pad_id, d.max_length, "keep_ends"))[0].float().cpu().tolist()
 
 
 def noise_figures(engine, test: list[Prompt], k: int, adapter, seed: int, gold: Gold, quiet: bool = False) -> dict:

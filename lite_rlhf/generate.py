@@ -233,6 +233,7 @@ class Engine:
 
     name = "engine"
     description = ""
+    logprobs_while_sampling = False  # does `generate(logprobs=True)` come at no extra forward pass?
 
     def __init__(self, model_dir: Path, gen: GenerationConfig, *, seed: int, max_model_len: int | None):
         from transformers import AutoTokenizer
@@ -352,6 +353,7 @@ def _request_seed(seed: int, prompt_id: str) -> int:
 
 class VllmEngine(Engine):
     name = "vllm"
+    logprobs_while_sampling = True  # the sampler's own log-softmax of the raw logits
 
     def __init__(
         self, model_dir: Path, gen: GenerationConfig, *, lora_rank, seed, quantization, max_model_len, share=False

@@ -208,6 +208,31 @@ def test_vllm_logprobs_match_training_model(vllm_engine, adapters, reference):
 
 
 @pytest.mark.slow
+def test_kl_from_the_engines_logprobs_matches_the_trainers(vllm_engine, adapters, real_dir):
+    """The evaluation's KL estimate takes log π from the engine's sampled-token log-probs: per answer within
+    LOGPROB_TOL per token of the trainer's policy role on the same adapter; asking for log-probs leaves the
+    samples as they were."""
+    from lite_rlhf.evaluate import _logp_differences
+    from lite_rlhf.roles import SharedModel
+
+    def sample(logprobs: bool) -> list[Sample]:
+        return vllm_engine.generate([OCEAN, COLORS], n=3, adapter=adapters["b"], seed=5, temperature=0.7,
+                                    max_new_tokens=24, logprobs=logprobs)  # fmt: skip
+
+    with_logprobs, without = sample(True), sample(False)
+    assert [s.token_ids for s in with_logprobs] == [s.token_ids for s in without]
+    cfg = load_config(None, [f"model.name={real_dir}", "model.dtype=float32", "lora.r=8", "lora.alpha=16"])
+    model = SharedModel(cfg)
+    model.load_adapter("policy", adapters["b"])
+    ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in (OCEAN, COLORS)}
+    engine_side = _logp_differences(model, ids, with_logprobs, cfg.data, 4, True)
+    trainer_side = _logp_differences(model, ids, without, cfg.data, 4, True)
+    for a, b, s in zip(engine_side, trainer_side, with_logprobs, strict=True):
+        assert abs(a - b) <= LOGPROB_TOL * s.n_tokens, (a, b, s.n_tokens)
+    assert max(abs(x) for x in trainer_side) > 0.05  # the adapter moved the policy: a difference worth comparing
+
+
+@pytest.mark.slow
 def test_hf_and_vllm_agree_greedy(vllm_engine, real_dir):
     """Both backends return the same record for the same greedy answer (fp32): ids with EOS, text without."""
     hf = make_engine(real_dir, GenerationConfig(backend="hf", max_new_tokens=32), lora_rank=8, seed=0)
