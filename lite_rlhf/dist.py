@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as tdist
 
+from lite_rlhf.config import ConfigError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -63,7 +65,11 @@ def start() -> None:
     global _active
     if world() == 1 or _active:
         return
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LITE_RLHF_DIST_TIMEOUT", "1800")))
+    setting = os.environ.get("LITE_RLHF_DIST_TIMEOUT", "1800")
+    try:
+        timeout = datetime.timedelta(seconds=float(setting))
+    except ValueError:
+        raise ConfigError(f"LITE_RLHF_DIST_TIMEOUT={setting!r} is not a number of seconds") from None
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         tdist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank()))

@@ -93,14 +93,14 @@ def evaluate_policy(
     if oracle.judge is None:
         rewards = oracle.reward([prompts[s.prompt_id].messages for s in scored], scored)
         reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
-        rows = [dict(row(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
+        rows = [dict(eval_row(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
         figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
         figures["test_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in test_ids)
         base_rows = base_rows if base_rows is not None else rows
         base = {(row["prompt_id"], row["index"]): row["reward"] for row in base_rows}
         figures["win_rate"] = win_rate({key: v for key, v in reward_of.items() if key[0] in test_ids}, base)
     else:
-        rows = [dict(row(s), reward=None) for s in samples]
+        rows = [dict(eval_row(s), reward=None) for s in samples]
         base = {(row["prompt_id"], row["index"]): row["text"] for row in (base_rows or rows)}
         figures["val_reward"] = figures["test_reward"] = None
         for key, ids in (("val_win_rate", val_ids), ("win_rate", test_ids)):
@@ -121,7 +121,7 @@ def evaluate_policy(
     return figures, rows
 
 
-def row(sample) -> dict:
+def eval_row(sample) -> dict:
     """A sample as an `eval_samples.jsonl` row (its per-token log-probs are not kept)."""
     return dataclasses.asdict(sample) | {"logprobs": None}
 

@@ -242,6 +242,8 @@ def layout(cfg: Config, gpus: int, ranks: int) -> tuple[bool, str]:
     """(does the engine share the trainer's card, the layout in words) for `gpus` cards and `ranks` torchrun
     ranks; a layout the loop cannot run is a ConfigError."""
     tp = cfg.generation.tensor_parallel_size
+    if gpus < 1 or ranks < 1:
+        raise ConfigError(f"--gpus and --ranks are at least 1 (got --gpus {gpus} --ranks {ranks})")
     if ranks > 1:
         if gpus != ranks or tp > 1:
             raise ConfigError(f"under torchrun each rank trains and generates on its own card: plan {ranks} ranks "

@@ -61,9 +61,8 @@ def kill_point(name: str) -> None:
     if log and dist.is_main():
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(name + "\n")
-    if os.environ.get("LITE_RLHF_KILL_AT") == name and os.environ.get("LITE_RLHF_KILL_RANK", str(dist.rank())) == str(
-        dist.rank()
-    ):
+    ranks = os.environ.get("LITE_RLHF_KILL_RANK")
+    if os.environ.get("LITE_RLHF_KILL_AT") == name and ranks in (None, str(dist.rank())):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -163,7 +162,7 @@ class RunDir:
                 )
         self.state_path = self.root / "state.json"
         self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
-        ranks = self.state.setdefault("world_size", dist.world() if not self.state["done"] else 1)
+        ranks = self.state.get("world_size", 1)  # a run from before torchrun support ran on one
         if self.state["done"] and ranks != dist.world():
             raise RunStateError(
                 f"{self.root} holds a run on {ranks} rank(s) (state.json world_size); this start has {dist.world()}: "
@@ -171,24 +170,22 @@ class RunDir:
             )
         self.state["world_size"] = dist.world()
         self.writer = dist.is_main()  # under torchrun rank 0 writes, the others wait at each commit's barrier
-        if not self.writer:
-            self.on_commit: list[Callable[[int, list[dict]], None]] = []
-            self.lines = 0
-            self._since = time.monotonic()
-            return
-        try:  # refuse before any model loads, not after the first stage's work
-            self.root.mkdir(parents=True, exist_ok=True)
-            _temp_path(self.root / "state.json").unlink()
-        except OSError as err:
-            raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
         # Loggers: `send(line number of the first record, records)` for committed lines only.
         self.on_commit: list[Callable[[int, list[dict]], None]] = []
-        # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
-        kept = self.state.get("metrics_bytes", 0)
-        if self.metrics_path.exists() and self.metrics_path.stat().st_size > kept:
-            with self.metrics_path.open("r+b") as fh:
-                fh.truncate(kept)
-        self.lines = len(self.metrics())
+        self.lines = 0
+        if self.writer:
+            try:  # refuse before any model loads, not after the first stage's work
+                self.root.mkdir(parents=True, exist_ok=True)
+                _temp_path(self.root / "state.json").unlink()
+            except OSError as err:
+                raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
+            # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
+            kept = self.state.get("metrics_bytes", 0)
+            if self.metrics_path.exists() and self.metrics_path.stat().st_size > kept:
+                with self.metrics_path.open("r+b") as fh:
+                    fh.truncate(kept)
+            self.lines = len(self.metrics())
+        dist.barrier()  # every rank has read the state before any rank commits a stage
         self._since = time.monotonic()  # stage_seconds: wall time from the previous commit of this process
 
     def iter_dir(self, t: int) -> Path:

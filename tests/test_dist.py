@@ -170,3 +170,14 @@ def test_a_preference_run_on_two_ranks_ranks_by_knockout(two_ranks):
         assert 4 < cost["forwards_per_prompt"] <= 8  # both orders of each, over both ranks' shares
     evals = [json.loads((out / f"iter_{t:03d}" / "eval.json").read_text()) for t in (0, 1, 2)]
     assert evals[0]["val_win_rate"] == 0.5 and all(e["win_rate"] is not None for e in evals)
+
+
+def test_a_bad_collective_timeout_is_one_line(monkeypatch):
+    from lite_rlhf import dist
+    from lite_rlhf.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LITE_RLHF_DIST_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="LITE_RLHF_DIST_TIMEOUT='soon'"):
+        dist.start()
+    assert not dist.active()

@@ -172,3 +172,5 @@ def test_layouts_for_several_cards():
         fit_report(tp, 80 * GiB, 1)
     with pytest.raises(ConfigError, match="one card each|own card"):
         fit_report(tp, 80 * GiB, 2, ranks=2)
+    with pytest.raises(ConfigError, match="at least 1"):
+        fit_report(cfg, 80 * GiB, 0)
