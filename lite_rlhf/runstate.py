@@ -14,14 +14,24 @@ What makes two runs the same run is `config.identity` and the number of ranks (`
 holding a run of another identity, or one run on another number of ranks, is refused; one that has not
 committed its first stage pins nothing. Under torchrun rank 0 alone writes; every rank marks the stage
 done after the barrier that ends the commit.
+
+Nothing lite-rlhf did not write is replaced or cut: a directory that holds anything but a run is refused
+at the start, and a commit replaces only paths this run committed (`state.json` `files`) or was writing
+when it was cut off (`writing`). One process at a time: the writer holds an exclusive lock on `LOCK_NAME`
+for its whole life; the OS drops it when the process dies, so a SIGKILLed run resumes with the same command.
+Committed means intact: each committed file's size and SHA-256 are in `state.json`, and a stage whose files
+no longer match is said in one line and runs again instead of being skipped.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,9 +79,16 @@ def kill_point(name: str) -> None:
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 def _temp_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: the file is the user's, with their usual mode
     os.close(fd)
     return Path(tmp)
 
@@ -97,6 +114,7 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     """Build a directory under a temporary name with `fill(tmp)`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         fill(tmp)
         if path.is_symlink() or path.is_file():
@@ -137,6 +155,73 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+# --------------------------------------------------------------------------- what a commit leaves
+
+LOCK_NAME = ".lite-rlhf.lock"  # in the run directory: the pid of the process that holds it
+_HELD: dict[Path, int] = {}  # run directory -> this process's locked file descriptor (RunDir twice: one lock)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: Path, root: Path) -> dict[str, list]:
+    """What was committed at `path`: every file under it (relative to `root`) as [bytes, sha256], a link as
+    ["link", target]."""
+    if path.is_symlink():
+        return {str(path.relative_to(root)): ["link", os.readlink(path)]}
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return {str(f.relative_to(root)): [f.stat().st_size, _sha256(f)] for f in files}
+
+
+def damaged(recorded: dict[str, list], root: Path) -> str | None:
+    """The first committed file that is missing or differs from its record, said in a few words."""
+    for rel, (size, digest) in recorded.items():
+        path = root / rel
+        if size == "link":
+            if not path.is_symlink() or os.readlink(path) != digest:
+                return f"'{path}' is not the link it was"
+        elif not path.is_file():
+            return f"'{path}' is missing"
+        elif path.stat().st_size != size:
+            return f"'{path}' has {path.stat().st_size} bytes, {size} when committed"
+        elif _sha256(path) != digest:
+            return f"'{path}' has changed since it was committed"
+    return None
+
+
+def _lock(root: Path) -> None:
+    """Hold `root/LOCK_NAME` exclusively until this process ends (the OS releases it, also on SIGKILL)."""
+    key = root.resolve()
+    if key in _HELD:
+        return
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunStateError(f"run.out_dir '{root}' is in use by another lite-rlhf process (pid {holder}); wait for "
+                            "it to end, or use another run.out_dir") from None  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[key] = fd
+
+
+def _foreign(root: Path) -> list[str]:
+    """Names in `root` that no run wrote: a directory without state.json holds at most our lock and the
+    temporary files of a first commit that was cut off (dot-prefixed)."""
+    if not root.is_dir() or (root / "state.json").is_file():
+        return []
+    ours = ("config.yaml", "metrics.jsonl")
+    return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME and not p.name.startswith(tuple(
+        f".{name}." for name in (*ours, "state.json"))))  # fmt: skip
+
+
 # --------------------------------------------------------------------------- the run directory
 
 
@@ -147,8 +232,21 @@ class RunDir:
         self.root = Path(cfg.run.out_dir)
         self.config_text = to_yaml(cfg)
         self.identity = identity(cfg)
+        self.writer = dist.is_main()  # under torchrun rank 0 writes, the others wait at each commit's barrier
         if self.root.exists() and not self.root.is_dir():
             raise RunStateError(f"run.out_dir '{self.root}' is a file, not a directory")
+        if self.writer:
+            foreign = _foreign(self.root)
+            if foreign:
+                raise RunStateError(f"run.out_dir '{self.root}' holds files that are not a lite-rlhf run ('"
+                                    f"{foreign[0]}'{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                                    "nothing was changed: use a new or empty directory")  # fmt: skip
+            try:  # refuse before any model loads, not after the first stage's work
+                self.root.mkdir(parents=True, exist_ok=True)
+                _temp_path(self.root / "state.json").unlink()
+            except OSError as err:
+                raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
+            _lock(self.root)  # before anything is read to be changed
         saved = self.root / "config.yaml"
         if saved.is_file():
             stored = identity(yaml.safe_load(saved.read_text(encoding="utf-8")))
@@ -161,7 +259,14 @@ class RunDir:
                     "use another run.out_dir, or delete the directory to start over"
                 )
         self.state_path = self.root / "state.json"
-        self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
+        try:
+            self.state = read_json(self.state_path) if self.state_path.exists() else {"done": [], "run_id": uuid4().hex}
+            if not isinstance(self.state.get("done"), list):
+                raise ValueError("no list of done stages")
+        except (ValueError, AttributeError) as err:
+            raise RunStateError(f"'{self.state_path}' is damaged ({err}); nothing was changed: move the run "
+                                "directory away to start over") from None  # fmt: skip
+        self.state.setdefault("files", {} if not self.state["done"] else None)  # None: a run from before the records
         ranks = self.state.get("world_size", 1)  # a run from before torchrun support ran on one
         if self.state["done"] and ranks != dist.world():
             raise RunStateError(
@@ -169,16 +274,12 @@ class RunDir:
                 f"resume it on {ranks} (torchrun --nproc-per-node), or use another run.out_dir"
             )
         self.state["world_size"] = dist.world()
-        self.writer = dist.is_main()  # under torchrun rank 0 writes, the others wait at each commit's barrier
+        self._checked: set[str] = set()  # stages whose committed files this process has verified
+        self._again: set[str] = set()  # stages found damaged: they run again, their metrics lines already stand
         # Loggers: `send(line number of the first record, records)` for committed lines only.
         self.on_commit: list[Callable[[int, list[dict]], None]] = []
         self.lines = 0
         if self.writer:
-            try:  # refuse before any model loads, not after the first stage's work
-                self.root.mkdir(parents=True, exist_ok=True)
-                _temp_path(self.root / "state.json").unlink()
-            except OSError as err:
-                raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
             # Drop metrics lines of a stage that was cut off: it runs again and writes them again.
             kept = self.state.get("metrics_bytes", 0)
             if self.metrics_path.exists() and self.metrics_path.stat().st_size > kept:
@@ -196,7 +297,30 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     def done(self, stage: str) -> bool:
-        return stage in self.state["done"]
+        """Marked done, with its committed files intact (checked once per process); a stage whose files were
+        damaged since is said in one line and is not done: it runs again."""
+        if stage not in self.state["done"]:
+            return False
+        if stage not in self._checked:
+            self._checked.add(stage)
+            recorded = (self.state["files"] or {}).get(stage, {})
+            why = damaged(recorded, self.root) if self.writer else None
+            if why := dist.all_gather(why)[0] if dist.active() else why:  # rank 0 looked: every rank agrees
+                print(f"lite-rlhf: stage '{stage}' runs again: {why}", file=sys.stderr, flush=True)
+                self.state["done"].remove(stage)
+                self._again.add(stage)
+                return False
+        return True
+
+    def _owned(self, path: Path) -> bool:
+        """Did this run commit `path` (or a file under it), or was it writing it when it was cut off?"""
+        if self.state["files"] is None:  # a run directory from before the records: all of it is the run's
+            return True
+        rel = str(path.relative_to(self.root))
+        if rel == "config.yaml":  # the identity, written by the first commit and checked at every start
+            return True
+        written = [r for files in self.state["files"].values() for r in files] + self.state.get("writing", [])
+        return any(r == rel or r.startswith(rel + "/") for r in written)
 
     def commit(self, stage: str, files: dict[Path, Content] | None = None, metrics: list[dict] = ()) -> None:
         """Write the stage's outputs, append its metrics lines, mark it done: in that order. Under torchrun
@@ -209,6 +333,13 @@ class RunDir:
         files = dict(files or {})
         if not self.state["done"]:  # the first commit pins the run's identity
             files = {self.root / "config.yaml": self.config_text, **files}
+        for path in files:
+            if (path.exists() or path.is_symlink()) and not self._owned(path):
+                raise RunStateError(f"'{path}' was not written by this run and is left as it is: move it away and "
+                                    "repeat the command")  # fmt: skip
+        if files:  # said before any is written: a stage cut off in between may replace them when it runs again
+            self.state["writing"] = [str(p.relative_to(self.root)) for p in files]
+            write_json(self.state_path, self.state)
         for path, content in files.items():
             try:
                 write(path, content)
@@ -219,6 +350,12 @@ class RunDir:
                 raise RunStateError(f"cannot write '{path}': {why}; stage '{stage}' runs again when you "
                                     "repeat the command") from None  # fmt: skip
         kill_point(f"{stage}:written")
+        if self.state["files"] is not None:
+            kept = [p for p in files if p != self.root / "config.yaml"]  # the identity check guards that one
+            self.state["files"][stage] = {k: v for p in kept for k, v in fingerprint(p, self.root).items()}
+        self.state.pop("writing", None)
+        if stage in self._again:  # its metrics lines were committed the first time
+            metrics = []
         if metrics:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write("".join(json.dumps(m) + "\n" for m in metrics))

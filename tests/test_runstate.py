@@ -1,8 +1,16 @@
-"""`state.json`'s `stage_seconds`: each stage's wall time, from the previous commit of the same process."""
+"""The run directory: `state.json`'s `stage_seconds`; nothing replaced that the run did not write; one process
+per run; committed files verified on resume; the user's umask."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
 
 from lite_rlhf import runstate
 from lite_rlhf.config import load_config
-from lite_rlhf.runstate import RunDir, read_json
+from lite_rlhf.runstate import Link, RunDir, RunStateError, read_json, write_dir, write_json, write_text
 
 
 def test_stage_seconds_run_from_the_previous_commit(tmp_path, monkeypatch):
@@ -19,3 +27,77 @@ def test_stage_seconds_run_from_the_previous_commit(tmp_path, monkeypatch):
     now[0] = 207.25
     resumed.commit("c")
     assert read_json(rd.state_path)["stage_seconds"] == {"a": 3.5, "b": 6.5, "c": 7.2}
+
+
+def test_a_commit_replaces_only_what_the_run_wrote(tmp_path, capsys):
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    rd = RunDir(cfg)
+    out = rd.root / "out.txt"
+    rd.commit("a", {out: "first"}, [{"stage": "a"}])
+    rd.commit("a2", {out: "second"})  # the run's own file: replaced
+    assert out.read_text() == "second"
+    mine = rd.root / "mine.txt"
+    mine.write_text("the user's")
+    with pytest.raises(RunStateError, match="mine.txt' was not written by this run"):
+        rd.commit("b", {mine: "ours"})
+    assert mine.read_text() == "the user's" and not rd.done("b")
+    # a stage cut off after its files were written (not marked) writes them again when it runs again
+    late = rd.root / "late" / "x.json"
+    rd.state["writing"] = ["late"]
+    write_json(rd.state_path, rd.state)
+    late.parent.mkdir()
+    late.write_text("{}")
+    resumed = RunDir(cfg)
+    resumed.commit("c", {late.parent: lambda d: (d / "x.json").write_text('{"a": 1}')})
+    assert late.read_text() == '{"a": 1}' and "writing" not in read_json(rd.state_path)
+
+
+def test_a_damaged_committed_file_runs_its_stage_again(tmp_path, capsys):
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    rd = RunDir(cfg)
+    adapter = rd.root / "iter_001" / "policy"
+    rd.commit("p", {adapter: lambda d: (d / "w.bin").write_bytes(b"12345678")}, [{"stage": "p"}])
+    rd.commit("q", {rd.root / "best": Link("iter_001/policy")}, [{"stage": "q"}])
+    assert RunDir(cfg).done("p") and RunDir(cfg).done("q")
+    (adapter / "w.bin").write_bytes(b"")  # a disk error, a sync tool
+    resumed = RunDir(cfg)
+    assert not resumed.done("p") and resumed.done("q")
+    assert "stage 'p' runs again: '" in capsys.readouterr().err
+    resumed.commit("p", {adapter: lambda d: (d / "w.bin").write_bytes(b"12345678")}, [{"stage": "p"}])
+    assert [m["stage"] for m in resumed.metrics()] == ["p", "q"]  # its metrics line is not written twice
+    assert RunDir(cfg).done("p")
+    (rd.root / "best").unlink()
+    (rd.root / "best").symlink_to("elsewhere")
+    assert not RunDir(cfg).done("q")
+
+
+def test_a_directory_that_holds_no_run_is_refused_untouched(tmp_path):
+    root = tmp_path / "mine"
+    (root / "reward").mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("my own notes\n")
+    (root / "reward" / "notes.txt").write_text("keep me")
+    cfg = load_config(None, [f"run.out_dir={root}"])
+    with pytest.raises(RunStateError, match="holds files that are not a lite-rlhf run \\('metrics.jsonl' and 1 more"):
+        RunDir(cfg)
+    assert (root / "metrics.jsonl").read_text() == "my own notes\n"
+    assert sorted(p.name for p in root.iterdir()) == ["metrics.jsonl", "reward"]
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_run(tmp_path):
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    RunDir(cfg).commit("a")
+    code = (f"from lite_rlhf.config import load_config; from lite_rlhf.runstate import RunDir; "
+            f"RunDir(load_config(None, ['run.out_dir={tmp_path / 'run'}']))")  # fmt: skip
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert f"in use by another lite-rlhf process (pid {os.getpid()})" in other.stderr, other.stderr[-2000:]
+
+
+def test_files_keep_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        write_dir(tmp_path / "d", lambda d: (d / "f").write_text("y"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
