@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return doctor()
     from lite_rlhf import dist
 
+    signal.signal(signal.SIGTERM, _terminated)  # a job scheduler's stop is handled as Ctrl-C is
     speak = dist.is_main()  # under torchrun every rank meets the same bad input: rank 0 says it
     try:
         cfg = resolve(args)
@@ -106,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if speak:
             print(f"lite-rlhf: config error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lite-rlhf: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        stop = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"lite-rlhf: {stop}; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # user-facing input errors get one line; bugs keep their traceback
         from lite_rlhf.errors import user_errors
 
@@ -119,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         dist.finish()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as SIGINT raises KeyboardInterrupt."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _quiet_libraries() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -70,7 +71,7 @@ class DataConfig:
 class TrainerConfig:
     """The fields every trainer reads (lite_rlhf/train.py); each trainer's section sets its own defaults."""
 
-    lr: float = _f(1e-4, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
+    lr: float = _f(1e-4, lo=0, hi=1, lo_open=True)  # peak learning rate (cosine schedule)
     epochs: float = _f(1.0, lo=0, lo_open=True)  # passes over the examples (paper: 1)
     micro_batch: int = _f(4, lo=1)  # examples (pairs for DPO and the reward model) per forward pass
     grad_accum: int = _f(4, lo=1)  # micro-batches per optimizer step
@@ -88,6 +89,9 @@ class RewardConfig(TrainerConfig):
     model: str | None = None  # a separate sequence-classification reward model instead of our adapter
     preference_model: str | None = None  # a separate causal-LM preference model (kind=preference) instead of ours
     score_batch: int = _f(16, lo=1)  # sequences (or comparisons) per forward pass when scoring
+    # train on as many pairs whose chosen answer is the longer as the shorter (a seeded subsample of the larger
+    # side): a reward model that cannot win by length, which a policy would otherwise follow into short answers
+    balance_length: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class PreferenceConfig(TrainerConfig):
     """The pairwise preference model (paper section 2.1): reads the template below as the user turn and
     answers with one label token; P(A better than B) is the probability of label_a against label_b."""
 
-    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate (LoRA)
+    lr: float = _f(2e-4, lo=0, hi=1, lo_open=True)  # peak learning rate (LoRA)
     # the user turn; {context}, {a} and {b} each once: the conversation so far and the two answers
     template: str = "[CONTEXT] {context} [RESPONSE A] {a} [RESPONSE B] {b}"
     label_a: str = "A"  # the assistant's answer when response A is better (one token of the tokenizer)
@@ -104,7 +108,7 @@ class PreferenceConfig(TrainerConfig):
 
 @dataclass(frozen=True)
 class SFTConfig(TrainerConfig):
-    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate (LoRA; the paper's 2e-5 is for full weights)
+    lr: float = _f(2e-4, lo=0, hi=1, lo_open=True)  # peak learning rate (LoRA; the paper's 2e-5 is for full weights)
     # less padding, the same gradient up to rounding: packed rows on CUDA with flash-attention, else
     # micro-batches grouped by length within each optimizer step
     packing: bool = True
@@ -112,7 +116,7 @@ class SFTConfig(TrainerConfig):
 
 @dataclass(frozen=True)
 class RaftConfig(TrainerConfig):
-    lr: float = _f(2e-4, lo=0, lo_open=True)  # peak learning rate of the winners' SFT (LoRA)
+    lr: float = _f(2e-4, lo=0, hi=1, lo_open=True)  # peak learning rate of the winners' SFT (LoRA)
     keep_quantile: float = _f(0.0, lo=0, hi=1, hi_open=True)  # keep winners whose reward is >= this quantile of them
     history: Literal["current", "all"] = "current"  # SFT on this iteration's winners, or on all winners so far
     packing: bool = True  # packed rows or length-grouped micro-batches, as sft.packing
@@ -156,7 +160,7 @@ class PairsConfig:
 
 @dataclass(frozen=True)
 class DPOConfig(TrainerConfig):
-    lr: float = _f(5e-6, lo=0, lo_open=True)  # peak learning rate (cosine schedule)
+    lr: float = _f(5e-6, lo=0, hi=1, lo_open=True)  # peak learning rate (cosine schedule)
     epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
     grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
     beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
@@ -262,6 +266,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan passes every comparison of a range check; inf overflows later
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -295,7 +301,7 @@ def _build(tree: dict[str, Any], where: str) -> Config:
             raise _unknown(f"{sec}.{names[0]}".rstrip("."), _all_keys() if names[0] else list(sections), where)
     built = {}
     for sec, cls in sections.items():
-        values = tree.get(sec) or {}
+        values = {} if tree.get(sec) is None else tree[sec]  # `dpo:` alone is empty; `dpo: 0` is a mistake
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{sec}'{where} must be a mapping, got {values!r}")
         hints = typing.get_type_hints(cls)
@@ -383,6 +389,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key '{key}' is given twice", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults < YAML file at `path` < `section.key=value` overrides."""
     tree: dict[str, Any] = {}
@@ -392,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            tree = yaml.safe_load(path.read_text())
+            tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""

@@ -28,7 +28,9 @@ artifacts (same seed, same pairs, same weights).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,7 +59,9 @@ def main_run(cfg: Config) -> int:
     try:
         best = run(cfg)
     except NonFiniteLoss as err:
-        print(f"lite-rlhf: {err}; stopped, the last good policy is kept (see {cfg.run.out_dir}/best)")
+        best = Path(cfg.run.out_dir) / "best"
+        kept = f"the best policy so far is {best}" if best.exists() else "no policy was chosen yet"
+        print(f"lite-rlhf: {err}; stopped: {kept}", file=sys.stderr)
         return 1
     if dist.is_main():
         print(f"lite-rlhf: done; best iteration {best} -> {cfg.run.out_dir}/best, report {cfg.run.out_dir}/report.md")
@@ -76,6 +80,7 @@ def run(cfg: Config) -> int:
     if not dist.is_main():  # logging and progress from rank 0 only
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, quiet=True))
     task = load_task(cfg.data)  # every data file is read and checked before a model loads
+    unused = task.check_slices(cfg.loop.iterations, cfg.loop.prompts_per_iteration)
     conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     if cfg.reward.kind == "preference":
@@ -83,7 +88,7 @@ def run(cfg: Config) -> int:
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run) if dist.is_main() else (lambda: None)
     say = Say(cfg.run.quiet)
-    for warning in task.warnings:
+    for warning in [*task.warnings, *([unused] if unused else [])]:
         say(f"warning: {warning}")
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
     model_dir = resolve_model(cfg.model.name)
@@ -168,9 +173,9 @@ def train_oracle(rd: RunDir, model: SharedModel, cfg: Config) -> None:
         model.add_preference(cfg.run.seed)
         model.load_adapter("preference", cfg.reward.adapter)
     elif kind == "bt" and not cfg.reward.model:
-        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
+        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
     elif kind == "preference" and not cfg.reward.preference_model:
-        preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed))
+        preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
 
 
 def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:

@@ -220,7 +220,7 @@ def reward_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pairs,
 def train_oracle_command(cfg: Config, stage) -> tuple[dict, RunDir]:
     """`train-rm` / `train-pm`: the pairs, the run directory and its logger, then `stage` (reward_stage
     or preference_stage) on a fresh shared model. Returns metrics.json's figures and the run directory."""
-    pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed)
+    pairs, eval_pairs, info = reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length)
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
     m = stage(rd, SharedModel(cfg), cfg, pairs, eval_pairs, info)

@@ -337,8 +337,9 @@ class RunDir:
             if (path.exists() or path.is_symlink()) and not self._owned(path):
                 raise RunStateError(f"'{path}' was not written by this run and is left as it is: move it away and "
                                     "repeat the command")  # fmt: skip
+        rels = [str(p.relative_to(self.root)) for p in files]
         if files:  # said before any is written: a stage cut off in between may replace them when it runs again
-            self.state["writing"] = [str(p.relative_to(self.root)) for p in files]
+            self.state["writing"] = sorted(set(self.state.get("writing", [])) | set(rels))
             write_json(self.state_path, self.state)
         for path, content in files.items():
             try:
@@ -350,10 +351,14 @@ class RunDir:
                 raise RunStateError(f"cannot write '{path}': {why}; stage '{stage}' runs again when you "
                                     "repeat the command") from None  # fmt: skip
         kill_point(f"{stage}:written")
-        if self.state["files"] is not None:
+        if self.state["files"] is not None:  # each path recorded under the stage that wrote it last
+            for recorded in self.state["files"].values():
+                for old in [k for k in recorded if any(k == r or k.startswith(r + "/") for r in rels)]:
+                    del recorded[old]
             kept = [p for p in files if p != self.root / "config.yaml"]  # the identity check guards that one
             self.state["files"][stage] = {k: v for p in kept for k, v in fingerprint(p, self.root).items()}
-        self.state.pop("writing", None)
+        if writing := [r for r in self.state.pop("writing", []) if r not in rels]:
+            self.state["writing"] = writing  # written by a stage cut off before its mark, that has not run again
         if stage in self._again:  # its metrics lines were committed the first time
             metrics = []
         if metrics:

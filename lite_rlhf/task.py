@@ -64,8 +64,24 @@ class Task:
         return self.prompts + self.val + self.test + self.tax
 
     def slice(self, t: int, iterations: int, per_iteration: int) -> list[Prompt]:
-        size = per_iteration or len(self.prompts) // iterations
-        return self.prompts[(t - 1) * size : t * size]
+        """Iteration t's prompts: `per_iteration` of them, or (0) the set split over the iterations as evenly
+        as it divides, every prompt used."""
+        if per_iteration:
+            return self.prompts[(t - 1) * per_iteration : t * per_iteration]
+        n = len(self.prompts)
+        return self.prompts[(t - 1) * n // iterations : t * n // iterations]
+
+    def check_slices(self, iterations: int, per_iteration: int) -> str | None:
+        """An error when an iteration would get no prompt; a warning when prompts go unused."""
+        n, asked = len(self.prompts), per_iteration * iterations
+        if n < iterations or (per_iteration and (iterations - 1) * per_iteration >= n):
+            raise ConfigError(f"data.prompts holds {n} prompt(s): too few for loop.iterations={iterations}"
+                              + (f" of loop.prompts_per_iteration={per_iteration}" if per_iteration else "")
+                              + "; every iteration needs at least one")  # fmt: skip
+        if per_iteration and asked < n:
+            return f"loop.prompts_per_iteration={per_iteration} over {iterations} iteration(s) uses {asked} of the " \
+                   f"{n} prompts in data.prompts"  # fmt: skip
+        return None
 
     @staticmethod
     def offline_id(i: int) -> str:
@@ -126,9 +142,23 @@ def _contamination(train: list[Prompt], held_out: list[Prompt]) -> list[str]:
 EVAL_SPLIT = 0.1  # share of the reward model's training pairs held out when data.eval_preferences is unset
 
 
-def reward_pairs(d: DataConfig, seed: int) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
+def balance_by_length(pairs: list[PreferencePair], seed: int) -> list[PreferencePair]:
+    """As many pairs whose chosen answer is the longer (in characters) as pairs whose chosen is the shorter:
+    a seeded subsample of the larger side, the rest (equal lengths) kept, the order of `pairs` kept. Trained
+    on these, a reward model cannot win by preferring one length."""
+    longer = [i for i, p in enumerate(pairs) if len(p.chosen) > len(p.rejected)]
+    shorter = [i for i, p in enumerate(pairs) if len(p.chosen) < len(p.rejected)]
+    small, large = sorted((longer, shorter), key=len)
+    dropped = set(large) - set(random.Random(seed).sample(large, len(small)))
+    return [p for i, p in enumerate(pairs) if i not in dropped]
+
+
+def reward_pairs(
+    d: DataConfig, seed: int, balance: bool = False
+) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
     """The reward model's training and held-out pairs (the demo's when `data.prompts` is `demo`), and
-    what metrics.json says of them. Without held-out pairs a seeded share of the training pairs is held out."""
+    what metrics.json says of them. Without held-out pairs a seeded share of the training pairs is held out.
+    `balance`: the training pairs balanced by length (`balance_by_length`; reward.balance_length)."""
     train_path, eval_path = data_path(d, "preferences"), data_path(d, "eval_preferences")
     if train_path is None:
         raise ConfigError("config key 'data.preferences' is not set: give a JSONL of {prompt, chosen, rejected} "
@@ -137,9 +167,16 @@ def reward_pairs(d: DataConfig, seed: int) -> tuple[list[PreferencePair], list[P
     info = {"train_file": str(train_path), "skipped_lines": skipped}
     if eval_path is not None:
         eval_pairs, eval_skipped = load_preferences(eval_path, d.skip_invalid)
-        return pairs, eval_pairs, info | {"eval_file": str(eval_path), "eval_skipped_lines": eval_skipped}
-    if len(pairs) < 2:
-        raise DataError(f"{train_path}: one pair cannot be split; set data.eval_preferences")
-    shuffled = random.Random(seed).sample(pairs, len(pairs))
-    k = max(1, round(EVAL_SPLIT * len(pairs)))
-    return shuffled[k:], shuffled[:k], info | {"eval_file": f"{EVAL_SPLIT:.0%} of the training file"}
+        info |= {"eval_file": str(eval_path), "eval_skipped_lines": eval_skipped}
+    else:
+        if len(pairs) < 2:
+            raise DataError(f"{train_path}: one pair cannot be split; set data.eval_preferences")
+        shuffled = random.Random(seed).sample(pairs, len(pairs))
+        k = max(1, round(EVAL_SPLIT * len(pairs)))
+        pairs, eval_pairs = shuffled[k:], shuffled[:k]
+        info |= {"eval_file": f"{EVAL_SPLIT:.0%} of the training file"}
+    if balance:
+        kept = balance_by_length(pairs, seed)
+        info |= {"balanced_by_length": f"{len(kept)} of {len(pairs)} training pairs"}
+        pairs = kept
+    return pairs, eval_pairs, info

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,7 @@ def chained(setup):
     for point in points:
         out = run(config, crashed, kill_at=point)
         assert out.returncode == -9, f"not killed at {point}: {out.returncode} {out.stderr[-2000:]}"
+        assert (crashed / ".lite-rlhf.lock").is_file()  # left by the dead process; the next start takes it
     final = run(config, crashed)
     assert final.returncode == 0, final.stderr[-3000:]
     print(f"killed and resumed at {len(points)} kill points")
@@ -295,3 +297,36 @@ def test_killed_once_at_each_point_resumes_to_the_same_artifacts(setup):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert differences(want, artifacts(out_dir)) == [], point
     print(f"swept {len(points)} kill points")
+
+
+def test_two_runs_on_one_directory_leave_one_runs_artifacts(setup):
+    """The second start is refused while the first runs (it names the first's pid), and touches nothing."""
+    root, config, clean, _ = setup
+    both = root / "both" / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")}
+    first = subprocess.Popen([str(BIN), "run", str(config), f"run.out_dir={both}"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    lock = both / ".lite-rlhf.lock"
+    while first.poll() is None and not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+        time.sleep(0.05)
+    second = run(config, both)
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2 and f"in use by another lite-rlhf process (pid {first.pid})" in second.stderr
+    assert differences(artifacts(clean), artifacts(both)) == []
+
+
+def test_a_damaged_committed_adapter_is_trained_again(setup):
+    """A committed adapter made 0 bytes after the run: export refuses it in one line, and the same command runs
+    its stage again (said in one line) and ends with the uninterrupted run's artifacts."""
+    root, config, clean, _ = setup
+    copy = root / "damaged" / "run"
+    shutil.copytree(clean, copy, symlinks=True)
+    (copy / "iter_002" / "policy" / "adapter_model.safetensors").write_bytes(b"")
+    refused = subprocess.run([str(BIN), "export", str(config), f"run.out_dir={copy}", "--adapter",
+                              str(copy / "iter_002" / "policy")], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "is damaged (0 bytes" in refused.stderr, refused.stderr[-2000:]
+    again = run(config, copy)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage 'iter_002/policy' runs again: '" in again.stderr, again.stderr[-2000:]
+    assert differences(artifacts(clean), artifacts(copy)) == []

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
 def cli(*args, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL") and k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
-    if SOURCE:
-        env["PYTHONPATH"] = SOURCE
+    if SOURCE:  # `python -m` puts the working directory first on the path: run from there too
+        env["PYTHONPATH"], cwd = SOURCE, cwd or SOURCE
     cmd = [sys.executable, "-m", "lite_rlhf.cli", *map(str, args)]
     try:  # a probe answers in seconds; one still running after PROBE_SECONDS went on with bad input
         return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=PROBE_SECONDS)
@@ -58,7 +59,20 @@ def w(tmp_path_factory):
     loop = [*base, f"data.preferences={good}", "generation.backend=hf", "generation.n=2", "generation.max_new_tokens=4",
             "loop.iterations=1", "dpo.micro_batch=1", "dpo.grad_accum=1"]  # fmt: skip
     return {"root": root, "model": model, "pairs": good, "rm": ["train-rm", *base, f"data.preferences={good}"],
-            "loop": loop}  # fmt: skip
+            "loop": loop, "adapter": make_adapter(model, root / "adapter")}  # fmt: skip
+
+
+def make_adapter(model: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft.save_pretrained(out)
+    return out
+
+
+def export(w, *args):
+    return cli("export", f"model.name={w['model']}", "model.dtype=float32", *args)
 
 
 def probe_duplicate_id(w, tmp):
@@ -202,6 +216,96 @@ def probe_label_smoothing_half(w, tmp):
     return cli("run", "--dry-run", "dpo.label_smoothing=0.5")
 
 
+def probe_key_given_twice(w, tmp):
+    (tmp / "c.yaml").write_text("dpo:\n  lr: 1.0e-4\n  beta: 0.1\n  lr: 2.0e-4\n")
+    return cli("run", tmp / "c.yaml", "--dry-run")
+
+
+def probe_false_looking_section(w, tmp):
+    (tmp / "c.yaml").write_text("dpo: 0\n")
+    return cli("run", tmp / "c.yaml", "--dry-run")
+
+
+def probe_lr_nan(w, tmp):
+    return cli("run", "--dry-run", "dpo.lr=nan")
+
+
+def probe_epochs_inf(w, tmp):
+    return cli("run", "--dry-run", "dpo.epochs=inf")
+
+
+def probe_temperature_nan(w, tmp):
+    return cli("run", "--dry-run", "generation.temperature=nan")
+
+
+def probe_lr_1e38(w, tmp):
+    return cli("run", "--dry-run", "reward.lr=1e38")
+
+
+def probe_sigterm_says_how_to_resume(w, tmp):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL")} | {"PYTHONWARNINGS": "ignore"}
+    if SOURCE:
+        env["PYTHONPATH"] = SOURCE
+    cmd = [sys.executable, "-m", "lite_rlhf.cli", "run", *w["loop"], f"run.out_dir={tmp / 'r'}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=SOURCE)
+    deadline = time.time() + PROBE_SECONDS
+    while proc.poll() is None and time.time() < deadline and not (tmp / "r" / "state.json").exists():
+        time.sleep(0.05)  # the run has opened its directory: past the imports, into the work
+    proc.terminate()
+    out, err = proc.communicate(timeout=PROBE_SECONDS)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def probe_fewer_prompts_than_iterations(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe the sea."}])
+    v = jsonl(tmp / "v.jsonl", [{"prompt": "Describe a cat."}])
+    return cli("run", *w["loop"], "loop.iterations=3", f"data.prompts={p}", f"data.val_prompts={v}",
+               f"data.test_prompts={v}", f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+
+# ---------------------------------------------------------------- nothing the user owns is deleted or cut
+
+
+def probe_export_into_a_users_folder(w, tmp):
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "thesis.tex").write_text("years of work")
+    out = export(w, "--adapter", w["adapter"], "--out", tmp / "mine")
+    assert (tmp / "mine" / "thesis.tex").read_text() == "years of work"
+    return out
+
+
+def probe_export_onto_its_run_directory(w, tmp):
+    run = tmp / "run"
+    first = cli(*w["rm"], f"run.out_dir={run}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = sorted(p.name for p in run.iterdir())
+    out = export(w, "--adapter", w["adapter"], "--out", run)
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "reward" / "head.safetensors").is_file()
+    return out
+
+
+def probe_export_twice_replaces_its_own_export(w, tmp):
+    first = export(w, "--adapter", w["adapter"], "--out", tmp / "merged")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return export(w, "--adapter", w["adapter"], "--out", tmp / "merged")
+
+
+def probe_export_an_empty_adapter_file(w, tmp):
+    shutil.copytree(w["adapter"], tmp / "adapter")
+    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    return export(w, "--adapter", tmp / "adapter", "--out", tmp / "merged")
+
+
+def probe_out_dir_holds_the_users_files(w, tmp):
+    (tmp / "mine" / "reward").mkdir(parents=True)
+    (tmp / "mine" / "metrics.jsonl").write_text("my numbers\n")
+    (tmp / "mine" / "reward" / "notes.txt").write_text("keep")
+    out = cli(*w["rm"], f"run.out_dir={tmp / 'mine'}")
+    assert (tmp / "mine" / "metrics.jsonl").read_text() == "my numbers\n"
+    assert (tmp / "mine" / "reward" / "notes.txt").read_text() == "keep"
+    return out
+
+
 # (probe, expected exit code, words expected in the output, must the message be one line)
 PROBES = [
     (probe_duplicate_id, 2, ["p.jsonl:3", "prompt id 'a' is already used on line 1"], True),
@@ -226,6 +330,19 @@ PROBES = [
     (probe_plan_flag_before_override, 1, ["does NOT fit"], False),  # plan's exit code 1: does not fit
     (probe_dpo_kernel_triton_on_cpu, 2, ["'dpo.kernel': triton runs on CUDA or under TRITON_INTERPRET=1"], True),
     (probe_label_smoothing_half, 2, ["'dpo.label_smoothing' must be in [0, 0.5)"], True),
+    (probe_key_given_twice, 2, ["c.yaml:4' is not valid YAML: key 'lr' is given twice"], True),
+    (probe_false_looking_section, 2, ["section 'dpo' in", "must be a mapping, got 0"], True),
+    (probe_lr_nan, 2, ["'dpo.lr' must be a finite number, got nan"], True),
+    (probe_epochs_inf, 2, ["'dpo.epochs' must be a finite number, got inf"], True),
+    (probe_temperature_nan, 2, ["'generation.temperature' must be a finite number, got nan"], True),
+    (probe_lr_1e38, 2, ["'reward.lr' must be in (0, 1], got 1e+38"], True),
+    (probe_sigterm_says_how_to_resume, 143, ["terminated (SIGTERM); run the same command again to resume"], True),
+    (probe_fewer_prompts_than_iterations, 2, ["holds 1 prompt(s): too few for loop.iterations=3"], True),
+    (probe_export_into_a_users_folder, 2, ["mine' holds files that lite-rlhf export did not write"], True),
+    (probe_export_onto_its_run_directory, 2, ["holds files that lite-rlhf export did not write"], True),
+    (probe_export_twice_replaces_its_own_export, 0, ["merged"], False),
+    (probe_export_an_empty_adapter_file, 2, ["adapter_model.safetensors' is damaged (0 bytes"], True),
+    (probe_out_dir_holds_the_users_files, 2, ["holds files that are not a lite-rlhf run", "nothing was changed"], True),
 ]
 
 

@@ -48,6 +48,7 @@ def test_a_commit_replaces_only_what_the_run_wrote(tmp_path, capsys):
     late.parent.mkdir()
     late.write_text("{}")
     resumed = RunDir(cfg)
+    resumed.commit("b2", {rd.root / "other.txt": "a stage that runs first leaves the cut-off one its paths"})
     resumed.commit("c", {late.parent: lambda d: (d / "x.json").write_text('{"a": 1}')})
     assert late.read_text() == '{"a": 1}' and "writing" not in read_json(rd.state_path)
 
@@ -59,6 +60,9 @@ def test_a_damaged_committed_file_runs_its_stage_again(tmp_path, capsys):
     rd.commit("p", {adapter: lambda d: (d / "w.bin").write_bytes(b"12345678")}, [{"stage": "p"}])
     rd.commit("q", {rd.root / "best": Link("iter_001/policy")}, [{"stage": "q"}])
     assert RunDir(cfg).done("p") and RunDir(cfg).done("q")
+    rd.commit("q2", {rd.root / "best": Link("iter_001")})  # a later stage replaces it: its record moves there
+    assert RunDir(cfg).done("q") and RunDir(cfg).done("q2")
+    rd.commit("q3", {rd.root / "best": Link("iter_001/policy")})
     (adapter / "w.bin").write_bytes(b"")  # a disk error, a sync tool
     resumed = RunDir(cfg)
     assert not resumed.done("p") and resumed.done("q")
@@ -68,7 +72,7 @@ def test_a_damaged_committed_file_runs_its_stage_again(tmp_path, capsys):
     assert RunDir(cfg).done("p")
     (rd.root / "best").unlink()
     (rd.root / "best").symlink_to("elsewhere")
-    assert not RunDir(cfg).done("q")
+    assert not RunDir(cfg).done("q3") and RunDir(cfg).done("q")
 
 
 def test_a_directory_that_holds_no_run_is_refused_untouched(tmp_path):

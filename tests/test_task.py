@@ -35,3 +35,31 @@ def test_a_user_id_equal_to_an_offline_pair_id_is_refused(tmp_path):
     d = files(tmp_path, [{"id": "offline:0", "prompt": "a"}], [{"prompt": "c"}], [{"prompt": "d"}], offline)
     with pytest.raises(DataError, match="prompt id 'offline:0' is used in data.prompts .* and data.offline_pairs"):
         load_task(d)
+
+
+def test_slices_use_every_prompt_and_refuse_an_empty_iteration():
+    from lite_rlhf.config import ConfigError
+    from lite_rlhf.data import Prompt
+    from lite_rlhf.task import Task
+
+    task = Task([Prompt(f"p{i}", [{"role": "user", "content": str(i)}]) for i in range(7)], [], [], [], [])
+    parts = [task.slice(t, 3, 0) for t in (1, 2, 3)]
+    assert [len(p) for p in parts] == [2, 2, 3] and sum(parts, []) == task.prompts  # 7 // 3 left one out before
+    assert task.check_slices(3, 0) is None and "uses 4 of the 7" in task.check_slices(2, 2)
+    for iterations, per in ((8, 0), (3, 4)):
+        with pytest.raises(ConfigError, match="too few for loop.iterations"):
+            task.check_slices(iterations, per)
+
+
+def test_balance_by_length_keeps_as_many_chosen_longer_as_chosen_shorter():
+    from lite_rlhf.data import PreferencePair
+    from lite_rlhf.task import balance_by_length
+
+    msgs = [{"role": "user", "content": "q"}]
+    shorter = [PreferencePair(msgs, f"ok{i}", "too long answer") for i in range(5)]
+    pairs = [PreferencePair(msgs, "long answer", "no")] * 2 + shorter + [PreferencePair(msgs, "ab", "cd")]
+    kept = balance_by_length(pairs, seed=0)
+    longer = sum(len(p.chosen) > len(p.rejected) for p in kept)
+    shorter = sum(len(p.chosen) < len(p.rejected) for p in kept)
+    assert (longer, shorter, len(kept)) == (2, 2, 5) and kept == [p for p in pairs if p in kept]  # order kept
+    assert balance_by_length(pairs, seed=0) == kept and balance_by_length(pairs, seed=1) != kept  # seeded
