@@ -92,6 +92,9 @@ class RewardConfig(TrainerConfig):
     # train on as many pairs whose chosen answer is the longer as the shorter (a seeded subsample of the larger
     # side): a reward model that cannot win by length, which a policy would otherwise follow into short answers
     balance_length: bool = False
+    # go on with an oracle whose held-out accuracy is at or below chance or the longer-answer baseline (the run
+    # stops otherwise: such an oracle learned nothing, or its training diverged)
+    allow_weak: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ class LoopConfig:
 class EvalConfig:
     samples_per_prompt: int = _f(2, lo=1)  # sampled answers per held-out prompt, at the generation temperature
     max_prompts: int = _f(0, lo=0)  # 0: all held-out prompts
+    # The envelope of a sane policy; an iteration outside it is marked diverged and never chosen as best/.
+    # KL(π‖π0) per answer token: the demo's iterations stay within 0.5; a policy trained to gibberish leaves 1
+    max_kl_per_token: float = _f(1.0, lo=0, lo_open=True)
+    # mean test answer length (tokens) within [π0's / r, π0's × r]
+    max_length_ratio: float = _f(4.0, lo=1, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -430,7 +438,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 # Keys that cannot change an artifact: a run resumed with another value is the same run.
-NOT_IDENTITY = ("run.out_dir", "run.quiet", "run.logger")
+NOT_IDENTITY = ("run.out_dir", "run.quiet", "run.logger", "reward.allow_weak")
 
 
 def identity(cfg: Config | dict[str, Any]) -> dict[str, Any]:

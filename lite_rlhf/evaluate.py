@@ -121,6 +121,20 @@ def evaluate_policy(
     return figures, rows
 
 
+def divergence(figures: dict, base: dict, ev: EvalConfig) -> str | None:
+    """Why an iteration's policy left the envelope of a sane one (`eval.max_kl_per_token`,
+    `eval.max_length_ratio`, against π0's figures `base`), or None. The oracle may still score such a
+    policy high: a reward model rewards gibberish it never saw."""
+    tokens = figures["length_tokens"]
+    if tokens and figures["kl"] / tokens > ev.max_kl_per_token:
+        return f"KL {figures['kl']:.1f} over {tokens:.1f} tokens is above eval.max_kl_per_token={ev.max_kl_per_token:g}"
+    ratio = (tokens or 1e-9) / (base["length_tokens"] or 1e-9)
+    if not 1 / ev.max_length_ratio <= ratio <= ev.max_length_ratio:
+        return (f"answers of {tokens:.1f} tokens against π0's {base['length_tokens']:.1f} leave "
+                f"eval.max_length_ratio={ev.max_length_ratio:g}")  # fmt: skip
+    return None
+
+
 def eval_row(sample) -> dict:
     """A sample as an `eval_samples.jsonl` row (its per-token log-probs are not kept)."""
     return dataclasses.asdict(sample) | {"logprobs": None}

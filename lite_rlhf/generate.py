@@ -41,7 +41,7 @@ from pathlib import Path
 from lite_rlhf import dist
 from lite_rlhf.config import Config, GenerationConfig
 from lite_rlhf.data import Prompt, prompt_ids
-from lite_rlhf.models import check_adapter, dtype_name, nf4_config
+from lite_rlhf.models import ModelNotFound, check_adapter, dtype_name, nf4_config
 
 
 class GenerationError(ValueError):
@@ -189,7 +189,10 @@ def context_length(model_dir: Path) -> int:
 
 
 def _adapter_dir(adapter: str | Path | None) -> Path | None:
-    return None if adapter is None else check_adapter(adapter)
+    try:
+        return None if adapter is None else check_adapter(adapter)
+    except ModelNotFound as err:  # generation's own error type, for the engine's callers
+        raise GenerationError(str(err)) from None
 
 
 def adapter_fingerprint(path: Path) -> str:

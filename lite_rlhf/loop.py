@@ -39,14 +39,14 @@ from lite_rlhf.batching import as_example, encode_rows, fits
 from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.data import load_conversations, prompt_ids, response_ids
 from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
-from lite_rlhf.evaluate import evaluate_policy, noise_figures, summary
+from lite_rlhf.evaluate import divergence, evaluate_policy, noise_figures, summary
 from lite_rlhf.generate import LazyEngine, Sample, make_engine, start_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
 from lite_rlhf.preference import check_format, preference_stage
 from lite_rlhf.report import report_files
-from lite_rlhf.reward import reward_stage
+from lite_rlhf.reward import check_oracle, reward_stage
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
 from lite_rlhf.scoring import Oracle
@@ -64,7 +64,10 @@ def main_run(cfg: Config) -> int:
         print(f"lite-rlhf: {err}; stopped: {kept}", file=sys.stderr)
         return 1
     if dist.is_main():
-        print(f"lite-rlhf: done; best iteration {best} -> {cfg.run.out_dir}/best, report {cfg.run.out_dir}/report.md")
+        root = Path(cfg.run.out_dir)
+        off = [t for t in range(1, cfg.loop.iterations + 1) if read_json(root / f"iter_{t:03d}/eval.json")["diverged"]]
+        note = f"; iteration(s) {', '.join(map(str, off))} diverged, never chosen (report.md)" if off else ""
+        print(f"lite-rlhf: done; best iteration {best} -> {root}/best, report {root}/report.md{note}")
     return 0
 
 
@@ -173,9 +176,11 @@ def train_oracle(rd: RunDir, model: SharedModel, cfg: Config) -> None:
         model.add_preference(cfg.run.seed)
         model.load_adapter("preference", cfg.reward.adapter)
     elif kind == "bt" and not cfg.reward.model:
-        reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
+        figures = reward_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
+        check_oracle(figures, cfg, rd.root / "reward")
     elif kind == "preference" and not cfg.reward.preference_model:
-        preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
+        figures = preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
+        check_oracle(figures, cfg, rd.root / "preference")
 
 
 def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
@@ -197,6 +202,8 @@ def evaluate(ctx: Context, t: int, adapter) -> dict:
         temperature=ctx.cfg.generation.temperature, gold=ctx.task.gold, base_rows=base_rows,
         score_batch=ctx.cfg.reward.score_batch, quiet=ctx.cfg.run.quiet,
     )  # fmt: skip
+    if t > 0:
+        figures["diverged"] = divergence(figures, read_json(ctx.rd.iter_dir(0) / "eval.json"), ctx.cfg.eval)
     ctx.rd.commit(name, {out / "eval_samples.jsonl": rows, out / "eval.json": figures}, [{"stage": "eval", **figures}])
     ctx.say("eval " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
     return figures
@@ -350,7 +357,8 @@ def choose_best(ctx: Context, t: int) -> int:
     """best/ -> the policy of the iteration with the highest validation reward (π0 included), or with a
     preference model the highest validation win rate against π0 (π0's own is 1/2)."""
     key = "val_reward" if ctx.cfg.reward.kind == "bt" else "val_win_rate"
-    val = {i: read_json(ctx.rd.iter_dir(i) / "eval.json")[key] for i in range(t + 1)}
+    evals = {i: read_json(ctx.rd.iter_dir(i) / "eval.json") for i in range(t + 1)}
+    val = {i: e[key] for i, e in evals.items() if not e.get("diverged")}  # π0 never diverges
     best = max(val, key=lambda i: (val[i], -i))
     name = f"iter_{t:03d}/best"
     if not ctx.rd.done(name):

@@ -32,6 +32,7 @@ _COLUMNS = [
     ("tax_words", "tax: words", "{:.1f}"),
     ("tax_no_repetition", "tax: no rep.", "{:.2f}"),
     ("tax_on_topic", "tax: on topic", "{:.2f}"),
+    ("diverged", "diverged (never best)", "{}"),
 ]
 
 _PLOTS = [("val_reward", "test_reward"), ("gold",), ("length_tokens",), ("kl",), ("win_rate",)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,25 @@ def reward_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pairs,
         rd.commit("reward", {path: fill}, records + [{"stage": "reward_eval", **metrics}])
     model.load_reward(path)
     return read_json(path / "metrics.json")
+
+
+class WeakOracle(RuntimeError):
+    """The trained oracle is no better than chance or than "the longer answer wins" on its held-out pairs."""
+
+
+def check_oracle(figures: dict, cfg: Config, where: Path) -> None:
+    """Stop a run whose oracle learned nothing (or diverged: a reward that ranks like a coin, or like length
+    alone, only steers the policy astray), unless `reward.allow_weak`. A longer-answer baseline of 1 (every
+    held-out chosen answer is the longer) cannot be beaten: only chance counts then."""
+    acc, length = figures.get("eval_accuracy"), figures.get("length_baseline_accuracy")
+    if acc is None or cfg.reward.allow_weak:
+        return
+    floor = max(0.5, length if length is not None and length < 1 else 0.0)
+    if acc <= floor:
+        base = "chance (0.5)" if floor == 0.5 else f"the longer-answer baseline ({length:.3f})"
+        raise WeakOracle(f"the oracle's held-out accuracy {acc:.3f} is at or below {base} (see {where}/metrics.json): "
+                         "train it with other reward settings in another run.out_dir, or set reward.allow_weak=true "
+                         "to go on with it")  # fmt: skip
 
 
 def train_oracle_command(cfg: Config, stage) -> tuple[dict, RunDir]:

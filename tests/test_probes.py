@@ -263,6 +263,27 @@ def probe_fewer_prompts_than_iterations(w, tmp):
                f"data.test_prompts={v}", f"run.out_dir={tmp / 'r'}")  # fmt: skip
 
 
+def probe_reward_model_below_chance(w, tmp):
+    short = [{"prompt": f"Describe thing {i}.", "chosen": "no", "rejected": "It is a fine thing."} for i in range(8)]
+    held = [{"prompt": f"Describe item {i}.", "chosen": "It is a fine item.", "rejected": "no"} for i in range(4)]
+    train, held_out = jsonl(tmp / "train.jsonl", short), jsonl(tmp / "held.jsonl", held)
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe the sea."}])
+    return cli("run", *w["loop"], f"data.preferences={train}", f"data.eval_preferences={held_out}", "reward.lr=1e-2",
+               "reward.epochs=3", f"data.prompts={p}", f"data.val_prompts={p}", f"data.test_prompts={p}",
+               f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+
+def probe_diverged_iteration_is_never_best(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"prompt": f"Describe thing {i}."} for i in range(3)])
+    run = tmp / "r"
+    out = cli("run", *w["loop"], "eval.max_kl_per_token=1e-9", "pairs.allow_truncated=true", "dpo.lr=1e-2",
+              f"data.prompts={p}", f"data.val_prompts={p}", f"data.test_prompts={p}", f"run.out_dir={run}")  # fmt: skip
+    if out.returncode == 0:
+        assert os.readlink(run / "best") == "iter_000/policy"
+        assert "above eval.max_kl_per_token" in json.loads((run / "iter_001" / "eval.json").read_text())["diverged"]
+    return out
+
+
 # ---------------------------------------------------------------- nothing the user owns is deleted or cut
 
 
@@ -338,6 +359,8 @@ PROBES = [
     (probe_lr_1e38, 2, ["'reward.lr' must be in (0, 1], got 1e+38"], True),
     (probe_sigterm_says_how_to_resume, 143, ["terminated (SIGTERM); run the same command again to resume"], True),
     (probe_fewer_prompts_than_iterations, 2, ["holds 1 prompt(s): too few for loop.iterations=3"], True),
+    (probe_reward_model_below_chance, 2, ["held-out accuracy 0.000 is at or below chance", "reward.allow_weak"], True),
+    (probe_diverged_iteration_is_never_best, 0, ["iteration(s) 1 diverged, never chosen"], False),
     (probe_export_into_a_users_folder, 2, ["mine' holds files that lite-rlhf export did not write"], True),
     (probe_export_onto_its_run_directory, 2, ["holds files that lite-rlhf export did not write"], True),
     (probe_export_twice_replaces_its_own_export, 0, ["merged"], False),
