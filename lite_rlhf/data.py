@@ -110,10 +110,23 @@ def _messages(value: Any, what: str, roles: tuple[str, ...] = ("system", "user",
     raise DataError(f"'{what}' must be a non-empty string or list of messages, got {type(value).__name__}")
 
 
-def _response(value: Any, what: str) -> str:
+def _prompt(value: Any) -> Messages:
+    msgs = _messages(value, "prompt")
+    if msgs[-1]["role"] == "assistant":
+        raise DataError("the last turn of 'prompt' is the assistant's: there is nothing left to answer")
+    return msgs
+
+
+def _response(value: Any, what: str, prompt: Messages) -> str:
+    """The answer: a string, or a message list whose last turn is the assistant's; the turns before it (if
+    any) must be `prompt`'s conversation, so that the pair answers the prompt it is filed under."""
     if isinstance(value, list):
         msgs = _messages(value, what)
-        value = "".join(m["content"] for m in msgs if m["role"] == "assistant")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"the last turn of '{what}' is not the assistant's")
+        if msgs[:-1] and msgs[:-1] != prompt:
+            raise DataError(f"'{what}' answers another conversation than 'prompt' (its earlier turns differ)")
+        value = msgs[-1]["content"]
     if not isinstance(value, str):
         raise DataError(f"'{what}' must be a string or a list of messages, got {type(value).__name__}")
     if not value.strip():
@@ -153,9 +166,7 @@ def load_prompts(path: str | Path, skip_invalid: bool = False, split: str = "pro
         pid = str(row["id"]) if "id" in row else f"{split}:{lineno}"
         if pid in seen:
             raise DataError(f"prompt id '{pid}' is already used on line {seen[pid]}")
-        prompt = Prompt(
-            pid, _messages(row["prompt"], "prompt"), {k: v for k, v in row.items() if k not in ("prompt", "id")}
-        )
+        prompt = Prompt(pid, _prompt(row["prompt"]), {k: v for k, v in row.items() if k not in ("prompt", "id")})
         seen[pid] = lineno
         return prompt
 
@@ -169,10 +180,9 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
                 raise DataError(f"missing field '{key}'")
+        prompt = _prompt(row["prompt"])
         pair = PreferencePair(
-            _messages(row["prompt"], "prompt"),
-            _response(row["chosen"], "chosen"),
-            _response(row["rejected"], "rejected"),
+            prompt, _response(row["chosen"], "chosen", prompt), _response(row["rejected"], "rejected", prompt)
         )
         if pair.chosen == pair.rejected:
             raise DataError("'chosen' and 'rejected' are the same answer: the pair teaches nothing")

@@ -46,7 +46,7 @@ from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
 from lite_rlhf.preference import check_format, preference_stage
 from lite_rlhf.report import report_files
-from lite_rlhf.reward import check_oracle, reward_stage
+from lite_rlhf.reward import check_brought_oracle, check_oracle, reward_stage
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
 from lite_rlhf.scoring import Oracle
@@ -88,6 +88,8 @@ def run(cfg: Config) -> int:
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     if cfg.reward.kind == "preference":
         check_format(cfg)  # the labels are one token each
+    if cfg.reward.adapter:
+        check_brought_oracle(cfg)
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run) if dist.is_main() else (lambda: None)
     say = Say(cfg.run.quiet)

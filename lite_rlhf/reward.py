@@ -25,7 +25,8 @@ from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, DataConfig, RewardConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair, encode, prompt_ids, response_ids
 from lite_rlhf.loggers import attach_logger
-from lite_rlhf.roles import SharedModel
+from lite_rlhf.models import ModelNotFound, check_adapter
+from lite_rlhf.roles import HEAD_FILE, SharedModel
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
 from lite_rlhf.task import reward_pairs
 from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
@@ -216,6 +217,19 @@ def reward_stage(rd: RunDir, model: SharedModel, cfg: Config, pairs, eval_pairs,
         rd.commit("reward", {path: fill}, records + [{"stage": "reward_eval", **metrics}])
     model.load_reward(path)
     return read_json(path / "metrics.json")
+
+
+def check_brought_oracle(cfg: Config) -> None:
+    """`reward.adapter` is a directory of the kind the run asks for (before any model loads): reward/ (adapter and
+    head.safetensors) for reward.kind=bt, preference/ (the adapter alone) for preference."""
+    path = check_adapter(cfg.reward.adapter)
+    has_head = (path / HEAD_FILE).is_file()
+    if cfg.reward.kind == "bt" and not has_head:
+        raise ModelNotFound(f"reward.adapter '{path}' has no {HEAD_FILE}: not a Bradley-Terry reward directory "
+                            "(a preference/ one goes with reward.kind=preference)")  # fmt: skip
+    if cfg.reward.kind == "preference" and has_head:
+        raise ModelNotFound(f"reward.adapter '{path}' is a Bradley-Terry reward directory ({HEAD_FILE}): set "
+                            "reward.kind=bt, or name a preference/ directory")  # fmt: skip
 
 
 class WeakOracle(RuntimeError):

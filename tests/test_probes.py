@@ -284,6 +284,33 @@ def probe_diverged_iteration_is_never_best(w, tmp):
     return out
 
 
+def probe_pair_answers_other_user_turns(w, tmp):
+    ask = [{"role": "user", "content": "Describe the sea."}]
+    other = [{"role": "user", "content": "Describe a cat."}, {"role": "assistant", "content": "no"}]
+    row = {"prompt": ask, "chosen": [*ask, {"role": "assistant", "content": "It is wide."}], "rejected": other}
+    f = jsonl(tmp / "pairs.jsonl", [PAIR, row])
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_pair_with_two_assistant_turns(w, tmp):
+    two = [{"role": "assistant", "content": "It is wide."}, {"role": "assistant", "content": "And blue."}]
+    f = jsonl(tmp / "pairs.jsonl", [PAIR, PAIR | {"chosen": two}])
+    return cli(*w["rm"], f"data.preferences={f}", f"run.out_dir={tmp}/r")
+
+
+def probe_prompt_ends_with_the_assistant(w, tmp):
+    turns = [{"role": "user", "content": "Describe the sea."}, {"role": "assistant", "content": "It is wide."}]
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe a cat."}, {"prompt": turns}])
+    return cli("run", *w["loop"], f"data.prompts={p}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_preference_kind_given_a_reward_directory(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'rm'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return cli("run", *w["loop"], "reward.kind=preference", f"reward.adapter={tmp / 'rm' / 'reward'}",
+               f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+
 # ---------------------------------------------------------------- nothing the user owns is deleted or cut
 
 
@@ -361,6 +388,10 @@ PROBES = [
     (probe_fewer_prompts_than_iterations, 2, ["holds 1 prompt(s): too few for loop.iterations=3"], True),
     (probe_reward_model_below_chance, 2, ["held-out accuracy 0.000 is at or below chance", "reward.allow_weak"], True),
     (probe_diverged_iteration_is_never_best, 0, ["iteration(s) 1 diverged, never chosen"], False),
+    (probe_pair_answers_other_user_turns, 2, ["pairs.jsonl:2", "'rejected' answers another conversation"], True),
+    (probe_pair_with_two_assistant_turns, 2, ["pairs.jsonl:2", "'chosen' answers another conversation"], True),
+    (probe_prompt_ends_with_the_assistant, 2, ["p.jsonl:2", "the last turn of 'prompt' is the assistant's"], True),
+    (probe_preference_kind_given_a_reward_directory, 2, ["is a Bradley-Terry reward directory", "kind=bt"], True),
     (probe_export_into_a_users_folder, 2, ["mine' holds files that lite-rlhf export did not write"], True),
     (probe_export_onto_its_run_directory, 2, ["holds files that lite-rlhf export did not write"], True),
     (probe_export_twice_replaces_its_own_export, 0, ["merged"], False),
