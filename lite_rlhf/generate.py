@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -188,6 +189,26 @@ def context_length(model_dir: Path) -> int:
     raise GenerationError(f"model '{model_dir}': config.json names no context length (max_position_embeddings)")
 
 
+def _check_room(prompt_id: str, n_ids: int, context: int, max_new_tokens: int) -> None:
+    room = context - max_new_tokens
+    if n_ids > room:
+        raise GenerationError(
+            f"prompt '{prompt_id}' has {n_ids} tokens; the model's context is {context} and "
+            f"generation.max_new_tokens={max_new_tokens} leaves {max(room, 0)} for the prompt: "
+            "shorten the prompt or lower generation.max_new_tokens"
+        )
+
+
+def check_context(ids: dict[str, list[int]], model_dir: Path, gen: GenerationConfig, max_length: int) -> None:
+    """Before any model trains: every prompt (`ids`: prompt id -> token ids) leaves generation.max_new_tokens of
+    the model's context, and data.max_length fits in it."""
+    context = context_length(model_dir)
+    if max_length > context:
+        raise GenerationError(f"data.max_length={max_length} is above the model's context ({context} tokens)")
+    for pid, toks in ids.items():
+        _check_room(pid, len(toks), context, gen.max_new_tokens)
+
+
 def _adapter_dir(adapter: str | Path | None) -> Path | None:
     try:
         return None if adapter is None else check_adapter(adapter)
@@ -268,13 +289,7 @@ class Engine:
         if not prompt.messages or not any(m.get("content", "").strip() for m in prompt.messages):
             raise GenerationError(f"prompt '{prompt.id}' is empty")
         ids = prompt_ids(self.tokenizer, prompt.messages)
-        room = self.max_model_len - max_new_tokens
-        if len(ids) > room:
-            raise GenerationError(
-                f"prompt '{prompt.id}' has {len(ids)} tokens; the model's context is {self.max_model_len} and "
-                f"generation.max_new_tokens={max_new_tokens} leaves {max(room, 0)} for the prompt: "
-                "shorten the prompt or lower generation.max_new_tokens"
-            )
+        _check_room(prompt.id, len(ids), self.max_model_len, max_new_tokens)
         return ids
 
     def _sample(self, prompt: Prompt, index: int, token_ids: list[int], stopped: bool, logprobs) -> Sample:
@@ -706,6 +721,14 @@ def main_generate(cfg: Config) -> int:
     gen = cfg.generation
     if not gen.output:
         raise GenerationError("generation.output is not set: pass generation.output=FILE.jsonl")
+    out = Path(gen.output)
+    if out.is_dir():
+        raise GenerationError(f"generation.output '{out}' is a directory: give a file name, e.g. {out}/samples.jsonl")
+    try:  # a place the samples can be written, known before they are made
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise GenerationError(f"generation.output '{out}' cannot be written: {err.strerror}") from None
     adapter = _adapter_dir(gen.adapter)  # fail before loading anything
     prompts, skipped = load_prompts(data_path(cfg.data, "prompts"), cfg.data.skip_invalid)
     engine = make_engine(
@@ -731,7 +754,7 @@ def main_generate(cfg: Config) -> int:
         }
         for s in samples
     ]
-    write_jsonl(Path(gen.output), rows)
+    write_jsonl(out, rows)
     tokens = sum(s.n_tokens for s in samples)
     note = f" ({skipped} invalid lines skipped)" if skipped else ""
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import numbers
+import os
 from collections.abc import Callable
 
 from lite_rlhf.config import ConfigError, RunConfig
@@ -32,6 +33,19 @@ def check_logger(run: RunConfig) -> None:
         _require("tensorboard", "tensorboard")
     elif run.logger == "wandb":
         _require("wandb", "wandb")
+        offline = os.environ.get("WANDB_MODE", "") in ("offline", "disabled", "dryrun")
+        if not offline and not os.environ.get("WANDB_API_KEY") and not _netrc_has("api.wandb.ai"):
+            raise ConfigError("config key 'run.logger': wandb has no credentials (WANDB_API_KEY or `wandb login`); "
+                              "set them, or WANDB_MODE=offline to keep its logs in the run directory")  # fmt: skip
+
+
+def _netrc_has(host: str) -> bool:
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def scalars(record: dict) -> dict[str, float]:

@@ -40,7 +40,7 @@ from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.data import load_conversations, prompt_ids, response_ids
 from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
 from lite_rlhf.evaluate import divergence, evaluate_policy, noise_figures, summary
-from lite_rlhf.generate import LazyEngine, Sample, make_engine, start_engine
+from lite_rlhf.generate import LazyEngine, Sample, check_context, make_engine, start_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
@@ -98,11 +98,12 @@ def run(cfg: Config) -> int:
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir, device=dist.device())
+    ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
+    check_context(ids, model_dir, cfg.generation, cfg.data.max_length)  # before any model trains
+    ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
     pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
     train_oracle(rd, model, cfg)
     oracle = Oracle(cfg, model)
-    ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
-    ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
     engine = LazyEngine(lambda: start_engine(model, cfg, lambda share: make_engine(
         model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
         share=share), say))  # fmt: skip

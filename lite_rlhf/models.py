@@ -204,18 +204,43 @@ def resolve_model(name: str) -> Path:
                 f"model directory '{path}' has no .safetensors weights; lite-rlhf does not load pickled .bin "
                 "files (convert with save_pretrained(..., safe_serialization=True))"
             )
-        return path
+        return check_model_dir(path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelNotFound(f"model '{name}' is not a model directory, a hub id (org/name) or '{EMBEDDED_MODEL}'")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        fetched = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model", "*.txt"])
+        )
     except Exception as err:  # offline, gated, unknown id: all mean the same to the user
         raise ModelNotFound(
             f"model '{name}' is not a local directory and could not be fetched from the hub "
             f"({type(err).__name__}); pass a local directory or '{EMBEDDED_MODEL}'"
         ) from None
+    return check_model_dir(fetched)
+
+
+def check_model_dir(path: Path) -> Path:
+    """What would otherwise fail after minutes of work: an architecture transformers does not know, one that
+    needs the model's own code (never run here), a tokenizer without the chat template every prompt goes through."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in config:
+        raise ModelNotFound(f"model '{path}' needs its own code (config.json auto_map), which lite-rlhf never runs: "
+                            "use a model of an architecture transformers ships")  # fmt: skip
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ModelNotFound(f"model '{path}': architecture '{config.get('model_type')}' (config.json model_type) is "
+                            "not one this transformers version knows")  # fmt: skip
+    tok = path / "tokenizer_config.json"
+    has_template = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file()
+    if not has_template and tok.is_file():
+        has_template = bool(json.loads(tok.read_text(encoding="utf-8")).get("chat_template"))
+    if not has_template:
+        raise ModelNotFound(f"model '{path}' has no chat template (tokenizer_config.json chat_template): every "
+                            "prompt is written with it; use an instruct model or add a template")  # fmt: skip
+    return path
 
 
 # --------------------------------------------------------------------------- tiny test models

@@ -5,6 +5,7 @@ before/after table of the closing note)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -311,6 +312,70 @@ def probe_preference_kind_given_a_reward_directory(w, tmp):
                f"run.out_dir={tmp / 'r'}")  # fmt: skip
 
 
+def probe_state_json_corrupt(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'r'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp / "r" / "state.json").write_text('{"done": ["rew')
+    return cli(*w["rm"], f"run.out_dir={tmp / 'r'}")
+
+
+def probe_state_json_empty(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'r'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp / "r" / "state.json").write_text("")
+    return cli(*w["rm"], f"run.out_dir={tmp / 'r'}")
+
+
+def probe_wandb_without_credentials(w, tmp):
+    if importlib.util.find_spec("wandb") is None or os.environ.get("WANDB_API_KEY"):
+        pytest.skip("wandb is not installed, or this machine has its credentials")
+    return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp)
+
+
+def edited_model(w, tmp, edit) -> Path:
+    model = tmp / "model"
+    shutil.copytree(w["model"], model)
+    edit(model)
+    return model
+
+
+def probe_model_needs_remote_code(w, tmp):
+    def edit(m):
+        cfg = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps(cfg | {"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+
+    return cli("run", *w["loop"], f"model.name={edited_model(w, tmp, edit)}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_model_of_unknown_architecture(w, tmp):
+    def edit(m):
+        cfg = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps(cfg | {"model_type": "brand_new_arch"}))
+
+    return cli("run", *w["loop"], f"model.name={edited_model(w, tmp, edit)}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_tokenizer_without_chat_template(w, tmp):
+    def edit(m):
+        (m / "chat_template.jinja").unlink(missing_ok=True)
+        cfg = json.loads((m / "tokenizer_config.json").read_text())
+        (m / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "chat_template"}))
+
+    return cli("run", *w["loop"], f"model.name={edited_model(w, tmp, edit)}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_max_new_tokens_beyond_context(w, tmp):
+    out = cli("run", *w["loop"], "generation.max_new_tokens=100000", f"run.out_dir={tmp / 'r'}")
+    assert not (tmp / "r" / "reward").exists() and not (tmp / "r" / "config.yaml").exists()  # nothing trained or pinned
+    return out
+
+
+def probe_generation_output_is_a_directory(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "x"}])
+    return cli("generate", f"model.name={w['model']}", "generation.backend=hf", "generation.max_new_tokens=8",
+               f"data.prompts={p}", f"generation.output={tmp}")  # fmt: skip
+
+
 # ---------------------------------------------------------------- nothing the user owns is deleted or cut
 
 
@@ -392,6 +457,14 @@ PROBES = [
     (probe_pair_with_two_assistant_turns, 2, ["pairs.jsonl:2", "'chosen' answers another conversation"], True),
     (probe_prompt_ends_with_the_assistant, 2, ["p.jsonl:2", "the last turn of 'prompt' is the assistant's"], True),
     (probe_preference_kind_given_a_reward_directory, 2, ["is a Bradley-Terry reward directory", "kind=bt"], True),
+    (probe_state_json_corrupt, 2, ["state.json' is damaged", "nothing was changed"], True),
+    (probe_state_json_empty, 2, ["state.json' is damaged", "nothing was changed"], True),
+    (probe_wandb_without_credentials, 2, ["wandb has no credentials", "WANDB_MODE=offline"], True),
+    (probe_model_needs_remote_code, 2, ["needs its own code (config.json auto_map)"], True),
+    (probe_model_of_unknown_architecture, 2, ["architecture 'brand_new_arch'"], True),
+    (probe_tokenizer_without_chat_template, 2, ["has no chat template"], True),
+    (probe_max_new_tokens_beyond_context, 2, ["generation.max_new_tokens=100000 leaves 0 for the prompt"], True),
+    (probe_generation_output_is_a_directory, 2, ["generation.output", "is a directory"], True),
     (probe_export_into_a_users_folder, 2, ["mine' holds files that lite-rlhf export did not write"], True),
     (probe_export_onto_its_run_directory, 2, ["holds files that lite-rlhf export did not write"], True),
     (probe_export_twice_replaces_its_own_export, 0, ["merged"], False),
