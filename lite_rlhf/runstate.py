@@ -213,13 +213,11 @@ def _lock(root: Path) -> None:
 
 
 def _foreign(root: Path) -> list[str]:
-    """Names in `root` that no run wrote: a directory without state.json holds at most our lock and the
-    temporary files of a first commit that was cut off (dot-prefixed)."""
+    """Names in `root` that no run wrote. A run writes state.json as soon as it holds the lock, so a directory
+    without one holds at most the lock and a temporary state.json of a process that died in between."""
     if not root.is_dir() or (root / "state.json").is_file():
         return []
-    ours = ("config.yaml", "metrics.jsonl")
-    return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME and not p.name.startswith(tuple(
-        f".{name}." for name in (*ours, "state.json"))))  # fmt: skip
+    return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".state.json."))
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -267,6 +265,8 @@ class RunDir:
             raise RunStateError(f"'{self.state_path}' is damaged ({err}); nothing was changed: move the run "
                                 "directory away to start over") from None  # fmt: skip
         self.state.setdefault("files", {} if not self.state["done"] else None)  # None: a run from before the records
+        if self.writer and not self.state_path.exists():  # the directory is a run's from now on (what a logger adds)
+            write_json(self.state_path, self.state)
         ranks = self.state.get("world_size", 1)  # a run from before torchrun support ran on one
         if self.state["done"] and ranks != dist.world():
             raise RunStateError(

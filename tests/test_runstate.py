@@ -105,3 +105,12 @@ def test_files_keep_the_users_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+
+
+def test_a_run_cut_off_before_its_first_commit_is_still_a_run(tmp_path):
+    """The directory is the run's from the moment it is opened: what a logger adds before the first commit
+    (tensorboard/, wandb/) does not make it foreign on resume."""
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    rd = RunDir(cfg)
+    (rd.root / "tensorboard").mkdir()
+    assert not RunDir(cfg).state["done"]
