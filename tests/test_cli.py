@@ -70,3 +70,21 @@ def test_doctor_reports_the_stack():
         "demo model",
     ):
         assert word in out.stdout, word
+
+
+def test_the_nan_stop_names_what_exists(tmp_path, monkeypatch, capsys):
+    from lite_rlhf import loop
+    from lite_rlhf.config import load_config
+    from lite_rlhf.train import NonFiniteLoss
+
+    def diverge(cfg):
+        raise NonFiniteLoss("the DPO loss is nan at step 3")
+
+    monkeypatch.setattr(loop, "run", diverge)
+    cfg = load_config(None, [f"run.out_dir={tmp_path}"])
+    assert loop.main_run(cfg) == 1
+    assert capsys.readouterr().err.strip().endswith("stopped: no policy was chosen yet")
+    (tmp_path / "iter_000" / "policy").mkdir(parents=True)
+    (tmp_path / "best").symlink_to("iter_000/policy")
+    assert loop.main_run(cfg) == 1
+    assert f"stopped: the best policy so far is {tmp_path / 'best'}" in capsys.readouterr().err
