@@ -79,7 +79,13 @@ def attach_logger(rd: RunDir, run: RunConfig) -> Callable[[], None]:
 
     (rd.root / "wandb").mkdir(parents=True, exist_ok=True)
     # One wandb run per run directory: the same id when a killed run resumes.
-    session = wandb.init(project="lite-rlhf", name=rd.root.name, id=rd.run_id, resume="allow", dir=str(rd.root))
+    try:  # before any model loads: a server out of reach is said in 30 s (wandb's own wait is 90 s), not after it
+        session = wandb.init(project="lite-rlhf", name=rd.root.name, id=rd.run_id, resume="allow", dir=str(rd.root),
+                             settings=wandb.Settings(init_timeout=30))  # fmt: skip
+    except Exception as err:  # wandb's errors for no network, a refused key, a server down: all mean the same here
+        raise ConfigError(f"config key 'run.logger': wandb did not start ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); set WANDB_MODE=offline to keep its logs "
+                          "in the run directory, or run.logger=none") from None  # fmt: skip
 
     def send(first: int, records: list[dict]) -> None:
         for i, rec in enumerate(records):

@@ -332,6 +332,18 @@ def probe_wandb_without_credentials(w, tmp):
     return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp)
 
 
+def probe_wandb_out_of_reach(w, tmp):
+    if importlib.util.find_spec("wandb") is None:
+        pytest.skip("wandb is not installed")
+    os.environ["WANDB_API_KEY"], key = "0" * 40, os.environ.get("WANDB_API_KEY")  # a key, and no server to take it
+    os.environ["WANDB_BASE_URL"], url = "http://127.0.0.1:9", os.environ.get("WANDB_BASE_URL")  # nothing listens
+    try:
+        return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp)
+    finally:
+        for name, old in (("WANDB_API_KEY", key), ("WANDB_BASE_URL", url)):
+            os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
+
+
 def edited_model(w, tmp, edit) -> Path:
     model = tmp / "model"
     shutil.copytree(w["model"], model)
@@ -460,6 +472,7 @@ PROBES = [
     (probe_state_json_corrupt, 2, ["state.json' is damaged", "nothing was changed"], True),
     (probe_state_json_empty, 2, ["state.json' is damaged", "nothing was changed"], True),
     (probe_wandb_without_credentials, 2, ["wandb has no credentials", "WANDB_MODE=offline"], True),
+    (probe_wandb_out_of_reach, 2, ["wandb did not start", "WANDB_MODE=offline"], True),
     (probe_model_needs_remote_code, 2, ["needs its own code (config.json auto_map)"], True),
     (probe_model_of_unknown_architecture, 2, ["architecture 'brand_new_arch'"], True),
     (probe_tokenizer_without_chat_template, 2, ["has no chat template"], True),
