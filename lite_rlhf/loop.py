@@ -82,14 +82,7 @@ def run(cfg: Config) -> int:
         cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, device=dist.device()))
     if not dist.is_main():  # logging and progress from rank 0 only
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, quiet=True))
-    task = load_task(cfg.data)  # every data file is read and checked before a model loads
-    unused = task.check_slices(cfg.loop.iterations, cfg.loop.prompts_per_iteration)
-    conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
-    dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
-    if cfg.reward.kind == "preference":
-        check_format(cfg)  # the labels are one token each
-    if cfg.reward.adapter:
-        check_brought_oracle(cfg)
+    task, conversations, unused = check_inputs(cfg)
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run) if dist.is_main() else (lambda: None)
     say = Say(cfg.run.quiet)
@@ -134,6 +127,19 @@ def run(cfg: Config) -> int:
     close_logger()
     engine.close()  # last: an in-process vLLM engine ends torch.distributed with it (the ranks' group under torchrun)
     return best
+
+
+def check_inputs(cfg: Config):
+    """Every data file read and checked, and what can be known of the oracle and the loss, before a model loads."""
+    task = load_task(cfg.data)
+    unused = task.check_slices(cfg.loop.iterations, cfg.loop.prompts_per_iteration)
+    conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
+    dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
+    if cfg.reward.kind == "preference":
+        check_format(cfg)  # the labels are one token each
+    if cfg.reward.adapter:
+        check_brought_oracle(cfg)
+    return task, conversations, unused
 
 
 # --------------------------------------------------------------------------- what every stage sees

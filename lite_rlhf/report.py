@@ -68,7 +68,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
+    shown = lambda key, r: r.get(key) if key == "diverged" else key in r  # diverged: only when one did
+    cols = [c for c in _COLUMNS if any(shown(c[0], r) for r in rows)]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")

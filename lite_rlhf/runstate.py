@@ -220,6 +220,21 @@ def _foreign(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".state.json."))
 
 
+def _claim(root: Path) -> None:
+    """Refuse a directory that is not a run's, or not writable (before any model loads), then lock it."""
+    foreign = _foreign(root)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise RunStateError(f"run.out_dir '{root}' holds files that are not a lite-rlhf run ('{foreign[0]}'{more}); "
+                            "nothing was changed: use a new or empty directory")  # fmt: skip
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _temp_path(root / "state.json").unlink()
+    except OSError as err:
+        raise RunStateError(f"run.out_dir '{root}' is not writable: {err.strerror}") from None
+    _lock(root)  # before anything is read to be changed
+
+
 # --------------------------------------------------------------------------- the run directory
 
 
@@ -234,17 +249,7 @@ class RunDir:
         if self.root.exists() and not self.root.is_dir():
             raise RunStateError(f"run.out_dir '{self.root}' is a file, not a directory")
         if self.writer:
-            foreign = _foreign(self.root)
-            if foreign:
-                raise RunStateError(f"run.out_dir '{self.root}' holds files that are not a lite-rlhf run ('"
-                                    f"{foreign[0]}'{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
-                                    "nothing was changed: use a new or empty directory")  # fmt: skip
-            try:  # refuse before any model loads, not after the first stage's work
-                self.root.mkdir(parents=True, exist_ok=True)
-                _temp_path(self.root / "state.json").unlink()
-            except OSError as err:
-                raise RunStateError(f"run.out_dir '{self.root}' is not writable: {err.strerror}") from None
-            _lock(self.root)  # before anything is read to be changed
+            _claim(self.root)
         saved = self.root / "config.yaml"
         if saved.is_file():
             stored = identity(yaml.safe_load(saved.read_text(encoding="utf-8")))
