@@ -55,6 +55,8 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    # every data key takes a file (.jsonl, .json, .csv, .parquet) or a dataset: a directory in the hub's layout or a
+    # hub name, each as NAME, NAME:SPLIT or NAME:CONFIG:SPLIT (split: train by default), loaded through `datasets`
     prompts: str = "demo"  # JSONL of {"id", "prompt"} (or chat messages); "demo" = the shipped demo set
     val_prompts: str | None = None  # held-out prompts that choose the best iteration
     test_prompts: str | None = None  # held-out prompts for the reported figures
@@ -63,6 +65,14 @@ class DataConfig:
     offline_pairs: str | None = None  # extra DPO pairs mixed into every iteration (the paper's hybrid setting)
     sft: str | None = None  # conversations for `lite-rlhf sft` ("demo": the shipped ones); with `run`: stage 0, π0
     skip_invalid: bool = False  # skip malformed lines (and count them) instead of stopping
+    # column names where a source's are not ours (e.g. prompt_field=question, messages_field=context_messages);
+    # a row without the named column is read under our name, so one mapping serves sources named either way
+    id_field: str = "id"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    messages_field: str = "messages"  # SFT conversations
+    completion_field: str = "completion"  # SFT {prompt, completion} rows
     max_length: int = _f(512, lo=8)  # prompt + response tokens
     truncation: Literal["keep_ends", "drop"] = "keep_ends"  # keep the prompt's end and the response's start
 

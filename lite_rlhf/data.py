@@ -11,15 +11,21 @@ Formats (TRL's standard format):
   (prompt: the conversation so far; chosen/rejected: the assistant turn(s));
 - conversations for SFT: {"messages": [...]} (every assistant turn is trained) or
   {"prompt", "completion"}, each a string or a list of messages (the completion's turns are trained).
-Files that are not JSONL (parquet, csv, json arrays) are read with `datasets`.
+Files that are not JSONL (parquet, csv, json arrays) are read with `datasets`, and so are datasets: a local
+directory in the hub's layout, or a hub name (`org/name`, `org/name:split`, `org/name:config:split`). Columns named
+otherwise are read under our names through `fields` (data.prompt_field, ...).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 Messages = list[dict[str, str]]
 
@@ -55,13 +61,88 @@ class Conversation:
 # --------------------------------------------------------------------------- reading
 
 
-def _rows(path: str | Path) -> list[tuple[int, Any]]:
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".arrow")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
+FIELDS = ("id", "prompt", "chosen", "rejected", "messages", "completion")  # the names this module reads
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one data source, each with its position: a file's line numbers, a dataset's row numbers."""
+
+    source: str
+    unit: str  # "line" (files) or "row" (datasets: a directory in the hub's layout, or a hub name)
+    items: list[tuple[int, Any]]  # (position, parsed object or the exception)
+
+    def at(self, n: int) -> str:
+        return f"{self.source}:{n}" if self.unit == "line" else f"{self.source} row {n}"
+
+
+def _rows(source: str | Path) -> Rows:
+    """The rows of a data file, of a directory laid out as a hub dataset, or of a hub dataset: see `dataset_spec`."""
+    path = Path(source)
+    if path.is_file():
+        return Rows(str(source), "line", _file_rows(path))
+    name, config, split = dataset_spec(str(source))
+    if Path(name).is_dir():
+        if not any(f.suffix in FILE_SUFFIXES for f in Path(name).rglob("*")):
+            raise DataError(f"data directory '{name}' holds no data file ({', '.join(FILE_SUFFIXES)}): give a file, "
+                            "or a dataset laid out as on the hub (e.g. data/train-00000-of-00001.parquet)")  # fmt: skip
+        return Rows(str(source), "row", _dataset_rows(str(source), name, config, split))
+    if path.suffix in FILE_SUFFIXES or not HUB_NAME.fullmatch(name):
+        raise DataError(f"data file '{source}' does not exist")
+    _check_hub(str(source), name)
+    return Rows(str(source), "row", _dataset_rows(str(source), name, config, split))
+
+
+def dataset_spec(source: str) -> tuple[str, str | None, str]:
+    """'NAME', 'NAME:SPLIT' or 'NAME:CONFIG:SPLIT' -> (name, config, split); NAME is a hub dataset (org/name)
+    or a local directory in the hub's layout (data files, e.g. data/train-*.parquet); the split defaults to train."""
+    name, *rest = source.split(":")
+    if len(rest) > 2 or any(not part for part in rest):
+        raise DataError(f"data source '{source}': expected NAME, NAME:SPLIT or NAME:CONFIG:SPLIT")
+    config, split = rest if len(rest) == 2 else (None, rest[0] if rest else "train")
+    return name, config, split
+
+
+def _check_hub(source: str, name: str) -> None:
+    """One line, at once, when the hub cannot be reached (datasets would retry for half a minute, then raise)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # the local cache only: datasets answers at once
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as err:
+        raise DataError(
+            f"data source '{source}' is neither a local file or directory nor reachable: the Hugging Face hub "
+            f"({url.hostname}) cannot be reached ({err.strerror or err}). Where there is a network, "
+            f"`hf download {name} --repo-type dataset --local-dir DIR`, then give DIR instead of '{name}'; "
+            "if the set is in the local cache, set HF_HUB_OFFLINE=1"
+        ) from None
+
+
+def _cause(err: BaseException) -> str:
+    """The first line of the innermost error (datasets wraps the parser's error in its own, several levels deep)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
+def _dataset_rows(source: str, name: str, config: str | None, split: str) -> list[tuple[int, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()  # a data file of a few MB loads in a blink; the bars only add noise
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:
+        raise DataError(f"data source '{source}' cannot be loaded as a dataset: {_cause(err)}") from None
+    return [(i + 1, dict(row)) for i, row in enumerate(ds)]
+
+
+def _file_rows(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed object or the exception) for each non-empty row of a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"data file '{path}' is a directory; give a file (.jsonl, .json, .csv or .parquet)")
-    if not path.is_file():
-        raise DataError(f"data file '{path}' does not exist")
     if path.suffix in (".jsonl", ".ndjson") or path.suffix == "":
         rows = []
         with path.open("rb") as fh:
@@ -83,14 +164,11 @@ def _rows(path: str | Path) -> list[tuple[int, Any]]:
         raise DataError(f"data file '{path}': unknown format '{path.suffix}' (use .jsonl, .json, .csv or .parquet)")
     import datasets
 
-    datasets.disable_progress_bars()  # a data file of a few MB loads in a blink; the bars only add noise
+    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as err:  # datasets wraps the parser's error in its own types, several levels deep
-        cause = err
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
-        raise DataError(f"data file '{path}' cannot be read as {kind}: {str(cause).splitlines()[0][:200]}") from None
+    except Exception as err:
+        raise DataError(f"data file '{path}' cannot be read as {kind}: {_cause(err)}") from None
     first = 2 if kind == "csv" else 1  # a CSV file's first line is its header
     return [(i + first, dict(row)) for i, row in enumerate(ds)]
 
@@ -134,52 +212,74 @@ def _response(value: Any, what: str, prompt: Messages) -> str:
     return value
 
 
-def _load(path: str | Path, parse, skip_invalid: bool) -> tuple[list, int]:
+def _label(key: str, fields: Mapping[str, str]) -> str:
+    theirs = fields.get(key, key)
+    return f"'{theirs}'" if theirs == key else f"'{theirs}' (data.{key}_field)"
+
+
+def _renamed(row: dict, fields: Mapping[str, str]) -> dict:
+    """The row under this module's field names: a column named as `fields` says is read as ours (it wins over a
+    column that already has our name); a row without it keeps our name, so one mapping serves several files."""
+    out = dict(row)
+    for ours, theirs in fields.items():
+        if theirs != ours and theirs in out:
+            out[ours] = out.pop(theirs)
+    return out
+
+
+def _load(
+    source: str | Path, parse, skip_invalid: bool, fields: Mapping[str, str] | None, required: tuple[str, ...]
+) -> tuple[list, int]:
+    rows, fields = _rows(source), fields or {}
     out, skipped = [], 0
-    for lineno, row in _rows(path):
+    for n, row in rows.items:
         try:
             if isinstance(row, Exception):
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"expected a JSON object, got {type(row).__name__}")
-            out.append(parse(row, lineno))
+            row = _renamed(row, fields)
+            for key in required:
+                if key not in row:
+                    raise DataError(f"missing field {_label(key, fields)}")
+            out.append(parse(row, n, rows.unit))
         except DataError as err:
             if not skip_invalid:
-                raise DataError(f"{path}:{lineno}: {err} (set data.skip_invalid=true to skip such lines)") from None
+                raise DataError(f"{rows.at(n)}: {err} (set data.skip_invalid=true to skip such {rows.unit}s)") from None
             skipped += 1
     if not out:
-        raise DataError(f"data file '{path}' holds no valid rows")
+        raise DataError(f"data source '{source}' holds no valid rows")
     return out, skipped
 
 
-def load_prompts(path: str | Path, skip_invalid: bool = False, split: str = "prompts") -> tuple[list[Prompt], int]:
-    """Prompts from a file; returns (prompts, number of skipped lines).
+def load_prompts(
+    source: str | Path, skip_invalid: bool = False, split: str = "prompts", fields: Mapping[str, str] | None = None
+) -> tuple[list[Prompt], int]:
+    """Prompts from a file or dataset; returns (prompts, number of skipped rows). `fields`: our field name ->
+    the source's column name (data.prompt_field, ...).
 
     A prompt without "id" gets `<split>:<line>` (e.g. `val:3`), so files of different splits never
     share an id; an id used twice in one file is an error naming both lines.
     """
     seen: dict[str, int] = {}
 
-    def parse(row: dict, lineno: int) -> Prompt:
-        if "prompt" not in row:
-            raise DataError("missing field 'prompt'")
-        pid = str(row["id"]) if "id" in row else f"{split}:{lineno}"
+    def parse(row: dict, n: int, unit: str) -> Prompt:
+        pid = str(row["id"]) if "id" in row else f"{split}:{n}"
         if pid in seen:
-            raise DataError(f"prompt id '{pid}' is already used on line {seen[pid]}")
+            raise DataError(f"prompt id '{pid}' is already used on {unit} {seen[pid]}")
         prompt = Prompt(pid, _prompt(row["prompt"]), {k: v for k, v in row.items() if k not in ("prompt", "id")})
-        seen[pid] = lineno
+        seen[pid] = n
         return prompt
 
-    return _load(path, parse, skip_invalid)
+    return _load(source, parse, skip_invalid, fields, ("prompt",))
 
 
-def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list[PreferencePair], int]:
-    """Preference pairs from a file; returns (pairs, number of skipped lines)."""
+def load_preferences(
+    source: str | Path, skip_invalid: bool = False, fields: Mapping[str, str] | None = None
+) -> tuple[list[PreferencePair], int]:
+    """Preference pairs from a file or dataset; returns (pairs, number of skipped rows)."""
 
-    def parse(row: dict, lineno: int) -> PreferencePair:
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise DataError(f"missing field '{key}'")
+    def parse(row: dict, n: int, unit: str) -> PreferencePair:
         prompt = _prompt(row["prompt"])
         pair = PreferencePair(
             prompt, _response(row["chosen"], "chosen", prompt), _response(row["rejected"], "rejected", prompt)
@@ -188,13 +288,17 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
             raise DataError("'chosen' and 'rejected' are the same answer: the pair teaches nothing")
         return pair
 
-    return _load(path, parse, skip_invalid)
+    return _load(source, parse, skip_invalid, fields, ("prompt", "chosen", "rejected"))
 
 
-def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[list[Conversation], int]:
-    """SFT conversations from a file; returns (conversations, number of skipped lines)."""
+def load_conversations(
+    source: str | Path, skip_invalid: bool = False, fields: Mapping[str, str] | None = None
+) -> tuple[list[Conversation], int]:
+    """SFT conversations from a file or dataset; returns (conversations, number of skipped rows)."""
+    messages_, prompt_, completion_ = (_label(k, fields or {}) for k in ("messages", "prompt", "completion"))
+    expected = f"expected {messages_}, or {prompt_} and {completion_}"
 
-    def parse(row: dict, lineno: int) -> Conversation:
+    def parse(row: dict, n: int, unit: str) -> Conversation:
         if "messages" in row:
             messages = _messages(row["messages"], "messages")
             first = 0
@@ -207,12 +311,12 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
                 completion = [{"role": "assistant", "content": completion}]
             messages, first = prompt + _messages(completion, "completion"), len(prompt)
         else:
-            raise DataError("expected 'messages', or 'prompt' and 'completion'")
+            raise DataError(expected)
         if not any(m["role"] == "assistant" for m in messages[first:]):
             raise DataError("no assistant turn to train on")
         return Conversation(messages, first)
 
-    return _load(path, parse, skip_invalid)
+    return _load(source, parse, skip_invalid, fields, ())
 
 
 # --------------------------------------------------------------------------- the one chat template

@@ -716,7 +716,7 @@ def main_generate(cfg: Config) -> int:
     from lite_rlhf.data import load_prompts
     from lite_rlhf.models import resolve_model
     from lite_rlhf.runstate import write_jsonl
-    from lite_rlhf.task import data_path
+    from lite_rlhf.task import data_fields, data_path
 
     gen = cfg.generation
     if not gen.output:
@@ -730,7 +730,7 @@ def main_generate(cfg: Config) -> int:
     except OSError as err:
         raise GenerationError(f"generation.output '{out}' cannot be written: {err.strerror}") from None
     adapter = _adapter_dir(gen.adapter)  # fail before loading anything
-    prompts, skipped = load_prompts(data_path(cfg.data, "prompts"), cfg.data.skip_invalid)
+    prompts, skipped = load_prompts(data_path(cfg.data, "prompts"), cfg.data.skip_invalid, fields=data_fields(cfg.data))
     engine = make_engine(
         resolve_model(cfg.model.name), gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
     )

@@ -51,7 +51,7 @@ from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
 from lite_rlhf.scoring import Oracle
 from lite_rlhf.sft import sft_stage, train_sft
-from lite_rlhf.task import Task, data_path, load_task, reward_pairs
+from lite_rlhf.task import Task, data_fields, data_path, load_task, reward_pairs
 from lite_rlhf.train import NonFiniteLoss
 
 
@@ -133,7 +133,8 @@ def check_inputs(cfg: Config):
     """Every data file read and checked, and what can be known of the oracle and the loss, before a model loads."""
     task = load_task(cfg.data)
     unused = task.check_slices(cfg.loop.iterations, cfg.loop.prompts_per_iteration)
-    conversations = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid) if cfg.data.sft else None
+    d = cfg.data
+    conversations = load_conversations(data_path(d, "sft"), d.skip_invalid, data_fields(d)) if d.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
     if cfg.reward.kind == "preference":
         check_format(cfg)  # the labels are one token each

@@ -30,7 +30,7 @@ from lite_rlhf.data import Conversation, DataError, conversation_ids, load_conve
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import RunDir, kill_point, read_json, write_json
-from lite_rlhf.task import data_path
+from lite_rlhf.task import data_fields, data_path
 from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 
@@ -128,7 +128,8 @@ def main_sft(cfg: Config) -> int:
     """`lite-rlhf sft`: train a LoRA adapter on conversations into <run.out_dir>/sft/."""
     if not cfg.data.sft:
         raise ConfigError("config key 'data.sft' is not set: give a JSONL of {messages} or {prompt, completion}")
-    conversations, skipped = load_conversations(data_path(cfg.data, "sft"), cfg.data.skip_invalid)  # before the model
+    d = cfg.data
+    conversations, skipped = load_conversations(data_path(d, "sft"), d.skip_invalid, data_fields(d))  # before the model
     rd = RunDir(cfg)
     close_logger = attach_logger(rd, cfg.run)
     path = sft_stage(rd, SharedModel(cfg), cfg, conversations, skipped)

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from lite_rlhf.config import ConfigError, DataConfig
-from lite_rlhf.data import DataError, PreferencePair, Prompt, load_preferences, load_prompts
+from lite_rlhf.data import FIELDS, DataError, PreferencePair, Prompt, load_preferences, load_prompts
 from lite_rlhf.demo.task import GOLD
 from lite_rlhf.evaluate import EvalSets, Gold
 
@@ -43,6 +43,11 @@ def data_path(d: DataConfig, key: str) -> Path | None:
     if value is None and d.prompts == "demo" and key in DEMO_FILES:
         return demo_file(DEMO_FILES[key])
     return Path(value) if value is not None else None
+
+
+def data_fields(d: DataConfig) -> dict[str, str]:
+    """Our field name -> the sources' column name (data.prompt_field, ...)."""
+    return {key: getattr(d, f"{key}_field") for key in FIELDS}
 
 
 @dataclass(frozen=True)
@@ -96,14 +101,14 @@ def load_task(d: DataConfig) -> Task:
         path = data_path(d, key)
         if path is None:
             raise ConfigError(f"config key 'data.{key}' is not set (held-out prompts for evaluation are needed)")
-        loaded[key] = load_prompts(path, d.skip_invalid, split=split)[0]
+        loaded[key] = load_prompts(path, d.skip_invalid, split, data_fields(d))[0]
     test = loaded["test_prompts"]
     # The alignment-tax panel: test prompts that carry an instruction-free version ("plain").
     plain: dict[str, Prompt] = {}  # one per distinct instruction-free text (the demo asks each topic three ways)
     for p in test:
         if "plain" in p.meta and p.meta["plain"] not in plain:
             plain[p.meta["plain"]] = Prompt(f"{p.id}-plain", [{"role": "user", "content": p.meta["plain"]}], p.meta)
-    offline = load_preferences(d.offline_pairs, d.skip_invalid)[0] if d.offline_pairs else []
+    offline = load_preferences(d.offline_pairs, d.skip_invalid, data_fields(d))[0] if d.offline_pairs else []
 
     splits = {f"data.{k}": v for k, v in loaded.items()} | {"the alignment-tax panel": list(plain.values())}
     splits["data.offline_pairs"] = [Prompt(Task.offline_id(i), op.prompt) for i, op in enumerate(offline)]
@@ -163,10 +168,10 @@ def reward_pairs(
     if train_path is None:
         raise ConfigError("config key 'data.preferences' is not set: give a JSONL of {prompt, chosen, rejected} "
                           "to train the reward model, or set reward.adapter")  # fmt: skip
-    pairs, skipped = load_preferences(train_path, d.skip_invalid)
+    pairs, skipped = load_preferences(train_path, d.skip_invalid, data_fields(d))
     info = {"train_file": str(train_path), "skipped_lines": skipped}
     if eval_path is not None:
-        eval_pairs, eval_skipped = load_preferences(eval_path, d.skip_invalid)
+        eval_pairs, eval_skipped = load_preferences(eval_path, d.skip_invalid, data_fields(d))
         info |= {"eval_file": str(eval_path), "eval_skipped_lines": eval_skipped}
     else:
         if len(pairs) < 2:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
@@ -50,6 +51,13 @@ def data(tmp_path_factory):
     for name, items in rows.items():
         files[name] = root / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in items))
+    # the reward pairs again, as a hub repository lays them out, under other column names (the RAFT run reads them)
+    theirs = [{"instruction": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows["prefs"]]
+    files["prefs_hub"] = root / "prefs_hub"
+    (files["prefs_hub"] / "data").mkdir(parents=True)
+    for split, part in (("train", theirs[:9]), ("test", theirs[9:])):
+        parquet = files["prefs_hub"] / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_list(part).to_parquet(str(parquet))
     cfg = {
         "model": {"name": str(model), "dtype": "float32"},
         "lora": {"r": 8, "alpha": 16},
@@ -99,7 +107,9 @@ def raft_setup(data):
     model rarely stops; SFT on one short answer puts a few percent on the end-of-turn token and 64 new
     tokens let some samples finish, so that RAFT (which never takes a truncated answer) has winners."""
     root, files, base = data
-    cfg = {**base, "data": {**base["data"], "sft": str(files["sft"])},
+    hub = {"preferences": str(files["prefs_hub"]), "eval_preferences": f"{files['prefs_hub']}:test",
+           "prompt_field": "instruction", "chosen_field": "good", "rejected_field": "bad"}  # the prompt files: ours
+    cfg = {**base, "data": {**base["data"], "sft": str(files["sft"]), **hub},
            "sft": {"lr": 1e-2, "epochs": 4.0, "micro_batch": 4, "grad_accum": 1},
            "generation": {**base["generation"], "max_new_tokens": 64},
            "loop": {**base["loop"], "algorithm": "raft"},
@@ -203,6 +213,9 @@ def test_raft_run_trains_sft_then_winners(raft_setup):
                  "iter_002/winners.jsonl", "iter_002/policy/adapter_model.safetensors", "summary.json"):  # fmt: skip
         assert must in a, must
     assert not any(k.endswith("pairs.jsonl") for k in a)
+    reward = a["reward/metrics.json"][0]  # read from the hub-layout directory under its own column names
+    assert reward["train_file"].endswith("prefs_hub") and reward["eval_file"].endswith("prefs_hub:test")
+    assert (reward["train_pairs"], reward["eval_pairs"]) == (9, 3)
     stages = [m["stage"] for m in a["metrics.jsonl"]]
     assert stages.index("sft") < stages.index("sft_done") < stages.index("reward")
     for t in (1, 2):

@@ -439,7 +439,7 @@ PROBES = [
     (probe_invalid_utf8_skipped, 0, ["1 lines skipped"], False),
     (probe_malformed_json_array, 2, ["pairs.json", "cannot be read as json"], True),
     (probe_csv_line_number, 2, ["pairs.csv:3:", "'chosen' is empty"], True),
-    (probe_directory_as_data_file, 2, ["is a directory"], True),
+    (probe_directory_as_data_file, 2, ["holds no data file"], True),
     (probe_chosen_equals_rejected, 2, ["pairs.jsonl:2", "the same answer"], True),
     (probe_model_config_not_json, 2, ["config.json is not valid JSON"], True),
     (probe_adapter_config_not_json, 2, ["adapter_config.json is not valid JSON"], True),
