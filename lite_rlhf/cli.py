@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from lite_rlhf.doctor import doctor
 
+        _quiet_libraries()
         return doctor()
     from lite_rlhf import dist
 
