@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lite_rlhf.config import Config
 from lite_rlhf.models import ModelNotFound, check_adapter
+from lite_rlhf.report import merged_card
 from lite_rlhf.runstate import write_dir
 
 MARKER = ".lite-rlhf-export.json"  # in every exported directory: which adapter, on which base
@@ -47,6 +48,7 @@ def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(merged_card(adapter, cfg.model.name), encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps({"adapter": str(adapter), "base": str(base_dir)}) + "\n")
 
     write_dir(out, fill)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 from lite_rlhf.runstate import Content
@@ -97,9 +99,74 @@ def report_files(root: Path) -> dict[Path, Content]:
     plots = [keys for keys in _PLOTS if rows and any(k in r for r in rows for k in keys)]
     parts += [f"![{keys[0]}](plots/{keys[0]}.png)" for keys in plots]
     files: dict[Path, Content] = {root / "report.md": "\n".join(parts) + "\n"}
+    if summary and (root / "best").exists():  # the run's end: the chosen adapter gets its card
+        files[root / os.readlink(root / "best") / "README.md"] = model_card(root, rows, by)
     if plots:
         files[root / "plots"] = lambda tmp: _plots(tmp, rows, plots)
     return files
+
+
+# the embedded model is SmolLM2-135M-Instruct, dequantized from a Q4_1 GGUF (lite_rlhf/models.py)
+_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def model_card(root: Path, rows: list[dict], chosen_by: str) -> str:
+    """The chosen adapter's README.md in the Hugging Face model-card format: base model, algorithm, data,
+    iterations, the evaluation table and the command that made it, all read from the run directory."""
+    import yaml
+
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    base, algorithm = cfg["model"]["name"], cfg["loop"]["algorithm"]
+    hub_base = _HUB_IDS.get(base, base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None)
+    sources = {k: v for k, v in cfg["data"].items() if k in _DATA_KEYS and v is not None}
+    hub_sets = sorted({v.split(":")[0] for v in sources.values() if re.fullmatch(r"[\w.-]+/[\w.-]+(:.*)?", v)
+                       and not Path(v.split(":")[0]).exists()})  # fmt: skip
+    meta = {"library_name": "peft", "pipeline_tag": "text-generation",
+            "tags": ["lite-rlhf", algorithm, "lora", "rlhf"]}  # fmt: skip
+    if hub_base:
+        meta = {"base_model": hub_base} | meta
+    if hub_sets:
+        meta["datasets"] = hub_sets
+    best = (root / "best").resolve().parent.name
+    oracle = "a reward model" if cfg["reward"]["kind"] == "bt" else "a pairwise preference model"
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {root.name}: a LoRA policy trained by lite-rlhf", "",
+        f"Online iterative {algorithm.upper()} on `{base}`"
+        + (" (SmolLM2-135M-Instruct dequantized from a Q4_1 GGUF)" if base in _HUB_IDS else "")
+        + f": {cfg['loop']['iterations']} iterations, {cfg['generation']['n']} answers per prompt ranked by {oracle}; "
+        f"this adapter is `{best}`, chosen by {chosen_by}. LoRA rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}.",
+        "", "```python", "from peft import AutoPeftModelForCausalLM",
+        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")', "```", "",
+        "## Data", "", "| key | source |", "|---|---|",
+        *(f"| data.{k} | `{v}` |" for k, v in sources.items()), "",
+        "## Evaluation", "", "Iteration 0 is the starting policy π0.", "", table(rows), "",
+        "## How it was made", "", "With the run directory's `config.yaml` (every setting, resolved):", "",
+        "```bash", "lite-rlhf run config.yaml", "```", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def merged_card(adapter: Path, base: str) -> str:
+    """export's README.md: the adapter's card (or a short one) for the merged weights, which load without peft."""
+    card = adapter / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else (
+        "---\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- lite-rlhf\n---\n\n"
+        f"# {adapter.name}: a LoRA policy trained by lite-rlhf\n\n"
+        "```python\nfrom peft import AutoPeftModelForCausalLM\n"
+        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")\n```\n'
+    )  # fmt: skip
+    text = text.replace("library_name: peft", "library_name: transformers", 1)
+    text = text.replace("a LoRA policy trained by lite-rlhf", "a policy trained by lite-rlhf (LoRA, merged)", 1)
+    text = text.replace("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM",
+                        "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM", 1)  # fmt: skip
+    head, sep, rest = text.partition("\n# ")
+    title, _, body = rest.partition("\n")
+    merged = f"\nMerged: the adapter `{adapter}` added into the weights of `{base}` by `lite-rlhf export`.\n"
+    return head + sep + title + "\n" + merged + body
+
+
+_DATA_KEYS = ("prompts", "val_prompts", "test_prompts", "preferences", "eval_preferences", "offline_pairs", "sft")
 
 
 def _plots(directory: Path, rows: list[dict], plots: list[tuple[str, ...]]) -> None:

@@ -186,6 +186,20 @@ def test_the_run_has_every_artifact(setup):
         assert name in stages, name
     for inside in ("reward:step", "iter_001/pairs:reference", "iter_001/policy:step", "iter_002/policy:written"):
         assert inside in points, inside
+    # the chosen adapter's model card, and export's for the merged weights
+    chosen = os.readlink(clean / "best")
+    assert [k for k in a if k.endswith("README.md")] == [f"{chosen}/README.md"]
+    card = (clean / "best" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "- dpo\n" in card, card[:300]
+    assert f"this adapter is `{chosen.split('/')[0]}`" in card and "lite-rlhf run config.yaml" in card
+    assert [x for x in card.splitlines() if x.startswith(("| 1 |", "| 2 |"))] == rows  # report.md's table
+    merged = root / "merged"
+    out = subprocess.run([str(BIN), "export", str(setup[1]), f"run.out_dir={clean}", "--out", str(merged)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    exported = (merged / "README.md").read_text()
+    assert exported.startswith("---\nlibrary_name: transformers\n") and "from transformers import" in exported
+    assert f"Merged: the adapter `{(clean / 'best').resolve()}`" in exported and rows[-1] in exported
 
 
 def chained(setup):
