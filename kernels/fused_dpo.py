@@ -10,12 +10,16 @@ from position ``t``) with ``ignore_index`` at prompt and padding positions. Then
                = S_r / max(n_r, 1)   (ipo: length-averaged, as TRL and the IPO authors do;
                                       the reference sums are averaged with the same n_r)
     loss, rewards = dpo_loss(p_chosen, p_rejected, ref_chosen, ref_rejected)   (see dpo_loss.py)
+    nll        = -sum_{i<B} S_i / max(sum_{i<B} n_i, 1)   the chosen answers' mean NLL per token
+    loss      += rpo_alpha * nll    (RPO, Liu et al. 2024, arXiv:2405.16436: the SFT term on the chosen
+                                     answer; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, rpo_alpha])
 
 Backward: ``d loss / d logp[r, t] = c_r`` for every scored ``t`` of row ``r``, where
 ``c_i = (1/B) dL_i/dh`` and ``c_{B+i} = -(1/B) dL_i/dh`` (divided by ``n_r`` for ipo). These per-row
 coefficients come out of the forward kernel; the backward kernel broadcasts them over the tokens,
-and the log-prob kernel's backward turns them into the hidden (and weight) gradient. No ``[2B, T, V]``
-tensor exists at any point.
+and the log-prob kernel's backward turns them into the hidden (and weight) gradient. The NLL term is
+torch ops on ``logp`` (its gradient, ``-rpo_alpha / sum n_i`` on every scored chosen token, joins the
+loss kernel's through autograd). No ``[2B, T, V]`` tensor exists at any point.
 
 Shapes: ``ref_chosen_logps``, ``ref_rejected_logps``: ``[B]`` SUMMED reference log-probs (computed
 once per pair, e.g. with :func:`sequence_logps` under ``torch.no_grad()`` and the adapter off).
@@ -28,6 +32,8 @@ Implementations: Triton kernels for the per-sequence reduction and the loss (CUD
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +62,27 @@ def _sequence_terms(
     return sums[:n_pairs], sums[n_pairs:], ref_chosen, ref_rejected
 
 
+class DpoOutput(NamedTuple):
+    loss: torch.Tensor  # 0-dim fp32, differentiable: the DPO-family loss plus rpo_alpha times chosen_nll
+    chosen_rewards: torch.Tensor  # [B] detached beta * (policy - reference)
+    rejected_rewards: torch.Tensor  # [B]
+    chosen_nll: torch.Tensor  # 0-dim detached: the chosen answers' mean NLL per token (RPO's term, before its weight)
+
+
+def _chosen_nll(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    n_pairs = logp.shape[0] // 2
+    count = (targets[:n_pairs] != ignore_index).sum().clamp(min=1)
+    return -logp[:n_pairs].sum() / count
+
+
+def _with_nll(out: tuple, logp: torch.Tensor, targets: torch.Tensor, ignore_index: int, rpo_alpha: float) -> DpoOutput:
+    loss, chosen_rewards, rejected_rewards = out
+    nll = _chosen_nll(logp, targets, ignore_index)
+    if rpo_alpha:
+        loss = loss + rpo_alpha * nll
+    return DpoOutput(loss, chosen_rewards, rejected_rewards, nll.detach())
+
+
 def fused_dpo_loss_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -67,11 +94,13 @@ def fused_dpo_loss_reference(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rpo_alpha: float = 0.0,
+) -> DpoOutput:
     """Naive fp32 version of :func:`fused_dpo_loss` (full logits, then the loss): the specification."""
     logp = linear_logprobs_reference(hidden, weight, targets, ignore_index=ignore_index)  # [2B, T]
     terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
-    return dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    out = dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    return _with_nll(out, logp, targets, ignore_index, rpo_alpha)
 
 
 def _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps) -> None:
@@ -99,8 +128,9 @@ def fused_dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
+    rpo_alpha: float = 0.0,
     path: KernelPath | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> DpoOutput:
     """DPO-family loss of B pairs straight from the final hidden states, without the logits.
 
     Args:
@@ -109,13 +139,16 @@ def fused_dpo_loss(
         targets: ``[2B, T]`` shifted targets, ``ignore_index`` at prompt and padding positions.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs.
         beta, loss_type, label_smoothing: see :func:`dpo_loss` (``loss_type``: sigmoid, ipo, hinge).
+        rpo_alpha: weight of the chosen answers' mean NLL per token added to the loss (RPO); 0: plain DPO.
         path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
-        ``(loss, chosen_rewards, rejected_rewards)``: mean loss (0-dim fp32, differentiable with respect
-        to ``hidden`` and ``weight``) and detached ``beta * (policy - reference)`` per pair (``[B]``;
-        for ipo from the length-averaged log-probs the loss sees).
+        :class:`DpoOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_nll)``: mean loss (0-dim fp32,
+        differentiable with respect to ``hidden`` and ``weight``), detached ``beta * (policy - reference)``
+        per pair (``[B]``; for ipo from the length-averaged log-probs the loss sees), and the detached NLL term.
     """
+    if not rpo_alpha >= 0:
+        raise ValueError(f"rpo_alpha is a weight, >= 0; got {rpo_alpha}")
     check_loss_args(beta, loss_type, label_smoothing)
     _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps)
     ref_chosen_logps = ref_chosen_logps.to(device=hidden.device, dtype=torch.float32)
@@ -124,9 +157,11 @@ def fused_dpo_loss(
     logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, path=path)  # [2B, T]
     if path == "chunked-torch":
         terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
-        return dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    triton_impl = load_triton_module("fused_dpo_triton")
-    return triton_impl.TritonDpoLoss.apply(
-        logp, targets.long(), ref_chosen_logps, ref_rejected_logps,
-        beta, loss_type, label_smoothing, ignore_index,
-    )  # fmt: skip
+        out = dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    else:
+        triton_impl = load_triton_module("fused_dpo_triton")
+        out = triton_impl.TritonDpoLoss.apply(
+            logp, targets.long(), ref_chosen_logps, ref_rejected_logps,
+            beta, loss_type, label_smoothing, ignore_index,
+        )  # fmt: skip
+    return _with_nll(out, logp, targets, ignore_index, rpo_alpha)

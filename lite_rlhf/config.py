@@ -179,6 +179,9 @@ class DPOConfig(TrainerConfig):
     beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid: DPO
     label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)  # cDPO; sigmoid only; 0.5 would be a coin flip
+    # RPO (Liu et al. 2024): + rpo_alpha x the chosen answer's mean NLL per token, the SFT term that keeps the
+    # chosen answers likely (TRL: loss_type [sigmoid, sft], loss_weights [1, rpo_alpha]; the paper's weight is 1)
+    rpo_alpha: float = _f(0.0, lo=0)
     # auto: Triton on CUDA (or under TRITON_INTERPRET=1), else chunked torch; reference: full logits, for checks
     kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
 

@@ -100,7 +100,7 @@ def train_dpo(
         ref_c = torch.tensor([p.ref_chosen_logp for p in chunk], dtype=torch.float32, device=model.device)
         ref_r = torch.tensor([p.ref_rejected_logp for p in chunk], dtype=torch.float32, device=model.device)
         hidden = model.hidden_states(batch.input_ids, batch.mask)  # [2B, T, H]
-        loss, chosen_r, rejected_r = loss_fn(
+        out = loss_fn(
             hidden,
             model.lm_head_weight,
             batch.targets.to(model.device),
@@ -110,9 +110,10 @@ def train_dpo(
             loss_type=dpo.loss_type,
             label_smoothing=dpo.label_smoothing,
             ignore_index=IGNORE,
+            rpo_alpha=dpo.rpo_alpha,
         )
-        stats.add(loss.item(), chosen_r, rejected_r)
-        return loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
+        stats.add(out.loss.item(), out.chosen_rewards, out.rejected_rewards, out.chosen_nll.item())
+        return out.loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
 
     lengths = [min(d.max_length, _longest_row(p, prompt_ids)) for p in pairs]
     steps = group_by_length(plan_steps(len(pairs), dpo, seed), lengths)
@@ -129,10 +130,11 @@ class _Accumulator:
     """Means over the pairs of one optimizer step."""
 
     def __init__(self):
-        self.losses, self.chosen, self.rejected = [], [], []
+        self.losses, self.nll, self.chosen, self.rejected = [], [], [], []
 
-    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, nll: float) -> None:
         self.losses.append((loss, len(chosen)))
+        self.nll.append((nll, len(chosen)))
         self.chosen += chosen.float().cpu().tolist()
         self.rejected += rejected.float().cpu().tolist()
 
@@ -140,6 +142,7 @@ class _Accumulator:
         n = sum(k for _, k in self.losses)
         out = {
             "loss": sum(v * k for v, k in self.losses) / n,
+            "chosen_nll": sum(v * k for v, k in self.nll) / n,  # per token; dpo.rpo_alpha weighs it into the loss
             "reward_accuracy": sum(c > r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
             "reward_margin": sum(c - r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
             "chosen_reward": sum(self.chosen) / n,

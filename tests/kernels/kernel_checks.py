@@ -183,19 +183,21 @@ def check_fused_dpo(
     train_weight,
     fn=fused_dpo_loss,
     device: str | torch.device = "cpu",
+    rpo_alpha: float = 0.0,
 ) -> dict[str, float]:
     """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss");
     returns the largest absolute difference of each compared quantity."""
     hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(n_pairs, seq, h_dim, vocab, dtype, device=device)
-    kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "ignore_index": IGNORE}
+    kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "ignore_index": IGNORE,
+              "rpo_alpha": rpo_alpha}  # fmt: skip
     results = []
     for impl in (fn, fused_dpo_loss_reference):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(train_weight)
-        loss, chosen_rewards, rejected_rewards = impl(h, w, targets, ref_c, ref_r, **kwargs)
+        loss, chosen_rewards, rejected_rewards, _ = impl(h, w, targets, ref_c, ref_r, **kwargs)
         loss.backward()
         results.append((loss, chosen_rewards, rejected_rewards, h.grad, w.grad))
-    label = f"{loss_type} eps={label_smoothing} B={n_pairs} T={seq} {dtype} train_weight={train_weight}"
+    label = f"{loss_type} eps={label_smoothing} rpo={rpo_alpha} B={n_pairs} T={seq} {dtype} train_weight={train_weight}"
     (loss, cr, rr, gh, gw), (ref_loss, ref_cr, ref_rr, ref_gh, ref_gw) = results
     assert loss.dtype == torch.float32 and loss.dim() == 0, label
     assert not cr.requires_grad and not rr.requires_grad, label
@@ -214,6 +216,35 @@ def check_fused_dpo(
     else:
         assert gw is None
     return diffs
+
+
+def check_rpo_against_trl_formula(fn=fused_dpo_loss, device: str | torch.device = "cpu") -> dict[str, float]:
+    """DPO plus rpo_alpha x the chosen tokens' mean NLL, in plain torch from full logits as TRL 1.16's DPOTrainer
+    computes loss_type ["sigmoid", "sft"] with loss_weights [1, alpha] (its sft term:
+    -chosen_per_token_logps[chosen_mask].mean()): the loss, the NLL term and both gradients."""
+    hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(3, 20, 32, 300, torch.float32, device=device)
+    targets[0, :12] = IGNORE  # chosen answers of different lengths: a mean over tokens, not over answers
+    beta, alpha = 0.1, 0.7
+    results = []
+    for which in ("ours", "plain"):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if which == "ours":
+            loss, _, _, nll = fn(h, w, targets, ref_c, ref_r, beta=beta, ignore_index=IGNORE, rpo_alpha=alpha)
+        else:
+            mask = targets != IGNORE
+            logp = torch.log_softmax(h @ w.T, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            sums = (logp * mask).sum(1)
+            margin = (sums[:3] - ref_c) - (sums[3:] - ref_r)
+            nll = -logp[:3][mask[:3]].mean()
+            loss = -torch.nn.functional.logsigmoid(beta * margin).mean() + alpha * nll
+        loss.backward()
+        results.append((loss.detach(), nll.detach(), h.grad, w.grad))
+    (loss, nll, gh, gw), (p_loss, p_nll, p_gh, p_gw) = results
+    assert_close(loss, p_loss, **DPO_LOSS_TOL, msg=_msg("rpo loss"))
+    assert_close(nll, p_nll, **DPO_LOSS_TOL, msg=_msg("chosen nll"))
+    assert_close(gh, p_gh, **GRAD_TOL[torch.float32], msg=_msg("rpo hidden grad"))
+    assert_close(gw, p_gw, **GRAD_TOL[torch.float32], msg=_msg("rpo weight grad"))
+    return {"loss": max_difference(loss, p_loss), "hidden grad": max_difference(gh, p_gh)}
 
 
 def check_mixed_dtypes(fn=linear_logprobs, device: str | torch.device = "cpu") -> dict[str, float]:

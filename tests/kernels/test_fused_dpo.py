@@ -11,6 +11,7 @@ from kernel_checks import (
     GRAD_TOL,
     IGNORE,
     check_fused_dpo,
+    check_rpo_against_trl_formula,
     llp_module,
     make_dpo_inputs,
 )
@@ -33,6 +34,15 @@ def test_matches_logprobs_then_loss(case, loss_type, beta, eps, dtype, train_wei
     check_fused_dpo(n_pairs, seq, h_dim, vocab, loss_type, beta, eps, dtype, train_weight)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_rpo_term_matches_logprobs_then_loss(loss_type):
+    check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, rpo_alpha=0.5)
+
+
+def test_rpo_matches_trl_sigmoid_plus_sft_formula():
+    check_rpo_against_trl_formula()
+
+
 def test_ipo_matches_trl_length_normalized_formula():
     # TRL 1.16 DPOTrainer, loss_type="ipo": chosen_avg_score = chosen_logratios / chosen_mask.sum(1).clamp(min=1),
     # the same for rejected, per_sequence_loss = (chosen_avg - rejected_avg - 1 / (2 beta)) ** 2, mean.
@@ -44,7 +54,7 @@ def test_ipo_matches_trl_length_normalized_formula():
     chosen_avg = (sums[:3] - ref_c) / counts[:3]
     rejected_avg = (sums[3:] - ref_r) / counts[3:]
     trl = ((chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2).mean()
-    loss, _, _ = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=beta, loss_type="ipo")
+    loss = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=beta, loss_type="ipo").loss
     assert_close(loss, trl, **DPO_LOSS_TOL, msg=lambda m: f"TRL ipo: {m}")
 
 
@@ -65,7 +75,7 @@ def test_matches_liger_fused_linear_dpo(loss_type, train_weight):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(train_weight)
         if which == "ours":
-            loss, chosen_rewards, rejected_rewards = fused_dpo_loss(
+            loss, chosen_rewards, rejected_rewards, _ = fused_dpo_loss(
                 h, w, targets, ref_sums[:2], ref_sums[2:], beta=0.1, loss_type=loss_type
             )
         else:
@@ -98,10 +108,10 @@ def test_sigmoid_gradient_sign():
     # gradient descent on hidden moves the margin h up.
     hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(2, 12, 16, 64, torch.float32)
     hidden.requires_grad_(True)
-    loss, cr, rr = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=0.1)
+    loss, cr, rr, _ = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=0.1)
     loss.backward()
     with torch.no_grad():
-        loss2, cr2, rr2 = fused_dpo_loss(hidden - 0.5 * hidden.grad, weight, targets, ref_c, ref_r, beta=0.1)
+        loss2, cr2, rr2, _ = fused_dpo_loss(hidden - 0.5 * hidden.grad, weight, targets, ref_c, ref_r, beta=0.1)
     assert loss2 < loss and bool(((cr2 - rr2) > (cr - rr)).all())
 
 

@@ -25,6 +25,7 @@ from kernel_checks import (  # noqa: E402
     check_fused_dpo,
     check_logprobs,
     check_mixed_dtypes,
+    check_rpo_against_trl_formula,
     llp_module,
     make_inputs,
 )
@@ -102,3 +103,9 @@ def test_fused_dpo_matches_logprobs_then_loss(case, loss_type, beta, eps, dtype,
 
 def test_mixed_dtypes():
     check_mixed_dtypes()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_term_on_the_triton_path(loss_type):
+    check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, rpo_alpha=0.5)
+    check_rpo_against_trl_formula()
