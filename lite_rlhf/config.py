@@ -68,9 +68,9 @@ class DataConfig:
     # column names where a source's are not ours (e.g. prompt_field=question, messages_field=context_messages);
     # a row without the named column is read under our name, so one mapping serves sources named either way
     id_field: str = "id"
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
+    prompt_field: str = "prompt"  # prompts, and the prompt of preference pairs and SFT {prompt, completion} rows
+    chosen_field: str = "chosen"  # preference pairs
+    rejected_field: str = "rejected"  # preference pairs
     messages_field: str = "messages"  # SFT conversations
     completion_field: str = "completion"  # SFT {prompt, completion} rows
     max_length: int = _f(512, lo=8)  # prompt + response tokens
