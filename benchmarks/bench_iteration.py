@@ -142,7 +142,7 @@ def worker(spec: dict) -> dict:
         lambda: engine.generate(prompts, n=cfg.generation.n, adapter=policy, seed=derive_seed(cfg, 1, "generate")),
     )
     gen_tokens = sum(s.n_tokens for s in samples)
-    rewards = ph.run("score", lambda: oracle.reward([by_id[s.prompt_id].messages for s in samples], samples))
+    rewards = ph.run("score", lambda: oracle.reward([by_id[s.prompt_id] for s in samples], samples))
     pairs, dropped = ph.run(
         "select pairs", lambda: select_pairs(samples, penalized_rewards(samples, rewards, cfg.pairs), cfg.pairs)
     )

@@ -59,7 +59,7 @@ def main() -> int:
     rows = [json.loads(x) for x in args.samples.read_text().splitlines()]
     prompts, _ = load_prompts(demo_file("prompts.jsonl"))
     prompts.sort(key=lambda p: p.id)
-    by_id = {p.id: p.messages for p in prompts}
+    by_id = {p.id: p for p in prompts}
     keep = sorted({r["prompt_id"] for r in rows})[: args.prompts]
     cfg = load_config(CONFIG, ["run.quiet=true"])
     model = SharedModel(cfg, model_dir=resolve_model(cfg.model.name))
@@ -82,7 +82,7 @@ def main() -> int:
         oracles["bt"].rank(by_id, samples[: 2 * n])  # warm-up
         for name, oracle in oracles.items():
             start = time.perf_counter()
-            scores, cost = oracle.rank(by_id, samples)
+            scores, cost, _ = oracle.rank(by_id, samples)
             seconds = time.perf_counter() - start
             picks[name] = best_worst(samples, scores)
             results.append({"n": n, "oracle": name, "prompts": len(keep), **cost, "seconds": round(seconds, 1),

@@ -94,7 +94,13 @@ class TrainerConfig:
 class RewardConfig(TrainerConfig):
     # the loop's oracle: bt, a scalar Bradley-Terry reward; preference, a pairwise preference model
     # (section `preference`) that ranks the n answers by tournament (pairs.ranking)
-    kind: Literal["bt", "preference"] = "bt"
+    kind: Literal["bt", "preference", "functions"] = "bt"  # functions: reward.functions alone, no model trained
+    # Python reward functions with TRL's signature f(prompts, completions, **kwargs) -> list[float | None], as
+    # module:function or path/to/file.py:function (a file's code runs when it loads); with kind bt the learned
+    # reward is one more term (reward.oracle_weight). See lite_rlhf/functions.py
+    functions: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # one per function; default 1 each
+    oracle_weight: float = 1.0  # the learned reward's weight beside reward.functions (kind bt)
     adapter: str | None = None  # a trained reward/ (adapter + head) or preference/ directory: skip training
     model: str | None = None  # a separate sequence-classification reward model instead of our adapter
     preference_model: str | None = None  # a separate causal-LM preference model (kind=preference) instead of ours
@@ -196,6 +202,7 @@ class LoopConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     samples_per_prompt: int = _f(2, lo=1)  # sampled answers per held-out prompt, at the generation temperature
+    functions: tuple[str, ...] = ()  # reward functions scored on the held-out answers and reported, never trained on
     max_prompts: int = _f(0, lo=0)  # 0: all held-out prompts
     # The envelope of a sane policy; an iteration outside it is marked diverged and never chosen as best/.
     # KL(π‖π0) per answer token: the demo's iterations reach 0.75 (5 seeds at 8ddfc62); issue 26's gibberish policy
@@ -256,7 +263,7 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if typing.get_origin(tp) is tuple:
-        return "a list of strings"
+        return "a list of " + {str: "strings", float: "numbers"}[typing.get_args(tp)[0]]
     return getattr(tp, "__name__", str(tp))
 
 
@@ -296,9 +303,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return str(value)
     elif origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            return tuple(value)
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        item = typing.get_args(tp)[0]
+        if isinstance(value, list | tuple) and all(item is not str or isinstance(v, str) for v in value):
+            try:
+                return tuple(_coerce(key, v, item) for v in value)
+            except ConfigError:
+                pass
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
@@ -376,6 +387,18 @@ def _check_consistency(cfg: Config) -> None:
                               "reward.kind=preference ranks by tournament, set it to 0")  # fmt: skip
     elif cfg.reward.preference_model:
         raise ConfigError("config key 'reward.preference_model' needs reward.kind=preference")
+    r = cfg.reward
+    if r.kind == "functions" and not r.functions:
+        raise ConfigError("config key 'reward.functions' is empty, and reward.kind=functions ranks by them alone")
+    if r.functions and r.kind == "preference":
+        raise ConfigError("config key 'reward.functions' adds to a scalar reward; reward.kind=preference ranks by "
+                          "tournament: use kind bt or functions")  # fmt: skip
+    if r.weights and len(r.weights) != len(r.functions):
+        raise ConfigError(f"config key 'reward.weights': {len(r.weights)} weight(s) for {len(r.functions)} "
+                          "reward function(s)")  # fmt: skip
+    if r.kind == "functions" and (r.adapter or r.model):
+        raise ConfigError("config key 'reward.adapter' / 'reward.model' is a learned reward; reward.kind=functions "
+                          "uses none: set kind bt to add it as a term")  # fmt: skip
     fields = re.findall(r"{(\w*)}", cfg.preference.template)
     if sorted(fields) != ["a", "b", "context"]:
         raise ConfigError(f"config key 'preference.template' must hold {{context}}, {{a}} and {{b}} once each, "

@@ -39,6 +39,7 @@ class Prompt:
     id: str
     messages: Messages  # the conversation to answer; the last turn is the user's
     meta: dict[str, Any] = field(default_factory=dict)
+    chat: bool = False  # given as a message list (reward functions then get messages), not a string
 
     @property
     def text(self) -> str:
@@ -267,7 +268,8 @@ def load_prompts(
         pid = str(row["id"]) if "id" in row else f"{split}:{n}"
         if pid in seen:
             raise DataError(f"prompt id '{pid}' is already used on {unit} {seen[pid]}")
-        prompt = Prompt(pid, _prompt(row["prompt"]), {k: v for k, v in row.items() if k not in ("prompt", "id")})
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "id")}
+        prompt = Prompt(pid, _prompt(row["prompt"]), meta, isinstance(row["prompt"], list))
         seen[pid] = n
         return prompt
 

@@ -91,7 +91,7 @@ def evaluate_policy(
     scored = [s for s in samples if s.prompt_id not in tax_ids]
     figures: dict = {"iteration": iteration}
     if oracle.judge is None:
-        rewards = oracle.reward([prompts[s.prompt_id].messages for s in scored], scored)
+        rewards = oracle.reward([prompts[s.prompt_id] for s in scored], scored)
         reward_of = {(s.prompt_id, s.index): r for s, r in zip(scored, rewards, strict=True)}
         rows = [dict(eval_row(s), reward=reward_of.get((s.prompt_id, s.index))) for s in samples]
         figures["val_reward"] = mean(r for (pid, _), r in reward_of.items() if pid in val_ids)
@@ -110,6 +110,7 @@ def evaluate_policy(
             figures[key] = mean(map(win, probs)) if probs else None
 
     test_samples = [s for s in samples if s.prompt_id in test_ids]
+    figures.update(oracle.eval_figures([prompts[s.prompt_id] for s in test_samples], test_samples))
     figures["length_tokens"] = mean(s.n_tokens for s in test_samples)
     figures["length_chars"] = mean(len(s.text) for s in test_samples)
     kl_samples = test_samples[:KL_SAMPLES]
@@ -254,7 +255,7 @@ def tax_figures(gold: Gold, prompts: list[Prompt], samples: list) -> dict[str, f
 
 
 def win_rate(rewards: dict[tuple[str, int], float], base: dict[tuple[str, int], float]) -> float | None:
-    common = [k for k in rewards if k in base]
+    common = [k for k in rewards if base.get(k) is not None and rewards[k] is not None]  # None: not scored
     if not common:
         return None
     return mean(1.0 if rewards[k] > base[k] else 0.5 if rewards[k] == base[k] else 0.0 for k in common)
@@ -281,5 +282,5 @@ def per_prompt_gold(rows: list[dict]) -> dict[str, float]:
 
 
 def mean(values) -> float:
-    values = [float(v) for v in values]
+    values = [float(v) for v in values if v is not None]  # None: a sample no reward term scored
     return sum(values) / len(values) if values else float("nan")

@@ -265,11 +265,12 @@ def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:
     if ctx.rd.done(name):
         return [row["penalized"] for row in read_jsonl(path)]
     start = time.time()
-    rewards, cost = ctx.oracle.rank({p.id: p.messages for p in ctx.task.prompts}, samples)
+    rewards, cost, terms = ctx.oracle.rank({p.id: p for p in ctx.task.prompts}, samples)
     penalized = penalized_rewards(samples, rewards, ctx.cfg.pairs)
     rows = [
         {"prompt_id": s.prompt_id, "index": s.index, "reward": r, "penalized": p}
-        for s, r, p in zip(samples, rewards, penalized, strict=True)
+        | ({"terms": {name: scores[i] for name, scores in terms.items()}} if terms else {})
+        for i, (s, r, p) in enumerate(zip(samples, rewards, penalized, strict=True))
     ]
     record = {"stage": "scores", "iteration": t, **cost, "scoring_seconds": round(time.time() - start, 1)}
     ctx.rd.commit(name, {path: rows}, [record])
@@ -366,7 +367,7 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) ->
 def choose_best(ctx: Context, t: int) -> int:
     """best/ -> the policy of the iteration with the highest validation reward (π0 included), or with a
     preference model the highest validation win rate against π0 (π0's own is 1/2)."""
-    key = "val_reward" if ctx.cfg.reward.kind == "bt" else "val_win_rate"
+    key = "val_win_rate" if ctx.cfg.reward.kind == "preference" else "val_reward"
     evals = {i: read_json(ctx.rd.iter_dir(i) / "eval.json") for i in range(t + 1)}
     val = {i: e[key] for i, e in evals.items() if not e.get("diverged")}  # π0 never diverges
     best = max(val, key=lambda i: (val[i], -i))

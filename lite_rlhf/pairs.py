@@ -38,19 +38,24 @@ class Pair:
 
 
 def penalized_rewards(samples: list, rewards: list[float], cfg: PairsConfig) -> list[float]:
-    """r - λ·|a|, with |a| the answer's characters or tokens."""
+    """r - λ·|a|, with |a| the answer's characters or tokens (None stays None: a sample no reward term scored)."""
     if cfg.length_penalty == 0:
         return list(rewards)
     size = (lambda s: len(s.text)) if cfg.length_unit == "chars" else (lambda s: s.n_tokens)
-    return [r - cfg.length_penalty * size(s) for s, r in zip(samples, rewards, strict=True)]
+    return [None if r is None else r - cfg.length_penalty * size(s) for s, r in zip(samples, rewards, strict=True)]
 
 
-def _groups(samples: list, rewards: list[float]) -> dict[str, list[tuple]]:
-    """(index, sample, reward) per prompt, in sample order."""
+def _groups(samples: list, rewards: list[float | None], dropped: Counter) -> dict[str, list[tuple]]:
+    """(index, sample, reward) per prompt, in sample order; unscored samples (None) left out, and a prompt
+    without any scored sample counted in `dropped` as unscored."""
     groups: dict[str, list[tuple]] = {}
     for s, r in zip(samples, rewards, strict=True):
-        groups.setdefault(s.prompt_id, []).append((s.index, s, r))
-    return {pid: sorted(group, key=lambda t: t[0]) for pid, group in groups.items()}
+        group = groups.setdefault(s.prompt_id, [])
+        if r is not None:
+            group.append((s.index, s, r))
+    if unscored := sum(not group for group in groups.values()):
+        dropped["unscored"] += unscored
+    return {pid: sorted(group, key=lambda t: t[0]) for pid, group in groups.items() if group}
 
 
 def _best(group: list[tuple], allow_truncated: bool) -> tuple | None:
@@ -63,11 +68,11 @@ def _best(group: list[tuple], allow_truncated: bool) -> tuple | None:
     return best
 
 
-def select_pairs(samples: list, rewards: list[float], cfg: PairsConfig) -> tuple[list[Pair], Counter]:
+def select_pairs(samples: list, rewards: list[float | None], cfg: PairsConfig) -> tuple[list[Pair], Counter]:
     """One best-vs-worst pair per prompt from samples (`prompt_id`, `index`, `text`, `token_ids`,
     `finish_reason`) and their penalized rewards. Returns the pairs and the count of drops by reason."""
     pairs, dropped = [], Counter()
-    for prompt_id, group in _groups(samples, rewards).items():
+    for prompt_id, group in _groups(samples, rewards, dropped).items():
         best = _best(group, cfg.allow_truncated)
         if best is None:
             dropped["all_truncated"] += 1
@@ -104,12 +109,12 @@ class Winner:
     reward: float  # penalized reward r~
 
 
-def select_winners(samples: list, rewards: list[float], keep_quantile: float) -> tuple[list[Winner], Counter]:
+def select_winners(samples: list, rewards: list[float | None], keep_quantile: float) -> tuple[list[Winner], Counter]:
     """RAFT: the best sample per prompt (never a truncated one), kept when its reward is at least the
     `keep_quantile` quantile of all winners' rewards (0 keeps every winner). Returns the winners and
     the count of drops by reason."""
     winners, dropped = [], Counter()
-    for prompt_id, group in _groups(samples, rewards).items():
+    for prompt_id, group in _groups(samples, rewards, dropped).items():
         best = _best(group, allow_truncated=False)
         if best is None:
             dropped["all_truncated"] += 1

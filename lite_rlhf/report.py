@@ -71,7 +71,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def table(rows: list[dict]) -> str:
     shown = lambda key, r: r.get(key) if key == "diverged" else key in r  # diverged: only when one did
-    cols = [c for c in _COLUMNS if any(shown(c[0], r) for r in rows)]
+    functions = sorted({k for r in rows for k in r if k.startswith("fn_")})  # eval.functions, in name order
+    columns = _COLUMNS[:-1] + [(k, k.replace("fn_", "fn: ", 1), "{:.3f}") for k in functions] + _COLUMNS[-1:]
+    cols = [c for c in columns if any(shown(c[0], r) for r in rows)]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")

@@ -16,21 +16,33 @@ import torch
 
 from lite_rlhf import dist
 from lite_rlhf.config import Config
-from lite_rlhf.data import Messages
+from lite_rlhf.data import Messages, Prompt
+from lite_rlhf.functions import call, combine, load_functions
 from lite_rlhf.preference import Judge, SeparatePreferenceModel, model_judge
 from lite_rlhf.ranking import rank
 from lite_rlhf.reward import score_texts
 
-Scorer = Callable[[list[Messages], list], list[float]]  # (prompts, samples) -> rewards
+Scorer = Callable[[list[Prompt], list], list[float | None]]  # (prompt of each sample, samples) -> rewards
+LEARNED = "reward_model"  # the learned reward's name among the terms
 
 
-def make_scorer(cfg: Config, model) -> Scorer:
-    if cfg.reward.model:
-        external = SeparateRewardModel(cfg.reward.model, device=model.device, dtype=model.dtype)
-        return lambda prompts, samples: external.score(prompts, [s.text for s in samples], cfg.reward.score_batch)
-    return lambda prompts, samples: score_texts(
-        model, prompts, [s.token_ids for s in samples], cfg.reward.score_batch, cfg.data.max_length, cfg.run.quiet
-    )
+def make_terms(cfg: Config, model) -> list[tuple[str, float, Scorer]]:
+    """The scalar reward's terms as (name, weight, scorer): the learned reward (our adapter, or reward.model;
+    reward.kind bt) and each of reward.functions."""
+    r = cfg.reward
+    terms: list[tuple[str, float, Scorer]] = []
+    if r.kind == "bt" and r.model:
+        external = SeparateRewardModel(r.model, device=model.device, dtype=model.dtype)
+        terms.append((LEARNED, r.oracle_weight, lambda prompts, samples: external.score(
+            [p.messages for p in prompts], [s.text for s in samples], r.score_batch)))  # fmt: skip
+    elif r.kind == "bt":
+        terms.append((LEARNED, r.oracle_weight, lambda prompts, samples: score_texts(
+            model, [p.messages for p in prompts], [s.token_ids for s in samples], r.score_batch, cfg.data.max_length,
+            cfg.run.quiet)))  # fmt: skip
+    for f in load_functions(r.functions, r.weights, "reward.functions"):
+        terms.append((f.name, f.weight, lambda prompts, samples, f=f: call(
+            f, prompts, [s.text for s in samples], [s.token_ids for s in samples])))  # fmt: skip
+    return terms
 
 
 class Oracle:
@@ -41,20 +53,38 @@ class Oracle:
         self.cfg = cfg
         self.reward: Scorer | None = None
         self.judge: Judge | None = None
-        if cfg.reward.kind == "bt":
-            self.reward = make_scorer(cfg, model)
+        self.eval_functions = load_functions(cfg.eval.functions, (), "eval.functions")
+        if cfg.reward.kind in ("bt", "functions"):
+            self.terms = make_terms(cfg, model)
+            self.reward = lambda prompts, samples: combine(list(self.scored_terms(prompts, samples).values()))
         elif cfg.reward.preference_model:
             self.judge = SeparatePreferenceModel(cfg.reward.preference_model, device=model.device,
                                                  dtype=model.dtype).judge(cfg)  # fmt: skip
         else:
             self.judge = model_judge(model, cfg)
 
-    def rank(self, prompts: dict[str, Messages], samples: list) -> tuple[list[float], dict]:
-        """A score per sample (higher is better) and what it cost, per prompt: forwards and comparisons."""
+    def eval_figures(self, prompts: list[Prompt], samples: list) -> dict:
+        """eval.functions on held-out answers: the mean score of each (None where none was scored), never trained on."""
+        texts, ids = [s.text for s in samples], [s.token_ids for s in samples]
+        figures = {}
+        for f in self.eval_functions:
+            given = [v for v in call(f, prompts, texts, ids) if v is not None]
+            figures[f"fn_{f.name}"] = sum(given) / len(given) if given else None
+        return figures
+
+    def scored_terms(self, prompts: list[Prompt], samples: list) -> dict[str, tuple[float, list[float | None]]]:
+        """Each term of the scalar reward on the samples: name -> (weight, scores)."""
+        return {name: (weight, scorer(prompts, samples)) for name, weight, scorer in self.terms}
+
+    def rank(self, prompts: dict[str, Prompt], samples: list) -> tuple[list[float | None], dict, dict]:
+        """A score per sample (higher is better; None: unscored), what it cost per prompt (forwards and
+        comparisons), and, when the reward has several terms, each term's scores (name -> scores)."""
         n_prompts = max(1, len({s.prompt_id for s in samples}))
         if self.judge is None:
-            rewards = self.reward([prompts[s.prompt_id] for s in samples], samples)
-            return rewards, {"forwards_per_prompt": len(samples) / n_prompts}
+            terms = self.scored_terms([prompts[s.prompt_id] for s in samples], samples)
+            forwards = len(samples) / n_prompts if LEARNED in terms else 0.0
+            shown = {name: scores for name, (_, scores) in terms.items()} if len(terms) > 1 else {}
+            return combine(list(terms.values())), {"forwards_per_prompt": forwards}, shown
         by_key = {(s.prompt_id, s.index): s for s in samples}
         sizes: dict[str, int] = {}
         for s in samples:
@@ -62,13 +92,15 @@ class Oracle:
         forwards = self.judge.forwards
 
         def compare(matches):
-            return self.judge.probs([(prompts[k], by_key[k, i].text, by_key[k, j].text) for k, i, j in matches])
+            return self.judge.probs(
+                [(prompts[k].messages, by_key[k, i].text, by_key[k, j].text) for k, i, j in matches]
+            )
 
         scores, count = rank(sizes, compare, self.cfg.pairs.ranking, self.cfg.pairs.round_robin_score)
         return [scores[s.prompt_id][s.index] for s in samples], {
             "comparisons_per_prompt": sum(count.values()) / n_prompts,
             "forwards_per_prompt": (self.judge.forwards - forwards) / n_prompts,
-        }
+        }, {}
 
 
 class SeparateRewardModel:

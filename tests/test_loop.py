@@ -107,11 +107,15 @@ def raft_setup(data):
     model rarely stops; SFT on one short answer puts a few percent on the end-of-turn token and 64 new
     tokens let some samples finish, so that RAFT (which never takes a truncated answer) has winners."""
     root, files, base = data
+    rewards = root / "my_rewards.py"  # a reward function beside the learned reward: TRL's signature, None allowed
+    rewards.write_text("def brevity(prompts, completions, topic_keys, **kwargs):\n"
+                       "    return [None if not c.strip() else -len(c) / 100 for c in completions]\n")  # fmt: skip
     hub = {"preferences": str(files["prefs_hub"]), "eval_preferences": f"{files['prefs_hub']}:test",
            "prompt_field": "instruction", "chosen_field": "good", "rejected_field": "bad"}  # the prompt files: ours
     cfg = {**base, "data": {**base["data"], "sft": str(files["sft"]), **hub},
            "sft": {"lr": 1e-2, "epochs": 4.0, "micro_batch": 4, "grad_accum": 1},
            "generation": {**base["generation"], "max_new_tokens": 64},
+           "reward": {**base["reward"], "functions": [f"{rewards}:brevity"], "weights": [0.5]},
            "loop": {**base["loop"], "algorithm": "raft"},
            "raft": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "history": "all"}}  # fmt: skip
     path, clean, points = clean_run(root, "raft", cfg)
@@ -244,6 +248,13 @@ def test_raft_run_trains_sft_then_winners(raft_setup):
                 best[row["prompt_id"]] = (row["index"], row["penalized"])
         assert {w["prompt_id"]: (w["index"], w["reward"]) for w in won} == best
         assert [m["iteration"] for m in a["metrics.jsonl"] if m["stage"] == "raft"].count(t) > 0
+    # the scores are the learned reward plus 0.5 x the reward function (reward.functions, reward.weights)
+    for row in a["iter_001/scores.jsonl"]:
+        text = next(s["text"] for s in a["iter_001/samples.jsonl"] if (s["prompt_id"], s["index"]) == (
+            row["prompt_id"], row["index"]))  # fmt: skip
+        terms = row["terms"]
+        assert terms["brevity"] == (-len(text) / 100 if text.strip() else None)
+        assert row["reward"] == pytest.approx(terms["reward_model"] + 0.5 * (terms["brevity"] or 0.0))
     # π0 is the SFT adapter: the policy of iteration 0 is its copy
     assert a["iter_000/policy/adapter_model.safetensors"] == a["sft/adapter_model.safetensors"]
     for inside in ("sft:step", "sft", "iter_001/winners", "iter_002/policy:step"):
@@ -341,6 +352,31 @@ def test_two_runs_on_one_directory_leave_one_runs_artifacts(setup):
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2 and f"in use by another lite-rlhf process (pid {first.pid})" in second.stderr
     assert differences(artifacts(clean), artifacts(both)) == []
+
+
+def test_eval_functions_are_reported_and_never_trained_on(setup):
+    """eval.functions: a figure per iteration in eval.json and the report; every sample, pair and trained tensor
+    bit-identical to the run without it."""
+    root, config, clean, _ = setup
+    fns = root / "eval_fns.py"
+    fns.write_text("def words(completions, **kwargs):\n    return [len(c.split()) for c in completions]\n")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["eval"] = {**cfg["eval"], "functions": [f"{fns}:words"]}
+    path = root / "dpo-eval-functions.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out_dir = root / "eval-functions" / "run"
+    out = run(path, out_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = artifacts(clean), artifacts(out_dir)
+    same = [k for k in a if k.endswith((".safetensors", "samples.jsonl", "scores.jsonl", "pairs.jsonl"))]
+    assert len(same) > 10 and [k for k in same if a[k] != b[k]] == []
+    for t in (0, 1, 2):
+        figures, answers = b[f"iter_{t:03d}/eval.json"][0], b[f"iter_{t:03d}/eval_samples.jsonl"]
+        test_ids = {p["id"] for p in map(json.loads, Path(cfg["data"]["test_prompts"]).read_text().splitlines())}
+        words = [len(r["text"].split()) for r in answers if r["prompt_id"] in test_ids]
+        assert figures["fn_words"] == pytest.approx(sum(words) / len(words))
+        assert {k: v for k, v in figures.items() if k != "fn_words"} == a[f"iter_{t:03d}/eval.json"][0]
+    assert "fn: words" in b["report.md"]
 
 
 def test_a_damaged_committed_adapter_is_trained_again(setup):
