@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lite_rlhf.demo.task import split_prompts
 from lite_rlhf.models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -128,3 +129,26 @@ def test_the_aggregate_line_counts_what_it_says():
                     "gold_keyword_best": "0.4"}]  # fmt: skip
     last = table("made-up", rows, "head").splitlines()[-1]
     assert "+0.200 ± 0.141 (min +0.100, max +0.300)" in last and "1 of 2 above 0" in last and "**1 of 2**" in last
+
+
+def test_answers_side_by_side_are_the_runs_own(study):
+    root = study[0]
+    run = root / "runs" / f"seed_{SEEDS[0]}"
+    script = SCRIPT.parent / "demo_answers.py"
+    out = subprocess.run([sys.executable, str(script), str(run), "--per-kind", "1"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    best = json.loads((run / "summary.json").read_text())["best_iteration"]
+    first = {t: {r["prompt_id"]: r["text"] for r in map(json.loads, (run / f"iter_{t:03d}/eval_samples.jsonl")
+                 .read_text().splitlines()) if r["index"] == 0} for t in (0, best)}  # fmt: skip
+    table = out.stdout.strip().splitlines()
+    assert table[0] == f"| prompt | π0 | best (iteration {best}) |" and len(table) == 4  # one prompt of each kind
+    ids = {p["prompt"]: p["id"] for p in split_prompts()["test_prompts"]}
+    cell = lambda text: text.replace("\n", " ").replace("|", "\\|")  # noqa: E731
+    for line in table[2:]:
+        prompt, a, b = (c.strip() for c in line.strip().strip("|").split(" | "))
+        pid = ids[prompt]
+        assert a[:2] in ("✓ ", "✗ ") and b[:2] in ("✓ ", "✗ ")
+        assert (a[2:].strip(), b[2:].strip()) == (cell(first[0][pid]).strip(), cell(first[best][pid]).strip())
+    missing = subprocess.run([sys.executable, str(script), str(root)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "not a finished run" in missing.stderr
