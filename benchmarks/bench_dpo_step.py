@@ -6,9 +6,9 @@ in fp32 on the CPU, on the same token sequences in the same order, with the same
 - ``a``:  lite-rlhf with its defaults (``model.gradient_checkpointing=auto`` with the default budget, 75% of the
   available RAM: the row says how many layers that checkpointed): ``SharedModel`` (LoRA adapter "policy"; also the
   "reward" adapter and
-  head it always carries), reference log-probs stored with each pair by ``lite_rlhf.dpo.add_reference_logps``
+  head it always carries), reference log-probs stored with each pair by ``lite_rlhf.algorithms.dpo.add_reference_logps``
   (computed once, before training; a step never runs the reference), loss through the fused kernels by
-  ``lite_rlhf.dpo.train_dpo`` itself. The config is ``configs/demo.yaml`` (LoRA rank, alpha and targets from
+  ``lite_rlhf.algorithms.dpo.train_dpo`` itself. The config is ``configs/demo.yaml`` (LoRA rank, alpha and targets from
   there unless ``--lora-r`` / ``--lora-alpha`` / ``--lora-targets`` say otherwise) with the pairs per step,
   one epoch and a ``data.max_length`` that truncates nothing set on top.
 - ``a_budget``: ``a`` with ``model.memory_budget`` set to ``c2``'s measured peak in the same run (so ``c2`` runs
@@ -319,7 +319,7 @@ def run_lite(spec: dict, pairs: list[dict], meter: StepMeter, seen: SeenBatches)
     """Variant a: SharedModel + add_reference_logps + train_dpo, as the loop runs them."""
     import torch
 
-    from lite_rlhf import dpo
+    from lite_rlhf.algorithms import dpo
     from lite_rlhf.config import load_config
     from lite_rlhf.pairs import Pair
     from lite_rlhf.roles import SharedModel
@@ -501,7 +501,7 @@ def worker(spec: dict) -> dict:
     from peft import LoraConfig  # noqa: F401
     from transformers import AutoTokenizer
 
-    import lite_rlhf.dpo  # noqa: F401
+    import lite_rlhf.algorithms.dpo  # noqa: F401
     import lite_rlhf.roles  # noqa: F401
     from lite_rlhf.models import resolve_model
 

@@ -87,12 +87,12 @@ def worker(spec: dict) -> dict:
     import vllm  # noqa: F401
 
     from lite_rlhf import data as D
+    from lite_rlhf.algorithms.dpo import add_reference_logps, pair_fits, pair_rows, train_dpo
     from lite_rlhf.batching import make_batch
     from lite_rlhf.config import load_config
-    from lite_rlhf.dpo import add_reference_logps, pair_fits, pair_rows, train_dpo
+    from lite_rlhf.context import derive_seed
     from lite_rlhf.evaluate import evaluate_policy
     from lite_rlhf.generate import make_engine, start_engine
-    from lite_rlhf.loop import derive_seed
     from lite_rlhf.models import resolve_model
     from lite_rlhf.pairs import penalized_rewards, select_pairs
     from lite_rlhf.plan import estimate

@@ -456,7 +456,7 @@ def job_dpo_step(job: Job, variant: str, shape: str) -> None:
 
 
 def run_lite_step(job: Job, model_dir: Path, pairs: list[dict], per_step: int, length: int, meter: Steps) -> dict:
-    from lite_rlhf import dpo
+    from lite_rlhf.algorithms import dpo
     from lite_rlhf.config import load_config
     from lite_rlhf.pairs import Pair
     from lite_rlhf.plan import model_shape, train_terms

@@ -34,23 +34,23 @@ from pathlib import Path
 
 import torch
 
-from lite_rlhf import dist
-from lite_rlhf.batching import as_example, encode_rows, fits
+from lite_rlhf import algorithms, dist
+from lite_rlhf.algorithms.dpo import dpo_loss_fn
 from lite_rlhf.config import Config, ConfigError
-from lite_rlhf.data import load_conversations, prompt_ids, response_ids
-from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, pair_fits, train_dpo
+from lite_rlhf.context import Context, Say, commit_policy, derive_seed
+from lite_rlhf.data import load_conversations, prompt_ids
 from lite_rlhf.evaluate import divergence, evaluate_policy, noise_figures, summary
 from lite_rlhf.generate import LazyEngine, Sample, check_context, make_engine, start_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
-from lite_rlhf.pairs import Pair, Winner, penalized_rewards, select_pairs, select_winners
+from lite_rlhf.pairs import penalized_rewards
 from lite_rlhf.preference import check_format, preference_stage
 from lite_rlhf.report import report_files
 from lite_rlhf.reward import check_brought_oracle, check_oracle, reward_stage
 from lite_rlhf.roles import SharedModel
-from lite_rlhf.runstate import Link, RunDir, kill_point, read_json, read_jsonl
+from lite_rlhf.runstate import Link, RunDir, read_json, read_jsonl
 from lite_rlhf.scoring import Oracle
-from lite_rlhf.sft import sft_stage, train_sft
+from lite_rlhf.sft import sft_stage
 from lite_rlhf.task import Task, data_fields, data_path, load_task, reward_pairs
 from lite_rlhf.train import NonFiniteLoss
 
@@ -105,19 +105,14 @@ def run(cfg: Config) -> int:
     commit_policy(ctx, 0)  # the policy before any training: a fresh LoRA, or a copy of the sft adapter
     evaluate(ctx, 0, adapter=pi0)  # π0 is served as base (+ sft)
     noise(ctx, adapter=pi0)
-    history = offline_pairs(ctx) if cfg.loop.algorithm == "dpo" else []
+    algorithm = algorithms.get(cfg.loop.algorithm)
+    kept = algorithm.start(ctx)
     for t in range(1, cfg.loop.iterations + 1):
         serve = rd.iter_dir(t - 1) / "policy" if t > 1 else pi0
         prompts_t = task.slice(t, cfg.loop.iterations, cfg.loop.prompts_per_iteration)
         samples = generate(ctx, t, prompts_t, serve)
         rewards = scores(ctx, t, samples)
-        if cfg.loop.algorithm == "dpo":
-            history += pairs(ctx, t, samples, rewards)
-            dpo(ctx, t, history)
-        else:
-            won = winners(ctx, t, samples, rewards)
-            history = history + won if cfg.raft.history == "all" else won
-            raft(ctx, t, history)
+        kept = algorithm.iteration(ctx, t, samples, rewards, kept)
         evaluate(ctx, t, adapter=rd.iter_dir(t) / "policy")
         best = choose_best(ctx, t)
         commit_report(ctx, f"iter_{t:03d}/report")
@@ -143,36 +138,6 @@ def check_inputs(cfg: Config):
     return task, conversations, unused
 
 
-# --------------------------------------------------------------------------- what every stage sees
-
-
-@dataclasses.dataclass
-class Context:
-    rd: RunDir
-    cfg: Config
-    task: Task
-    model: SharedModel
-    engine: LazyEngine
-    oracle: Oracle
-    ids: dict[str, list[int]]  # prompt id -> prompt token ids, under the one chat template
-    say: Say
-
-
-class Say:
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, *args) -> None:
-        if not self.quiet:
-            print("[lite-rlhf]", *args, flush=True)
-
-
-def derive_seed(cfg: Config, t: int, purpose: str) -> int:
-    """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
-    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5}[purpose]
-    return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
-
-
 # --------------------------------------------------------------------------- the stages
 
 
@@ -191,12 +156,6 @@ def train_oracle(rd: RunDir, model: SharedModel, cfg: Config) -> None:
     elif kind == "preference" and not cfg.reward.preference_model:
         figures = preference_stage(rd, model, cfg, *reward_pairs(cfg.data, cfg.run.seed, cfg.reward.balance_length))
         check_oracle(figures, cfg, rd.root / "preference")
-
-
-def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
-    name = f"iter_{t:03d}/policy"
-    if not ctx.rd.done(name):
-        ctx.rd.commit(name, {ctx.rd.iter_dir(t) / "policy": lambda tmp: ctx.model.save_adapter("policy", tmp)}, records)
 
 
 def evaluate(ctx: Context, t: int, adapter) -> dict:
@@ -230,23 +189,6 @@ def noise(ctx: Context, adapter) -> None:
     ctx.rd.commit(name, {ctx.rd.iter_dir(0) / "noise.json": figures})
 
 
-def offline_pairs(ctx: Context) -> list[Pair]:
-    """Offline pairs as `Pair`s with their π0 log-probs (computed once)."""
-    name, path = "offline_pairs", ctx.rd.root / "offline_pairs.jsonl"
-    if ctx.rd.done(name):
-        return [Pair(**row) for row in read_jsonl(path)]
-    tok, d = ctx.model.tokenizer, ctx.cfg.data
-    made = [
-        Pair(Task.offline_id(i), response_ids(tok, op.chosen), response_ids(tok, op.rejected), op.chosen,
-             op.rejected, 0.0, 0.0)
-        for i, op in enumerate(ctx.task.offline_pairs)
-    ]  # fmt: skip
-    made = [p for p in made if pair_fits(p, ctx.ids, d)]
-    made = add_reference_logps(ctx.model, made, ctx.ids, d, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
-    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]})
-    return made
-
-
 def generate(ctx: Context, t: int, prompts, adapter) -> list[Sample]:
     name, path = f"iter_{t:03d}/samples", ctx.rd.iter_dir(t) / "samples.jsonl"
     if ctx.rd.done(name):
@@ -277,91 +219,6 @@ def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:
     ctx.say(f"iteration {t}: ranked in {record['scoring_seconds']} s, "
             + ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in cost.items()))  # fmt: skip
     return penalized
-
-
-def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Pair]:
-    """Best vs worst per prompt, with π0's log-probs of both answers."""
-    name, path = f"iter_{t:03d}/pairs", ctx.rd.iter_dir(t) / "pairs.jsonl"
-    if ctx.rd.done(name):
-        return [Pair(**row) for row in read_jsonl(path)]
-    made, dropped = select_pairs(samples, rewards, ctx.cfg.pairs)
-    fit = [p for p in made if pair_fits(p, ctx.ids, ctx.cfg.data)]
-    if len(fit) < len(made):
-        dropped["too_long"] += len(made) - len(fit)
-    kill_point(f"{name}:reference")
-    made = add_reference_logps(ctx.model, fit, ctx.ids, ctx.cfg.data, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
-    record = {
-        "stage": "pairs",
-        "iteration": t,
-        "pairs_kept": len(made),
-        "pairs_dropped": len({s.prompt_id for s in samples}) - len(made),
-        **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
-        "pair_margin": sum(p.margin for p in made) / len(made) if made else 0.0,
-    }
-    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]}, [record])
-    ctx.say(f"iteration {t}: {len(made)} pairs kept, dropped {dict(dropped)}")
-    return made
-
-
-def winners(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Winner]:
-    """RAFT: the best answer per prompt (above the reward quantile), if it fits data.max_length."""
-    name, path = f"iter_{t:03d}/winners", ctx.rd.iter_dir(t) / "winners.jsonl"
-    if ctx.rd.done(name):
-        return [Winner(**row) for row in read_jsonl(path)]
-    made, dropped = select_winners(samples, rewards, ctx.cfg.raft.keep_quantile)
-    d = ctx.cfg.data
-    fit = [w for w in made if fits([(ctx.ids[w.prompt_id], w.response_ids)], d.max_length, d.truncation)]
-    if len(fit) < len(made):
-        dropped["too_long"] += len(made) - len(fit)
-    record = {
-        "stage": "winners",
-        "iteration": t,
-        "winners_kept": len(fit),
-        **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
-        "winner_reward": sum(w.reward for w in fit) / len(fit) if fit else 0.0,
-    }
-    ctx.rd.commit(name, {path: [dataclasses.asdict(w) for w in fit]}, [record])
-    ctx.say(f"iteration {t}: {len(fit)} winners kept, dropped {dict(dropped)}")
-    return fit
-
-
-def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
-    """DPO on all pairs so far, from the previous policy, reference π0."""
-    update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs", len(history), lambda on_step: train_dpo(
-        ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
-        quiet=ctx.cfg.run.quiet, on_step=on_step,
-    ))  # fmt: skip
-
-
-def raft(ctx: Context, t: int, won: list[Winner]) -> None:
-    """SFT on the winners, from the previous policy (no reference model)."""
-    d = ctx.cfg.data
-
-    def train(on_step) -> None:  # encoded only when the stage runs, not on a resume that skips it
-        rows = [(ctx.ids[w.prompt_id], w.response_ids) for w in won]
-        examples = [as_example(*enc) for enc in encode_rows(rows, d.max_length, d.truncation)]
-        train_sft(ctx.model, examples, ctx.cfg.raft, seed=derive_seed(ctx.cfg, t, "raft"), quiet=ctx.cfg.run.quiet,
-                  on_step=on_step, name="raft")  # fmt: skip
-
-    update_policy(ctx, t, "raft", f"SFT on {len(won)} winners", len(won), train)
-
-
-def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) -> None:
-    """policy_t = `train(on_step)` from policy_{t-1}, with the engine asleep. Killed inside, it restarts
-    from the previous policy with the same seed, so the result is identical."""
-    name = f"iter_{t:03d}/policy"
-    if ctx.rd.done(name):
-        return
-    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
-    records: list[dict] = []
-    if not n:
-        ctx.say(f"iteration {t}: nothing to train on; the policy is unchanged")
-    else:
-        ctx.say(f"iteration {t}: {what}")
-        ctx.engine.sleep()
-        train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
-        ctx.engine.wake()
-    commit_policy(ctx, t, records)
 
 
 def choose_best(ctx: Context, t: int) -> int:

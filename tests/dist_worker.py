@@ -20,7 +20,8 @@ def record(spy_dir: Path, what: str, ids: list[str]) -> None:
 
 
 def spy_on_the_loop(spy_dir: Path) -> None:
-    from lite_rlhf import dpo, generate, loop
+    from lite_rlhf import generate
+    from lite_rlhf.algorithms import dpo
 
     inner = generate.VllmEngine._generate
 
@@ -45,16 +46,16 @@ def spy_on_the_loop(spy_dir: Path) -> None:
         finally:
             dpo.optimize = optimize
 
-    loop.train_dpo = spied_train_dpo
+    dpo.train_dpo = spied_train_dpo  # the DPO stage looks it up in its module when it runs
 
 
 def dpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> None:
     import torch
 
     from lite_rlhf import dist
+    from lite_rlhf.algorithms.dpo import add_reference_logps, train_dpo
     from lite_rlhf.config import load_config
     from lite_rlhf.data import prompt_ids, response_ids
-    from lite_rlhf.dpo import add_reference_logps, train_dpo
     from lite_rlhf.pairs import Pair
     from lite_rlhf.roles import SharedModel
 
@@ -73,7 +74,7 @@ def dpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> No
     ]  # responses of different lengths: the ranks' shares differ in size and length
     pairs = add_reference_logps(model, pairs, ids, cfg.data, micro_batch)
     seen: list[list[str]] = [[]]  # per optimizer step: the pairs this rank's micro-batches held
-    import lite_rlhf.dpo as dpo_module
+    import lite_rlhf.algorithms.dpo as dpo_module
 
     optimize = dpo_module.optimize
 

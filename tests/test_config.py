@@ -106,3 +106,15 @@ def test_gradient_checkpointing_takes_a_switch_a_count_or_auto():
     for text, value in (("true", True), ("false", False), ("3", 3), ("auto", "auto"), ("0", 0)):
         assert load_config(None, [f"model.gradient_checkpointing={text}"]).model.gradient_checkpointing == value
     assert load_config(None, ["model.memory_budget=2GiB"]).model.memory_budget == "2GiB"
+
+
+def test_the_algorithm_key_lists_the_algorithm_modules():
+    import typing
+
+    from lite_rlhf import algorithms
+    from lite_rlhf.config import LoopConfig
+
+    assert typing.get_args(typing.get_type_hints(LoopConfig)["algorithm"]) == algorithms.NAMES
+    for name in algorithms.NAMES:
+        module = algorithms.get(name)
+        assert callable(module.start) and callable(module.iteration), name

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
+from lite_rlhf.algorithms.dpo import add_reference_logps, dpo_loss_fn, train_dpo
 from lite_rlhf.config import ConfigError, load_config
 from lite_rlhf.data import prompt_ids, response_ids
-from lite_rlhf.dpo import add_reference_logps, dpo_loss_fn, train_dpo
 from lite_rlhf.models import make_tiny_model
 from lite_rlhf.pairs import Pair
 from lite_rlhf.roles import SharedModel
@@ -67,7 +67,7 @@ def mixed_lengths(tiny):
 def test_length_grouping_pads_less_and_trains_the_same(tiny, monkeypatch):
     """train_dpo groups similar lengths into a micro-batch within each optimizer step: fewer padded tokens,
     the same pairs per step, and the same adapter as the plan's own order within fp32 rounding."""
-    import lite_rlhf.dpo as dpo_module
+    import lite_rlhf.algorithms.dpo as dpo_module
 
     make_batch, padded = dpo_module.make_batch, []
 

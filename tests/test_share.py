@@ -15,9 +15,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before anything 
 import pytest
 import torch
 
+from lite_rlhf.algorithms.dpo import add_reference_logps, train_dpo
 from lite_rlhf.config import load_config
 from lite_rlhf.data import Prompt, prompt_ids, response_ids
-from lite_rlhf.dpo import add_reference_logps, train_dpo
 from lite_rlhf.generate import make_engine, start_engine
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import Pair

@@ -1,4 +1,7 @@
-"""DPO on the policy adapter: reference log-probs once per pair, then training through the fused kernels.
+"""DPO (loop.algorithm=dpo): each iteration's best-vs-worst pairs join every pair so far, and the policy is
+trained on them from the previous one, with π0 as the reference (paper section 3.3).
+
+The trainer: reference log-probs once per pair, then training through the fused kernels.
 
 The reference π0 is the shared base with the policy adapter off (or the frozen sft adapter). Its
 summed response log-probs are computed once, when a pair is made, and stored with the pair, so
@@ -18,8 +21,13 @@ import torch
 from lite_rlhf import dist
 from lite_rlhf.batching import IGNORE, Row, fits, make_batch
 from lite_rlhf.config import ConfigError, DataConfig, DPOConfig
+from lite_rlhf.context import Context, derive_seed, update_policy
+from lite_rlhf.data import response_ids
+from lite_rlhf.generate import Sample
 from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path
-from lite_rlhf.pairs import Pair
+from lite_rlhf.pairs import Pair, select_pairs
+from lite_rlhf.runstate import kill_point, read_jsonl
+from lite_rlhf.task import Task
 from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
 
 
@@ -150,3 +158,67 @@ class _Accumulator:
         }
         self.__init__()
         return out
+
+
+# --------------------------------------------------------------------------- the algorithm's stages
+
+
+def start(ctx: Context) -> list[Pair]:
+    """Before the first iteration: the offline pairs (data.offline_pairs), the paper's hybrid setting."""
+    return offline_pairs(ctx)
+
+
+def iteration(ctx: Context, t: int, samples: list[Sample], rewards: list[float | None], kept: list[Pair]) -> list:
+    """This iteration's pairs join the ones kept; policy_t = DPO on all of them from policy_{t-1}."""
+    history = kept + pairs(ctx, t, samples, rewards)
+    dpo(ctx, t, history)
+    return history
+
+
+def offline_pairs(ctx: Context) -> list[Pair]:
+    """Offline pairs as `Pair`s with their π0 log-probs (computed once)."""
+    name, path = "offline_pairs", ctx.rd.root / "offline_pairs.jsonl"
+    if ctx.rd.done(name):
+        return [Pair(**row) for row in read_jsonl(path)]
+    tok, d = ctx.model.tokenizer, ctx.cfg.data
+    made = [
+        Pair(Task.offline_id(i), response_ids(tok, op.chosen), response_ids(tok, op.rejected), op.chosen,
+             op.rejected, 0.0, 0.0)
+        for i, op in enumerate(ctx.task.offline_pairs)
+    ]  # fmt: skip
+    made = [p for p in made if pair_fits(p, ctx.ids, d)]
+    made = add_reference_logps(ctx.model, made, ctx.ids, d, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]})
+    return made
+
+
+def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Pair]:
+    """Best vs worst per prompt, with π0's log-probs of both answers."""
+    name, path = f"iter_{t:03d}/pairs", ctx.rd.iter_dir(t) / "pairs.jsonl"
+    if ctx.rd.done(name):
+        return [Pair(**row) for row in read_jsonl(path)]
+    made, dropped = select_pairs(samples, rewards, ctx.cfg.pairs)
+    fit = [p for p in made if pair_fits(p, ctx.ids, ctx.cfg.data)]
+    if len(fit) < len(made):
+        dropped["too_long"] += len(made) - len(fit)
+    kill_point(f"{name}:reference")
+    made = add_reference_logps(ctx.model, fit, ctx.ids, ctx.cfg.data, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    record = {
+        "stage": "pairs",
+        "iteration": t,
+        "pairs_kept": len(made),
+        "pairs_dropped": len({s.prompt_id for s in samples}) - len(made),
+        **{f"dropped_{k}": v for k, v in sorted(dropped.items())},
+        "pair_margin": sum(p.margin for p in made) / len(made) if made else 0.0,
+    }
+    ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]}, [record])
+    ctx.say(f"iteration {t}: {len(made)} pairs kept, dropped {dict(dropped)}")
+    return made
+
+
+def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
+    """DPO on all pairs so far, from the previous policy, reference π0."""
+    update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs", len(history), lambda on_step: train_dpo(
+        ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
+        quiet=ctx.cfg.run.quiet, on_step=on_step,
+    ))  # fmt: skip

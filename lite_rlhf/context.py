@@ -1,0 +1,68 @@
+"""What every stage of the loop sees, and the policy update they share.
+
+`Context` carries the run directory, the config, the task, the shared model, the engine, the oracle and the
+prompts' token ids. `update_policy` trains policy_t from policy_{t-1} with the engine asleep and commits it; an
+algorithm (`lite_rlhf/algorithms/`) calls it with its own training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lite_rlhf.config import Config
+from lite_rlhf.generate import LazyEngine
+from lite_rlhf.roles import SharedModel
+from lite_rlhf.runstate import RunDir, kill_point
+from lite_rlhf.scoring import Oracle
+from lite_rlhf.task import Task
+
+
+@dataclasses.dataclass
+class Context:
+    rd: RunDir
+    cfg: Config
+    task: Task
+    model: SharedModel
+    engine: LazyEngine
+    oracle: Oracle
+    ids: dict[str, list[int]]  # prompt id -> prompt token ids, under the one chat template
+    say: Say
+
+
+class Say:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, *args) -> None:
+        if not self.quiet:
+            print("[lite-rlhf]", *args, flush=True)
+
+
+def derive_seed(cfg: Config, t: int, purpose: str) -> int:
+    """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
+    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5}[purpose]
+    return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
+
+
+def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
+    name = f"iter_{t:03d}/policy"
+    if not ctx.rd.done(name):
+        ctx.rd.commit(name, {ctx.rd.iter_dir(t) / "policy": lambda tmp: ctx.model.save_adapter("policy", tmp)}, records)
+
+
+def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) -> None:
+    """policy_t = `train(on_step)` from policy_{t-1}, with the engine asleep. Killed inside, it restarts
+    from the previous policy with the same seed, so the result is identical."""
+    name = f"iter_{t:03d}/policy"
+    if ctx.rd.done(name):
+        return
+    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
+    records: list[dict] = []
+    if not n:
+        ctx.say(f"iteration {t}: nothing to train on; the policy is unchanged")
+    else:
+        ctx.say(f"iteration {t}: {what}")
+        ctx.engine.sleep()
+        train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
+        ctx.engine.wake()
+    commit_policy(ctx, t, records)
