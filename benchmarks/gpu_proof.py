@@ -526,8 +526,8 @@ PHASES = {  # module attribute -> phase name; leaf calls only, so that one phase
     "lite_rlhf.loop.noise": "noise estimate",
     "lite_rlhf.loop.generate": "generation",
     "lite_rlhf.loop.scores": "scoring",
-    "lite_rlhf.loop.add_reference_logps": "reference log-probs",
-    "lite_rlhf.loop.train_dpo": "DPO",
+    "lite_rlhf.algorithms.dpo.add_reference_logps": "reference log-probs",
+    "lite_rlhf.algorithms.dpo.train_dpo": "DPO",
 }
 
 

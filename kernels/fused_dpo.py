@@ -12,7 +12,9 @@ from position ``t``) with ``ignore_index`` at prompt and padding positions. Then
     loss, rewards = dpo_loss(p_chosen, p_rejected, ref_chosen, ref_rejected)   (see dpo_loss.py)
     nll        = -sum_{i<B} S_i / max(sum_{i<B} n_i, 1)   the chosen answers' mean NLL per token
     loss      += rpo_alpha * nll    (RPO, Liu et al. 2024, arXiv:2405.16436: the SFT term on the chosen
-                                     answer; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, rpo_alpha])
+                                     answer; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]:
+                                     like TRL's, a mean over the tokens of the B pairs given, so with
+                                     rpo_alpha > 0 a step depends on how its pairs are split into micro-batches)
 
 Backward: ``d loss / d logp[r, t] = c_r`` for every scored ``t`` of row ``r``, where
 ``c_i = (1/B) dL_i/dh`` and ``c_{B+i} = -(1/B) dL_i/dh`` (divided by ``n_r`` for ipo). These per-row
@@ -66,7 +68,8 @@ class DpoOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim fp32, differentiable: the DPO-family loss plus rpo_alpha times chosen_nll
     chosen_rewards: torch.Tensor  # [B] detached beta * (policy - reference)
     rejected_rewards: torch.Tensor  # [B]
-    chosen_nll: torch.Tensor  # 0-dim detached: the chosen answers' mean NLL per token (RPO's term, before its weight)
+    chosen_nll: torch.Tensor  # [B] detached: each chosen answer's mean NLL per token (for logging: per pair, so a
+    # step's figure does not depend on how its pairs were split into micro-batches and ranks)
 
 
 def _chosen_nll(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -77,10 +80,12 @@ def _chosen_nll(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) ->
 
 def _with_nll(out: tuple, logp: torch.Tensor, targets: torch.Tensor, ignore_index: int, rpo_alpha: float) -> DpoOutput:
     loss, chosen_rewards, rejected_rewards = out
-    nll = _chosen_nll(logp, targets, ignore_index)
     if rpo_alpha:
-        loss = loss + rpo_alpha * nll
-    return DpoOutput(loss, chosen_rewards, rejected_rewards, nll.detach())
+        loss = loss + rpo_alpha * _chosen_nll(logp, targets, ignore_index)
+    with torch.no_grad():
+        n_pairs = logp.shape[0] // 2
+        per_answer = -logp[:n_pairs].sum(dim=1) / (targets[:n_pairs] != ignore_index).sum(dim=1).clamp(min=1)
+    return DpoOutput(loss, chosen_rewards, rejected_rewards, per_answer)
 
 
 def fused_dpo_loss_reference(

@@ -97,10 +97,14 @@ class Oracle:
             )
 
         scores, count = rank(sizes, compare, self.cfg.pairs.ranking, self.cfg.pairs.round_robin_score)
-        return [scores[s.prompt_id][s.index] for s in samples], {
-            "comparisons_per_prompt": sum(count.values()) / n_prompts,
-            "forwards_per_prompt": (self.judge.forwards - forwards) / n_prompts,
-        }, {}
+        return (
+            [scores[s.prompt_id][s.index] for s in samples],
+            {
+                "comparisons_per_prompt": sum(count.values()) / n_prompts,
+                "forwards_per_prompt": (self.judge.forwards - forwards) / n_prompts,
+            },
+            {},
+        )
 
 
 class SeparateRewardModel:

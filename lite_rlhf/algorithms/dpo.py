@@ -120,7 +120,7 @@ def train_dpo(
             ignore_index=IGNORE,
             rpo_alpha=dpo.rpo_alpha,
         )
-        stats.add(out.loss.item(), out.chosen_rewards, out.rejected_rewards, out.chosen_nll.item())
+        stats.add(out.loss.item(), out.chosen_rewards, out.rejected_rewards, out.chosen_nll)
         return out.loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
 
     lengths = [min(d.max_length, _longest_row(p, prompt_ids)) for p in pairs]
@@ -140,9 +140,9 @@ class _Accumulator:
     def __init__(self):
         self.losses, self.nll, self.chosen, self.rejected = [], [], [], []
 
-    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, nll: float) -> None:
+    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, nll: torch.Tensor) -> None:
         self.losses.append((loss, len(chosen)))
-        self.nll.append((nll, len(chosen)))
+        self.nll += nll.float().cpu().tolist()
         self.chosen += chosen.float().cpu().tolist()
         self.rejected += rejected.float().cpu().tolist()
 
@@ -150,7 +150,7 @@ class _Accumulator:
         n = sum(k for _, k in self.losses)
         out = {
             "loss": sum(v * k for v, k in self.losses) / n,
-            "chosen_nll": sum(v * k for v, k in self.nll) / n,  # per token; dpo.rpo_alpha weighs it into the loss
+            "chosen_nll": sum(self.nll) / n,  # each chosen answer's NLL per token, mean over pairs (RPO's term)
             "reward_accuracy": sum(c > r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
             "reward_margin": sum(c - r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
             "chosen_reward": sum(self.chosen) / n,

@@ -235,8 +235,8 @@ def check_rpo_against_trl_formula(fn=fused_dpo_loss, device: str | torch.device 
             logp = torch.log_softmax(h @ w.T, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             sums = (logp * mask).sum(1)
             margin = (sums[:3] - ref_c) - (sums[3:] - ref_r)
-            nll = -logp[:3][mask[:3]].mean()
-            loss = -torch.nn.functional.logsigmoid(beta * margin).mean() + alpha * nll
+            loss = -torch.nn.functional.logsigmoid(beta * margin).mean() + alpha * -logp[:3][mask[:3]].mean()
+            nll = -sums[:3] / mask[:3].sum(1)  # logged: each chosen answer's mean, not the batch's token mean
         loss.backward()
         results.append((loss.detach(), nll.detach(), h.grad, w.grad))
     (loss, nll, gh, gw), (p_loss, p_nll, p_gh, p_gw) = results
