@@ -357,12 +357,7 @@ class RunDir:
                                     "repeat the command") from None  # fmt: skip
         kill_point(f"{stage}:written")
         if self.state["files"] is not None:  # each path recorded under the stage that wrote it last
-            for other, recorded in self.state["files"].items():
-                for old in [k for k in recorded if any(k == r or k.startswith(r + "/") for r in rels)]:
-                    del recorded[old]
-                    if other != stage and other in self.state["done"] and not (self.root / old).exists():
-                        self.state["done"].remove(other)  # its file went with a directory replaced here (a card
-                        self._again.add(other)  # in a policy trained again): it runs again, without new metrics
+            self._move_records(stage, rels)
             kept = [p for p in files if p != self.root / "config.yaml"]  # the identity check guards that one
             self.state["files"][stage] = {k: v for p in kept for k, v in fingerprint(p, self.root).items()}
         if writing := [r for r in self.state.pop("writing", []) if r not in rels]:
@@ -388,6 +383,16 @@ class RunDir:
         self.lines += len(metrics)
         dist.barrier()
         self._since = time.monotonic()
+
+    def _move_records(self, stage: str, rels: list[str]) -> None:
+        """Drop other stages' records of the paths `stage` just wrote; a stage whose file went with a directory
+        replaced here (a card in a policy trained again) is no longer done: it runs again, without new metrics."""
+        for other, recorded in self.state["files"].items():
+            for old in [k for k in recorded if any(k == r or k.startswith(r + "/") for r in rels)]:
+                del recorded[old]
+                if other != stage and other in self.state["done"] and not (self.root / old).exists():
+                    self.state["done"].remove(other)
+                    self._again.add(other)
 
     @property
     def run_id(self) -> str:
