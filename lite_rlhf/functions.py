@@ -73,8 +73,6 @@ def load_function(spec: str, key: str) -> Callable:
 
 
 def load_functions(specs: Sequence[str], weights: Sequence[float], key: str) -> list[RewardFunction]:
-    if weights and len(weights) != len(specs):
-        raise ConfigError(f"config key 'reward.weights': {len(weights)} weight(s) for {len(specs)} function(s)")
     weights = list(weights) or [1.0] * len(specs)
     return [RewardFunction(s, load_function(s, key), w) for s, w in zip(specs, weights, strict=True)]
 

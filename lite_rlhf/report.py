@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
+from lite_rlhf.data import HUB_NAME
 from lite_rlhf.runstate import Content
 
 # (column, header, format)
@@ -119,10 +119,10 @@ def model_card(root: Path, rows: list[dict], chosen_by: str) -> str:
 
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     base, algorithm = cfg["model"]["name"], cfg["loop"]["algorithm"]
-    hub_base = _HUB_IDS.get(base, base if re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None)
+    hub_base = _HUB_IDS.get(base, base if HUB_NAME.fullmatch(base) and not Path(base).exists() else None)
     sources = {k: v for k, v in cfg["data"].items() if k in _DATA_KEYS and v is not None}
-    hub_sets = sorted({v.split(":")[0] for v in sources.values() if re.fullmatch(r"[\w.-]+/[\w.-]+(:.*)?", v)
-                       and not Path(v.split(":")[0]).exists()})  # fmt: skip
+    hub_sets = sorted({name for v in sources.values() if HUB_NAME.fullmatch(name := v.split(":")[0])
+                       and not Path(name).exists()})  # fmt: skip
     meta = {"library_name": "peft", "pipeline_tag": "text-generation",
             "tags": ["lite-rlhf", algorithm, "lora", "rlhf"]}  # fmt: skip
     if hub_base:
