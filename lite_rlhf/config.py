@@ -193,8 +193,41 @@ class DPOConfig(TrainerConfig):
 
 
 @dataclass(frozen=True)
+class PolicyGradientConfig(TrainerConfig):
+    """What GRPO and RLOO share (lite_rlhf/algorithms/grpo.py): each iteration's n answers per prompt are a group,
+    trained on from the policy that sampled them, with π0 (the base, adapters off) as the KL anchor."""
+
+    lr: float = _f(1e-5, lo=0, hi=1, lo_open=True)  # peak learning rate (LoRA; TRL's GRPO default 1e-6 is full weights)
+    epochs: float = _f(1.0, lo=0, lo_open=True)  # μ: passes over each iteration's samples (1: on-policy, as published)
+    micro_batch: int = _f(8, lo=1)  # answers per forward pass
+    grad_accum: int = _f(2, lo=1)  # micro-batches per optimizer step
+    eps_low: float = _f(0.2, lo=0, hi=1)  # the ratio's clip below 1 - eps_low (PPO's ε)
+    eps_high: float = _f(0.2, lo=0)  # ... and above 1 + eps_high (DAPO raises it to 0.28)
+    # groups whose scored answers all got the same reward carry no signal (advantage 0): dropped from training
+    # (DAPO's filter, less compute) or kept (their KL term still pulls toward π0); counted either way
+    drop_no_signal: bool = True
+
+
+@dataclass(frozen=True)
+class GRPOConfig(PolicyGradientConfig):
+    beta: float = _f(0.04, lo=0)  # KL-to-π0 coefficient, k3 estimator per token (DeepSeekMath: 0.04); 0: no π0 pass
+    scale_advantages: bool = True  # divide by the group's std (DeepSeekMath); false: Dr. GRPO
+    # per-token losses -> one loss: token (over every token of the step: DAPO, TRL's default), sequence (each
+    # answer's mean, then over answers: GRPO as published), constant (over answers x max_new_tokens: Dr. GRPO)
+    aggregation: Literal["token", "sequence", "constant"] = "token"
+
+
+@dataclass(frozen=True)
+class RLOOConfig(PolicyGradientConfig):
+    # KL-to-π0 coefficient: r - beta x the answer's summed log-ratio to π0 before the baseline (TRL's RLOO: 0.05)
+    beta: float = _f(0.05, lo=0)
+
+
+@dataclass(frozen=True)
 class LoopConfig:
-    algorithm: Literal["dpo", "raft"] = "dpo"  # dpo: best-vs-worst pairs; raft: SFT on the best answer per prompt
+    # dpo: best-vs-worst pairs; raft: SFT on the best answer per prompt; grpo, rloo: policy gradient on every answer
+    # with the group's mean (grpo) or the leave-one-out mean (rloo) as baseline
+    algorithm: Literal["dpo", "raft", "grpo", "rloo"] = "dpo"
     iterations: int = _f(3, lo=1)  # T of Algorithm 1 (paper: 3)
     prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
 
@@ -232,6 +265,8 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     raft: RaftConfig = field(default_factory=RaftConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -376,8 +411,14 @@ def _check_consistency(cfg: Config) -> None:
             f"config key 'dpo.label_smoothing' applies to loss_type 'sigmoid' only (got loss_type "
             f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
         )
-    if cfg.data.offline_pairs and cfg.loop.algorithm != "dpo":
-        raise ConfigError("config key 'data.offline_pairs' feeds DPO; loop.algorithm=raft trains on winners only")
+    algorithm = cfg.loop.algorithm
+    if cfg.data.offline_pairs and algorithm != "dpo":
+        raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "
+                          "own samples only")  # fmt: skip
+    if algorithm in ("grpo", "rloo") and (cfg.generation.n < 2 or cfg.generation.temperature == 0):
+        raise ConfigError(f"config key 'generation.{'n' if cfg.generation.n < 2 else 'temperature'}': "
+                          f"loop.algorithm={algorithm} compares each prompt's answers with each other: it needs "
+                          "n >= 2 sampled (temperature > 0) answers per prompt")  # fmt: skip
     if cfg.reward.kind == "preference":
         if cfg.reward.model:
             raise ConfigError("config key 'reward.model' is a scalar reward model; with reward.kind=preference "

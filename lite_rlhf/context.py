@@ -40,7 +40,7 @@ class Say:
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:
     """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
-    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5}[purpose]
+    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5, "grpo": 6, "rloo": 7}[purpose]
     return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
 
 

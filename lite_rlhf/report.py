@@ -16,6 +16,12 @@ _COLUMNS = [
     ("pair_margin", "pair margin", "{:.2f}"),
     ("winners_kept", "winners", "{:d}"),
     ("winner_reward", "winner reward", "{:.2f}"),
+    ("rollouts_kept", "answers trained", "{:d}"),
+    ("rollout_reward", "sample reward", "{:.3f}"),
+    ("rollout_tokens", "sample tokens", "{:.1f}"),
+    ("signal_share", "groups with signal", "{:.2f}"),
+    ("clip_fraction", "clip fraction", "{:.3f}"),
+    ("update_kl", "KL to π0 (update)", "{:.4f}"),
     ("forwards_per_prompt", "forwards/prompt", "{:.1f}"),
     ("comparisons_per_prompt", "comparisons/prompt", "{:.1f}"),
     ("val_reward", "val reward", "{:.3f}"),
@@ -41,21 +47,28 @@ _PLOTS = [("val_reward", "test_reward"), ("gold",), ("length_tokens",), ("kl",),
 
 
 def eval_rows(root: Path) -> list[dict]:
-    """One row per evaluated iteration, merged with that iteration's pair (or RAFT winner) counts."""
+    """One row per evaluated iteration, merged with that iteration's pair (or RAFT winner, or GRPO/RLOO rollout)
+    counts, and the means over its policy-gradient steps."""
     rows = []
     for it in sorted(root.glob("iter_*/eval.json")):
         rows.append(json.loads(it.read_text()))
     pairs: dict[int, dict] = {}
+    steps: dict[int, list[dict]] = {}
     metrics = root / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("stage") in ("pairs", "winners", "scores"):
+            if rec.get("stage") in ("pairs", "winners", "scores", "rollouts"):
                 pairs.setdefault(rec["iteration"], {}).update(rec)
+            elif rec.get("stage") in ("grpo", "rloo"):
+                steps.setdefault(rec["iteration"], []).append(rec)
     for row in rows:
         found = pairs.get(row["iteration"], {})
-        shown = ("pair", "winner", "dropped", "forwards", "comparisons")
+        shown = ("pair", "winner", "rollout", "signal", "dropped", "forwards", "comparisons")
         row.update({k: v for k, v in found.items() if k.startswith(shown)})
+        if taken := steps.get(row["iteration"]):
+            row["clip_fraction"] = sum(r["clip_fraction"] for r in taken) / len(taken)
+            row["update_kl"] = sum(r["kl"] for r in taken) / len(taken)
     return rows
 
 

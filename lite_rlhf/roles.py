@@ -31,7 +31,7 @@ from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import Config, ConfigError, parse_size
-from lite_rlhf.kernels import sequence_logps
+from lite_rlhf.kernels import linear_logprobs, sequence_logps
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_setting, choose_checkpointing, model_shape
 
@@ -315,6 +315,15 @@ class SharedModel:
         differentiable when grad is on (the reference role turns it off)."""
         hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
         return sequence_logps(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
+
+    def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs `[B, T]` (fp32; 0 off the response tokens) of the active role with its logits
+        divided by `temperature` (the hidden states are: the LM head is linear), through the fused kernel: the
+        policy-gradient path (GRPO, RLOO). Differentiable when grad is on."""
+        hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
+        if temperature != 1.0:
+            hidden = hidden / temperature
+        return linear_logprobs(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""

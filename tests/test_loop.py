@@ -8,9 +8,11 @@ CI runs the chained test (each restart dies at the next point); `pytest -m sweep
 at each point in turn and resumes it once."""
 
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -81,7 +83,8 @@ def clean_run(root: Path, name: str, cfg: dict):
     out = run(path, clean, log=log)
     assert out.returncode == 0, out.stderr[-3000:]
     bars = re.findall(
-        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|dpo|raft|sft|reward|preference)"
+        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|policy log-probs|dpo|raft|grpo|rloo|sft"
+        r"|reward|preference)"
         r": +\d+%",
         out.stderr,
     )
@@ -133,6 +136,37 @@ def preference_setup(data):
            "dpo": {"lr": 1e-3, "micro_batch": 2, "grad_accum": 1, "epochs": 1.0}}  # fmt: skip
     path, clean, points = clean_run(root, "preference", cfg)
     return root / "preference", path, clean, points
+
+
+PG_REWARD = ("def brevity(prompts, completions, **kwargs):  # TRL's signature; None: no score for this one\n"
+             "    return [None if len(c) % 5 == 0 else -len(c) / 10 for c in completions]\n")
+
+
+def pg_config(root: Path, base: dict, algorithm: str, section: dict) -> dict:
+    """GRPO or RLOO ranked by a reward function alone (reward.kind=functions: no reward model is trained)."""
+    rewards = root / "pg_rewards.py"
+    rewards.write_text(PG_REWARD)
+    return {**base, "reward": {"kind": "functions", "functions": [f"{rewards}:brevity"]},
+            "loop": {**base["loop"], "algorithm": algorithm}, algorithm: section}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(data):
+    """GRPO, μ = 2 passes over each iteration's answers (the second is off-policy: the ratio moves and clips), π0's
+    log-probs for the k3 KL, DAPO's upper clip."""
+    root, _, base = data
+    section = {"lr": 2e-2, "micro_batch": 4, "grad_accum": 2, "epochs": 2.0, "eps_high": 0.28}
+    path, clean, points = clean_run(root, "grpo", pg_config(root, base, "grpo", section))
+    return root / "grpo", path, clean, points
+
+
+@pytest.fixture(scope="module")
+def rloo_setup(data):
+    """RLOO, on-policy (μ = 1), the KL to π0 in the reward."""
+    root, _, base = data
+    section = {"lr": 2e-2, "micro_batch": 4, "grad_accum": 2}
+    path, clean, points = clean_run(root, "rloo", pg_config(root, base, "rloo", section))
+    return root / "rloo", path, clean, points
 
 
 def run(config: Path, out_dir: Path, kill_at: str | None = None, log: Path | None = None):
@@ -393,3 +427,80 @@ def test_a_damaged_committed_adapter_is_trained_again(setup):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stage 'iter_002/policy' runs again: '" in again.stderr, again.stderr[-2000:]
     assert differences(artifacts(clean), artifacts(copy)) == []
+
+
+def pg_rollouts(a: dict, t: int) -> dict:
+    return {(r["prompt_id"], r["index"]): r for r in a[f"iter_{t:03d}/rollouts.jsonl"]}
+
+
+def test_grpo_trains_on_every_scored_answer_with_group_advantages(grpo_setup):
+    root, _, clean, points = grpo_setup
+    a = artifacts(clean)
+    assert not any(k.startswith("reward/") for k in a), "reward.kind=functions trains no reward model"
+    steps = [m for m in a["metrics.jsonl"] if m["stage"] == "grpo"]
+    for t in (1, 2):
+        scores = {(r["prompt_id"], r["index"]): r["penalized"] for r in a[f"iter_{t:03d}/scores.jsonl"]}
+        samples = {(s["prompt_id"], s["index"]): s for s in a[f"iter_{t:03d}/samples.jsonl"]}
+        rolled = pg_rollouts(a, t)
+        groups: dict[str, list] = {}
+        for key, r in scores.items():
+            if r is not None:
+                groups.setdefault(key[0], []).append((key, r))
+        expected = {}
+        for prompt, members in groups.items():  # DeepSeekMath's advantage, from the plain formula
+            rs = [r for _, r in members]
+            if len(rs) >= 2 and len(set(rs)) > 1:
+                mean, sd = statistics.mean(rs), statistics.stdev(rs)
+                expected |= {key: (r - mean) / (sd + 1e-4) for key, r in members}
+        assert set(rolled) == set(expected), "unscored answers and groups without signal are dropped"
+        for key, row in rolled.items():
+            assert row["reward"] == scores[key] and row["advantage"] == pytest.approx(expected[key], abs=1e-9)
+            assert row["response_ids"] == samples[key]["token_ids"]
+            assert len(row["old_logps"]) == len(row["ref_logps"]) == len(row["response_ids"])
+            assert all(x <= 0 for x in row["old_logps"])
+            if t == 1:  # policy_0 is a fresh LoRA: the policy that sampled is π0
+                assert row["old_logps"] == pytest.approx(row["ref_logps"], abs=1e-5)
+        record = next(m for m in a["metrics.jsonl"] if m["stage"] == "rollouts" and m["iteration"] == t)
+        assert record["rollouts_kept"] == len(rolled) and record["signal_share"] == len(
+            {k[0] for k in rolled}) / len(groups)  # fmt: skip
+        n_steps = math.ceil(math.ceil(2 * len(rolled) / 4) / 2)  # μ = 2 passes, 4 answers x 2 per step
+        assert [m["step"] for m in steps if m["iteration"] == t] == list(range(1, n_steps + 1))
+    drift = [(k, r) for k, r in pg_rollouts(a, 2).items() if r["old_logps"] != pytest.approx(r["ref_logps"], abs=1e-5)]
+    assert drift, "policy_1 samples iteration 2: its log-probs are not π0's"
+    assert any(m["clip_fraction"] > 0 for m in steps), "the second pass is off-policy: some ratio clips"
+    assert all(m["kl"] >= 0 for m in steps) and any(m["kl"] > 0 for m in steps)
+    assert a["iter_001/policy/adapter_model.safetensors"] != a["iter_000/policy/adapter_model.safetensors"]
+    report = a["report.md"]
+    for column in ("answers trained", "groups with signal", "clip fraction", "KL to π0 (update)", "sample reward"):
+        assert column in report, column
+    for inside in ("iter_001/rollouts:logps", "iter_001/rollouts", "iter_002/policy:step"):
+        assert inside in points, inside
+
+
+def test_grpo_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(grpo_setup):
+    chained(grpo_setup)
+
+
+def test_rloo_advantages_are_leave_one_out_on_the_kl_penalized_reward(rloo_setup):
+    root, _, clean, _ = rloo_setup
+    a = artifacts(clean)
+    beta = 0.05  # rloo.beta's default
+    for t in (1, 2):
+        rolled = pg_rollouts(a, t)
+        assert rolled
+        groups: dict[str, list] = {}
+        for key, row in rolled.items():
+            groups.setdefault(key[0], []).append((key, row["reward"] - beta * (sum(row["old_logps"]) - sum(
+                row["ref_logps"]))))  # fmt: skip
+        for members in groups.values():
+            for key, r in members:
+                others = [x for k, x in members if k != key]
+                assert rolled[key]["advantage"] == pytest.approx(r - sum(others) / len(others), abs=1e-6)
+    steps = [m for m in a["metrics.jsonl"] if m["stage"] == "rloo"]
+    assert steps and all(0 <= m["clip_fraction"] <= 1 for m in steps)
+    assert a["iter_002/policy/adapter_model.safetensors"] != a["iter_001/policy/adapter_model.safetensors"]
+
+
+@pytest.mark.sweep
+def test_rloo_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(rloo_setup):
+    chained(rloo_setup)

@@ -98,6 +98,26 @@ def test_reference_is_the_untouched_base(tiny, dtype, nf4, atol):
     assert (policy - want).abs().max() > 1e-2, "the policy adapter should change the log-probs"
 
 
+def test_token_logps_are_peft_forwards_logits_over_the_temperature(tiny):
+    """GRPO's per-token path: log_softmax(logits / temperature) at each response token, from peft's own forward
+    with full logits; 0 elsewhere; and a gradient that flows to the policy adapter."""
+    model = make(tiny)
+    perturb(model, "policy")
+    ids, mask, lens, b = batch(model)
+    for temperature in (1.0, 0.7):
+        with model.role("policy"), torch.no_grad():
+            got = model.token_logps(b, temperature)
+            logits = model.peft(input_ids=ids, attention_mask=mask).logits.float()
+        want = (logits[:, :-1] / temperature).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        scored = (torch.arange(1, ids.shape[1])[None] >= lens[:, None]) & mask[:, 1:].bool()
+        assert_close(got[:, :-1], want * scored, atol=1e-5, rtol=1e-6)
+        assert (got[:, -1] == 0).all() and (got[:, :-1][~scored] == 0).all()
+    with model.role("policy"):
+        model.token_logps(b, 0.7).sum().backward()
+    grads = [p.grad for n, p in model.peft.named_parameters() if ".policy." in n and "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def policy_step(model, b, lr=1e-2):
     opt = torch.optim.SGD(model.parameters("policy"), lr=lr)
     model.train(True)

@@ -91,8 +91,7 @@ def clipped_policy_loss(
     if beta:
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference log-probs")
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1
+        kl = k3(logp, ref_logp)
         per_token = per_token + beta * kl
     tokens = mask.sum().clamp(min=1)
     if aggregation == "sequence":
@@ -112,6 +111,19 @@ def clipped_policy_loss(
             "kl": float((kl * mask).sum() / tokens),
         }
     return loss, figures
+
+
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(π‖π0) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean k3 over the tokens of `mask` (a figure, no gradient)."""
+    with torch.no_grad():
+        mask = mask.to(logp.dtype)
+        return float((k3(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1))
 
 
 def kl_penalized(
