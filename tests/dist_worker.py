@@ -5,6 +5,8 @@
     dist_worker.py dpo-step OUT MODEL MB ACC   two DPO optimizer steps on five fixed pairs (micro_batch MB,
                                                grad_accum ACC); the adapter to OUT/, this rank's pair ids
                                                to OUT/rank<r>.json
+    dist_worker.py grpo-step OUT MODEL MB ACC  two GRPO optimizer steps (token aggregation) on five fixed
+                                               answers; the adapter to OUT/, the step records to OUT/rank<r>.json
 
 The spies wrap the real functions and change nothing they return."""
 
@@ -100,6 +102,41 @@ def dpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> No
     dist.finish()
 
 
+def grpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> None:
+    import torch
+
+    from lite_rlhf import dist
+    from lite_rlhf.algorithms.grpo import Rollout, token_logps, train_pg
+    from lite_rlhf.config import load_config
+    from lite_rlhf.data import prompt_ids, response_ids
+    from lite_rlhf.roles import SharedModel
+
+    torch.set_num_threads(1)
+    dist.start()
+    cfg = load_config(None, [f"model.name={model_dir}", "model.dtype=float32", "lora.r=4", "loop.algorithm=grpo",
+                             "generation.n=2", "generation.temperature=0.7", "grpo.lr=1e-2", "grpo.epochs=2",
+                             f"grpo.micro_batch={micro_batch}", f"grpo.grad_accum={grad_accum}",
+                             "grpo.warmup_ratio=0"])  # fmt: skip
+    model = SharedModel(cfg)
+    tok = model.tokenizer
+    words = ("sun", "sea", "fox", "dog", "owl")
+    ids = {f"p{i}": prompt_ids(tok, [{"role": "user", "content": f"describe the {w}."}]) for i, w in enumerate(words)}
+    answers = [response_ids(tok, f"the {w} is " + "very " * i + "nice.") for i, w in enumerate(words)]
+    rows = [(ids[pid], a) for pid, a in zip(ids, answers, strict=True)]  # of different lengths: unequal shares
+    old = token_logps(model, "policy", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    ref = token_logps(model, "reference", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    batch = [Rollout(pid, 0, a, 0.0, adv, o, r)
+             for pid, a, adv, o, r in zip(ids, answers, (1.0, -0.5, 0.3, -1.2, 0.8), old, ref, strict=True)]  # fmt: skip
+    records: list[dict] = []
+    train_pg(model, batch, ids, cfg, seed=3, quiet=True, on_step=records.append)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps({"records": records}))
+    if dist.is_main():
+        model.save_adapter("policy", out / "policy")
+    dist.barrier()
+    dist.finish()
+
+
 if __name__ == "__main__":
     mode, where, *rest = sys.argv[1:]
     if mode == "loop":
@@ -107,4 +144,5 @@ if __name__ == "__main__":
         from lite_rlhf.cli import main
 
         sys.exit(main(rest))
-    dpo_step(Path(where), rest[0], int(rest[1]), int(rest[2]))
+    step = {"dpo-step": dpo_step, "grpo-step": grpo_step}[mode]
+    step(Path(where), rest[0], int(rest[1]), int(rest[2]))

@@ -65,6 +65,25 @@ def test_a_dpo_step_on_two_ranks_equals_the_single_process_step(tmp_path, micro_
         assert rec2 == pytest.approx(rec1, rel=1e-5, abs=1e-6)
 
 
+def test_a_grpo_step_on_two_ranks_equals_the_single_process_step(tmp_path):
+    """Token aggregation divides by the tokens of the whole step, whichever rank holds them."""
+    model = make_tiny_model(tmp_path / "tiny")
+    for ranks in (1, 2):
+        out = launch(ranks, "grpo-step", str(tmp_path / f"ranks{ranks}"), str(model), "1", "5")
+        assert out.returncode == 0, out.stderr[-3000:]
+    one = load_file(tmp_path / "ranks1" / "policy" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "ranks2" / "policy" / "adapter_model.safetensors")
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"max abs difference of the GRPO adapters, 2 ranks against 1: {diff:.2e}")
+    assert one.keys() == two.keys() and diff <= 1e-5
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3
+    single = json.loads((tmp_path / "ranks1" / "rank0.json").read_text())["records"]
+    rank0 = json.loads((tmp_path / "ranks2" / "rank0.json").read_text())["records"]
+    assert len(single) == 2 and single[1]["kl"] > 0
+    for rec1, rec2 in zip(single, rank0, strict=True):
+        assert rec2 == pytest.approx(rec1, rel=1e-5, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(data):  # noqa: F811
     """The tiny DPO run (offline pairs) on 2 ranks, uninterrupted, with what each rank did."""
