@@ -1,4 +1,4 @@
-"""`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3), or RAFT.
+"""`lite-rlhf run`: online iterative DPO (Algorithm 1 of the RLHF Workflow paper, section 3.3), RAFT, GRPO or RLOO.
 
     π0 = base (+ sft adapter, brought or trained here on data.sft); oracle trained: a Bradley-Terry reward
          adapter, or a pairwise preference adapter (reward.kind=preference)
@@ -13,6 +13,9 @@
               policy_t = DPO on D from policy_{t-1}, reference π0
         raft: W_t      = the best answer per prompt (above a reward quantile)
               policy_t = SFT on W_t (or W_1 ∪ ... ∪ W_t) from policy_{t-1}
+        grpo, rloo: advantages from each prompt's group of n (against the group's mean over its std, or the
+              leave-one-out mean), with per-token log-probs of policy_{t-1} and of π0 computed once
+              policy_t = μ passes of the clipped objective (KL to π0) over them from policy_{t-1}
         evaluate policy_t; best/ = the iteration with the highest validation reward
                                   (preference: validation win rate against π0)
 
