@@ -88,3 +88,24 @@ def test_demo_sft_set_is_gold_passing_answers_on_reward_model_topics_only():
         meta = by_id[row["prompt_id"]]
         assert meta["prompt"] == row["prompt"] and meta["topic"] not in held
         assert gold_check(meta, row["completion"])["passed"], row
+
+
+def test_checker_reward_is_the_share_of_gold_checks_through_the_reward_function_path():
+    """The verifiable reward GRPO/RLOO can train on (reward.functions=lite_rlhf.demo.task:checker_reward), called
+    as the loop calls every reward function: the prompt rows' columns as keyword arguments."""
+    from lite_rlhf.config import load_config
+    from lite_rlhf.functions import call, load_functions
+    from lite_rlhf.task import load_task
+
+    task = load_task(load_config(None, []).data)
+    prompts = [p for p in task.prompts if p.meta.get("constraint") == "max_words"][:1]
+    prompts += [p for p in task.prompts if p.meta.get("constraint") == "keyword"][:1]
+    topic = prompts[0].meta["topic_keys"][0]
+    texts = [f"The {topic} is calm and wide today.", "no no no no no no no no"]
+    (f,) = load_functions(["lite_rlhf.demo.task:checker_reward"], [], "reward.functions")
+    got = call(f, prompts, texts, [[1]] * 2)
+    want = []
+    for p, text in zip(prompts, texts, strict=True):
+        checks = gold_check(p.meta, text)
+        want.append(sum(v for k, v in checks.items() if k != "passed") / (len(checks) - 1))
+    assert got == want and got[0] == 1.0 and got[1] < 0.5

@@ -203,6 +203,19 @@ def gold_check(meta: dict, text: str) -> dict[str, bool]:
     return checks
 
 
+def checker_reward(prompts, completions, topic_keys, constraint, value, **kwargs) -> list[float]:
+    """The gold checker as a verifiable reward function (TRL's signature; the prompt rows' columns come as keyword
+    arguments): the share of its checks an answer passes, 1.0 when it passes them all. For GRPO or RLOO on the
+    training prompts (`reward.kind=functions reward.functions=lite_rlhf.demo.task:checker_reward`); evaluation then
+    reports gold on test prompts the policy never trained on."""
+    out = []
+    for text, keys, kind, val in zip(completions, topic_keys, constraint, value, strict=True):
+        checks = gold_check({"topic_keys": keys, "constraint": kind, "value": val}, text)
+        checks.pop("passed")
+        out.append(sum(checks.values()) / len(checks))
+    return out
+
+
 def tax_check(meta: dict, text: str) -> dict:
     """An instruction-free answer (the alignment-tax panel): its length in words and the quality checks."""
     return {"words": len(words(text)), **quality_checks(text, tuple(meta.get("topic_keys", ())), "")}
