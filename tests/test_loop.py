@@ -477,6 +477,16 @@ def test_grpo_trains_on_every_scored_answer_with_group_advantages(grpo_setup):
         assert inside in points, inside
 
 
+def test_grpo_killed_at_its_own_points_resumes_to_the_same_artifacts(grpo_setup):
+    """The rollouts (old and π0 log-probs, advantages) and the update's steps, then the stages after it: killed at
+    each in turn (the stages GRPO shares with DPO are killed in DPO's chained test; all: the sweep below)."""
+    root, config, clean, points = grpo_setup
+    mine = [p for p in points if "/rollouts" in p or "/policy" in p or p.startswith(("iter_002/eval", "summary"))]
+    assert any(p.endswith("rollouts:logps") for p in mine) and any(p.endswith("policy:step") for p in mine)
+    chained((root, config, clean, mine))
+
+
+@pytest.mark.sweep
 def test_grpo_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(grpo_setup):
     chained(grpo_setup)
 
