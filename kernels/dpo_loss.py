@@ -1,4 +1,5 @@
-r"""DPO-family losses on sequence log-probs: ``sigmoid`` (DPO, with cDPO label smoothing), ``ipo``, ``hinge``.
+r"""DPO-family losses on sequence log-probs: ``sigmoid`` (DPO, with cDPO label smoothing), ``ipo``, ``hinge``,
+and TRL's other pairwise losses.
 
 For one pair, with policy log-probs ``pc, pr`` and reference log-probs ``rc, rr`` of the chosen and
 rejected answers, the implicit reward margin is ``h = (pc - rc) - (pr - rr)`` and
@@ -25,6 +26,25 @@ rejected answers, the implicit reward margin is ``h = (pc - rc) - (pr - rr)`` an
 
       L = max(0, 1 - beta h),       dL/dh = -beta if beta h < 1 else 0
 
+TRL's other pairwise losses, each with TRL 1.16's meaning (``DPOTrainer``; ``c``/``r`` below are the chosen and
+rejected log-ratios ``p - ref``, ``eps`` is ``label_smoothing``, ``s`` the sigmoid, ``ls`` log-sigmoid):
+
+- ``robust`` (Chowdhury et al. 2024, arXiv:2403.00409): ``[-(1-eps) ls(beta h) + eps ls(-beta h)] / (1 - 2 eps)``,
+  unbiased under a known rate ``eps`` of flipped labels;
+- ``exo_pair`` (Ji et al. 2024, arXiv:2402.00856, eq. 16): ``q log(q / (1-eps)) + (1-q) log((1-q) / eps)`` with
+  ``q = s(beta h)`` (needs ``eps`` > 0);
+- ``nca_pair`` (Chen et al. 2024): ``-ls(beta c) - ls(-beta c) / 2 - ls(-beta r) / 2``;
+- ``bco_pair``: ``-ls(beta c) - ls(-beta r)`` (TRL's form, without BCO's running reward mean);
+- ``sppo_hard`` (Wu et al. 2024, arXiv:2405.00675, hard probabilities): ``(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2``;
+- ``aot``, ``aot_unpaired`` (Melnyk et al. 2024, arXiv:2406.05882): the sigmoid loss on the sorted-within-batch
+  log-ratio differences (policy vs reference for ``aot``, chosen vs rejected log-ratios for ``aot_unpaired``); a
+  micro-batch's pairs act together, as in TRL;
+- ``apo_zero``, ``apo_down`` (D'Oosterlinck et al. 2024, arXiv:2408.06266, eqs. 7 and 8):
+  ``1 - s(beta c) + s(beta r)`` and ``s(beta c) + 1 - s(beta h)``;
+- ``discopop`` (Chris Lu et al. 2024, arXiv:2406.08414, eq. 5): with ``x = beta h`` and ``m = s(x / tau)``,
+  ``-ls(x) (1 - m) + exp(-x) m``;
+- ``sigmoid_norm``: the sigmoid loss on length-averaged log-probs (as ``ipo``, :func:`fused_dpo_loss` averages).
+
 The loss is the mean over pairs. ``dh/dpc = 1``, ``dh/dpr = -1``; gradients reach only the policy
 log-probs (reference log-probs are data). The rewards ``beta (p - r)`` of each answer are returned
 detached, for logging (reward accuracy, margins).
@@ -34,10 +54,15 @@ Dtypes: inputs of any float dtype are computed in fp32; outputs are fp32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")  # fmt: skip
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the losses that read label_smoothing
+LENGTH_AVERAGED = ("ipo", "sigmoid_norm")  # on log-probs per token (fused_dpo_loss divides by the counts)
 
 
 def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
@@ -46,11 +71,13 @@ def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     if not beta > 0:
         raise ValueError(f"DPO beta must be > 0, got {beta}")
-    if label_smoothing != 0.0 and loss_type != "sigmoid":
+    if label_smoothing != 0.0 and loss_type not in SMOOTHED:
         raise ValueError(
-            f"label_smoothing={label_smoothing} applies only to loss_type='sigmoid' (cDPO), not {loss_type!r}; "
+            f"label_smoothing={label_smoothing} applies to loss_type {', '.join(SMOOTHED)}, not {loss_type!r}; "
             "set label_smoothing=0.0"
         )
+    if loss_type == "exo_pair" and label_smoothing == 0.0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its target puts eps on the rejected answer)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
             f"label_smoothing is the assumed fraction of flipped labels, in [0, 0.5); got {label_smoothing}"
@@ -66,6 +93,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO-family loss over ``B`` pairs of sequence log-probs (each ``[B]``).
 
@@ -76,11 +104,43 @@ def dpo_loss(
     check_loss_args(beta, loss_type, label_smoothing)
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
-    h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:  # hinge
-        losses = torch.relu(1.0 - beta * h)
+    losses = _losses(chosen_logratios, rejected_logratios, policy_chosen_logps.float() - policy_rejected_logps.float(),
+                     ref_chosen_logps.float() - ref_rejected_logps.float(), beta, loss_type, label_smoothing,
+                     discopop_tau)  # fmt: skip
     return losses.mean(), (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: float, tau: float) -> torch.Tensor:
+    """Per-pair losses from the chosen and rejected log-ratios (module docstring)."""
+    h = c - r
+    ls = F.logsigmoid
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        return -(1.0 - eps) * ls(beta * h) - eps * ls(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * h)
+    if loss_type == "robust":
+        return (-(1.0 - eps) * ls(beta * h) + eps * ls(-beta * h)) / (1.0 - 2.0 * eps)
+    if loss_type == "exo_pair":
+        q, log_q, log_not_q = torch.sigmoid(beta * h), ls(beta * h), ls(-beta * h)
+        return q * (log_q - math.log1p(-eps)) + (1 - q) * (log_not_q - math.log(eps))
+    if loss_type == "nca_pair":
+        return -ls(beta * c) - 0.5 * ls(-beta * c) - 0.5 * ls(-beta * r)
+    if loss_type == "bco_pair":
+        return -ls(beta * c) - ls(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        a, b = (policy_margin, ref_margin) if loss_type == "aot" else (c, r)
+        delta = torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
+        return -(1.0 - eps) * ls(beta * delta) - eps * ls(-beta * delta)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * h)
+    if loss_type == "discopop":
+        x = beta * h
+        mix = torch.sigmoid(x / tau)
+        return -ls(x) * (1 - mix) + torch.exp(-x) * mix
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")

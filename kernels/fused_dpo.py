@@ -40,7 +40,9 @@ from typing import NamedTuple
 import torch
 
 from .backend import KernelPath, kernel_path, load_triton_module
-from .dpo_loss import check_loss_args, dpo_loss
+from .dpo_loss import LENGTH_AVERAGED, check_loss_args, dpo_loss
+
+TRITON_LOSSES = ("sigmoid", "ipo", "hinge")  # the Triton reduction's; the others reduce in torch on the kernel's log-probs
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 
 
@@ -52,11 +54,12 @@ def _sequence_terms(
     loss_type: str,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(policy chosen, policy rejected, ref chosen, ref rejected), each [B], length-averaged for ipo."""
+    """(policy chosen, policy rejected, ref chosen, ref rejected), each [B], length-averaged for ipo and
+    sigmoid_norm."""
     n_pairs = logp.shape[0] // 2
     sums = logp.sum(dim=1)  # [2B]; ignored positions hold 0
     ref_chosen, ref_rejected = ref_chosen_logps.float(), ref_rejected_logps.float()
-    if loss_type == "ipo":
+    if loss_type in LENGTH_AVERAGED:
         n_tokens = (targets != ignore_index).sum(dim=1).clamp(min=1).float()  # [2B]
         sums = sums / n_tokens
         ref_chosen = ref_chosen / n_tokens[:n_pairs]
@@ -160,7 +163,7 @@ def fused_dpo_loss(
     ref_rejected_logps = ref_rejected_logps.to(device=hidden.device, dtype=torch.float32)
     path = path or kernel_path(hidden.device)
     logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, path=path)  # [2B, T]
-    if path == "chunked-torch":
+    if path == "chunked-torch" or loss_type not in TRITON_LOSSES:
         terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
         out = dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     else:

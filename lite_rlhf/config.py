@@ -183,8 +183,12 @@ class DPOConfig(TrainerConfig):
     epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
     grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
     beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid: DPO
-    label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)  # cDPO; sigmoid only; 0.5 would be a coin flip
+    # sigmoid: DPO; the others with TRL 1.16's meaning (lite_rlhf/kernels/dpo_loss.py); the Triton reduction runs
+    # sigmoid, ipo and hinge, the others reduce in torch on the fused kernel's log-probs (no full logits either way)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"  # fmt: skip
+    # the assumed share of flipped labels: cDPO (sigmoid), robust, exo_pair (> 0 there), aot; 0.5 would be a coin flip
+    label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)
     # RPO (Liu et al. 2024): + rpo_alpha x the chosen answer's mean NLL per token, the SFT term that keeps the
     # chosen answers likely (TRL: loss_type [sigmoid, sft], loss_weights [1, rpo_alpha]; the paper's weight is 1)
     rpo_alpha: float = _f(0.0, lo=0)
@@ -406,11 +410,14 @@ def _check_consistency(cfg: Config) -> None:
         parse_size(cfg.model.memory_budget, "config key 'model.memory_budget':")
     if not cfg.run.out_dir.strip():
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
-    if cfg.dpo.label_smoothing and cfg.dpo.loss_type != "sigmoid":
+    smoothed = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # kernels.dpo_loss.SMOOTHED
+    if cfg.dpo.label_smoothing and cfg.dpo.loss_type not in smoothed:
         raise ConfigError(
-            f"config key 'dpo.label_smoothing' applies to loss_type 'sigmoid' only (got loss_type "
+            f"config key 'dpo.label_smoothing' applies to loss_type {', '.join(smoothed)} (got loss_type "
             f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
         )
+    if cfg.dpo.loss_type == "exo_pair" and not cfg.dpo.label_smoothing:
+        raise ConfigError("config key 'dpo.label_smoothing' must be > 0 with loss_type exo_pair (e.g. 1e-3)")
     algorithm = cfg.loop.algorithm
     if cfg.data.offline_pairs and algorithm != "dpo":
         raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "

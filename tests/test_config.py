@@ -30,10 +30,11 @@ def test_precedence_file_then_overrides(tmp_path):
         (["dpo.bta=0.2"], "unknown config key 'dpo.bta' (command line); did you mean 'dpo.beta'?"),
         (["genration.n=4"], "did you mean 'generation.n'?"),
         (["dpo.beta=abc"], "config key 'dpo.beta' must be float, got 'abc'"),
-        (["dpo.loss_type=kto"], "config key 'dpo.loss_type' must be one of 'sigmoid', 'ipo', 'hinge', got 'kto'"),
+        (["dpo.loss_type=kto"], "config key 'dpo.loss_type' must be one of 'sigmoid', 'ipo', 'hinge', 'robust',"),
         (["generation.n=0"], "config key 'generation.n' must be in [1, inf], got 0"),
         (["generation.top_p=1.5"], "config key 'generation.top_p' must be in (0, 1], got 1.5"),
-        (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "applies to loss_type 'sigmoid' only"),
+        (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "applies to loss_type sigmoid, robust, exo_pair"),
+        (["dpo.loss_type=exo_pair"], "config key 'dpo.label_smoothing' must be > 0 with loss_type exo_pair"),
         (["beta"], "not of the form section.key=value"),
         (["model.gradient_checkpointing=sometimes"], "config key 'model.gradient_checkpointing' must be bool or int "
                                                      "or one of 'auto', got 'sometimes'"),

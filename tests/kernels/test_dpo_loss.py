@@ -127,4 +127,6 @@ def test_bad_arguments():
         dpo_loss(pc, pr, rc, rr, label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta"):
         dpo_loss(pc, pr, rc, rr, beta=0.0)
-    assert LOSS_TYPES == ("sigmoid", "ipo", "hinge")
+    with pytest.raises(ValueError, match="exo_pair"):
+        dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")
+    assert LOSS_TYPES[:3] == ("sigmoid", "ipo", "hinge")  # the Triton reduction's LOSS_TYPE indices
