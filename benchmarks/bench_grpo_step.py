@@ -21,10 +21,11 @@ per optimizer step holding every answer, the same learning rate. Each variant ru
 
 The TRL variants start from the LoRA weights ``lite`` drew (saved by it: run ``lite`` first, as the default order
 does), so the loss of step 2 (after one update at the same learning rate; the first loss is 0 with group-centred
-advantages of equal-length answers) checks that both made the same update. Figures per variant: the log-prob passes before the steps (seconds), seconds per step (the mean over steps 2..k),
-and peak resident memory above the baseline taken after the imports (``VmHWM``, reset there; set-up and steps),
-with ``MALLOC_MMAP_THRESHOLD_`` set as every benchmark here does (``_memory.py``). Raw rows go to
-``benchmarks/results/bench_grpo_step.csv``, the table with the ratios lite / TRL to ``bench_grpo_step.md``.
+advantages of equal-length answers) checks that both made the same update. Figures per variant: the log-prob
+passes before the steps (seconds), seconds per step (the mean over steps 2..k), and peak resident memory above
+the baseline taken after the imports (``VmHWM``, reset there; set-up and steps), with ``MALLOC_MMAP_THRESHOLD_``
+set as every benchmark here does (``_memory.py``). Raw rows go to ``benchmarks/results/bench_grpo_step.csv``, the
+table with the ratios lite / TRL to ``bench_grpo_step.md``.
 Run it on an idle machine: on 2 cores a figure taken beside another job comes out several times slower.
 """
 
@@ -39,7 +40,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _memory import append_csv, current_rss_mib, git_revision, machine_description, peak_mib, reset_peak, run_worker  # noqa: E402
+from _memory import (  # noqa: E402
+    append_csv,
+    current_rss_mib,
+    git_revision,
+    machine_description,
+    peak_mib,
+    reset_peak,
+    run_worker,
+)
 
 ROOT = HERE.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -64,8 +73,9 @@ def build_samples(tokenizer, answers: int, length: int) -> list[dict]:
     for i in range(answers):
         body = response_ids(tokenizer, " ".join(words[i * 7 : i * 7 + length]))[: length - 1]
         sign = 1.0 if (i // 2) % 2 == 0 else -1.0
-        out.append({"prompt_id": f"p{i % 2}", "prompt_ids": prompt_ids(tokenizer, [{"role": "user", "content": prompts[i % 2]["prompt"]}]),
-                    "answer_ids": body + eos, "advantage": sign * (0.5 + 0.1 * (i % 3))})  # fmt: skip
+        asked = [{"role": "user", "content": prompts[i % 2]["prompt"]}]
+        out.append({"prompt_id": f"p{i % 2}", "prompt_ids": prompt_ids(tokenizer, asked), "answer_ids": body + eos,
+                    "advantage": sign * (0.5 + 0.1 * (i % 3))})  # fmt: skip
     by_prompt = {}
     for s in out:  # centre each group: advantages from a group sum to zero
         by_prompt.setdefault(s["prompt_id"], []).append(s)
@@ -143,7 +153,7 @@ def run_trl(spec: dict, t0: float) -> dict:
     width = max(len(s["prompt_ids"]) for s in samples)
     pad = tok.pad_token_id
     prompt_ids = torch.tensor([[pad] * (width - len(s["prompt_ids"])) + s["prompt_ids"] for s in samples])  # left pad
-    prompt_mask = (torch.arange(width)[None] >= torch.tensor([width - len(s["prompt_ids"]) for s in samples])[:, None])
+    prompt_mask = torch.arange(width)[None] >= torch.tensor([width - len(s["prompt_ids"]) for s in samples])[:, None]
     completion_ids = torch.tensor([s["answer_ids"] for s in samples])
     completion_mask = torch.ones_like(completion_ids)
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask.long(), "completion_ids": completion_ids,
@@ -195,7 +205,7 @@ def worker(spec: dict) -> None:
 
 def report(rows: list[dict], args) -> str:
     by = {r["variant"]: r for r in rows}
-    lines = [f"# One GRPO update: lite-rlhf against TRL's GRPOTrainer (peft LoRA), CPU", "",
+    lines = ["# One GRPO update: lite-rlhf against TRL's GRPOTrainer (peft LoRA), CPU", "",
              f"`{' '.join(sys.argv)}`; revision {rows[0]['revision']}; {rows[0]['machine']}; {args.answers} answers "
              f"of {args.length} tokens in one micro-batch, {args.steps} steps (the mean of steps 2..{args.steps})", "",
              "| variant | log-prob passes before the steps, s | s / step | peak above baseline, MiB | set-up peak | "

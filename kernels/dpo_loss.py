@@ -63,6 +63,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")  # fmt: skip
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the losses that read label_smoothing
 LENGTH_AVERAGED = ("ipo", "sigmoid_norm")  # on log-probs per token (fused_dpo_loss divides by the counts)
+DISCOPOP_TAU = 0.05  # discopop's temperature: TRL's default (DPOConfig.discopop_tau), not a key here yet
 
 
 def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
@@ -93,7 +94,6 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO-family loss over ``B`` pairs of sequence log-probs (each ``[B]``).
 
@@ -104,13 +104,13 @@ def dpo_loss(
     check_loss_args(beta, loss_type, label_smoothing)
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
-    losses = _losses(chosen_logratios, rejected_logratios, policy_chosen_logps.float() - policy_rejected_logps.float(),
-                     ref_chosen_logps.float() - ref_rejected_logps.float(), beta, loss_type, label_smoothing,
-                     discopop_tau)  # fmt: skip
+    policy_margin = policy_chosen_logps.float() - policy_rejected_logps.float()  # aot's
+    ref_margin = ref_chosen_logps.float() - ref_rejected_logps.float()
+    losses = _losses(chosen_logratios, rejected_logratios, policy_margin, ref_margin, beta, loss_type, label_smoothing)
     return losses.mean(), (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
-def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: float, tau: float) -> torch.Tensor:
+def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: float) -> torch.Tensor:
     """Per-pair losses from the chosen and rejected log-ratios (module docstring)."""
     h = c - r
     ls = F.logsigmoid
@@ -141,6 +141,6 @@ def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: f
         return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * h)
     if loss_type == "discopop":
         x = beta * h
-        mix = torch.sigmoid(x / tau)
+        mix = torch.sigmoid(x / DISCOPOP_TAU)
         return -ls(x) * (1 - mix) + torch.exp(-x) * mix
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")

@@ -41,9 +41,9 @@ import torch
 
 from .backend import KernelPath, kernel_path, load_triton_module
 from .dpo_loss import LENGTH_AVERAGED, check_loss_args, dpo_loss
-
-TRITON_LOSSES = ("sigmoid", "ipo", "hinge")  # the Triton reduction's; the others reduce in torch on the kernel's log-probs
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
+
+TRITON_LOSSES = ("sigmoid", "ipo", "hinge")  # the Triton reduction's; the others reduce in torch on the log-probs
 
 
 def _sequence_terms(

@@ -177,6 +177,11 @@ class PairsConfig:
     round_robin_score: Literal["wins", "probability"] = "wins"
 
 
+# the DPO losses that read label_smoothing: kernels.dpo_loss.SMOOTHED, repeated here so that reading a config needs
+# no torch (tests/kernels/test_loss_family.py checks that both agree, and DPOConfig.loss_type with LOSS_TYPES)
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+
+
 @dataclass(frozen=True)
 class DPOConfig(TrainerConfig):
     lr: float = _f(5e-6, lo=0, hi=1, lo_open=True)  # peak learning rate (cosine schedule)
@@ -410,10 +415,9 @@ def _check_consistency(cfg: Config) -> None:
         parse_size(cfg.model.memory_budget, "config key 'model.memory_budget':")
     if not cfg.run.out_dir.strip():
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
-    smoothed = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # kernels.dpo_loss.SMOOTHED
-    if cfg.dpo.label_smoothing and cfg.dpo.loss_type not in smoothed:
+    if cfg.dpo.label_smoothing and cfg.dpo.loss_type not in SMOOTHED_LOSSES:
         raise ConfigError(
-            f"config key 'dpo.label_smoothing' applies to loss_type {', '.join(smoothed)} (got loss_type "
+            f"config key 'dpo.label_smoothing' applies to loss_type {', '.join(SMOOTHED_LOSSES)} (got loss_type "
             f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
         )
     if cfg.dpo.loss_type == "exo_pair" and not cfg.dpo.label_smoothing:

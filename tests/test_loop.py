@@ -83,8 +83,8 @@ def clean_run(root: Path, name: str, cfg: dict):
     out = run(path, clean, log=log)
     assert out.returncode == 0, out.stderr[-3000:]
     bars = re.findall(
-        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|policy log-probs|dpo|raft|grpo|rloo|sft"
-        r"|reward|preference)"
+        r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|policy log-probs|dpo|raft|grpo|rloo"
+        r"|sft|reward|preference)"
         r": +\d+%",
         out.stderr,
     )
@@ -152,8 +152,8 @@ def pg_config(root: Path, base: dict, algorithm: str, section: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def grpo_setup(data):
-    """GRPO, μ = 2 passes over each iteration's answers (the second is off-policy: the ratio moves and clips), π0's
-    log-probs for the k3 KL, DAPO's upper clip."""
+    """GRPO, μ = 2 passes over each iteration's answers (the second is off-policy: the ratio moves and clips),
+    π0's log-probs for the k3 KL, DAPO's upper clip."""
     root, _, base = data
     section = {"lr": 2e-2, "micro_batch": 4, "grad_accum": 2, "epochs": 2.0, "eps_high": 0.28}
     path, clean, points = clean_run(root, "grpo", pg_config(root, base, "grpo", section))
@@ -447,7 +447,7 @@ def test_grpo_trains_on_every_scored_answer_with_group_advantages(grpo_setup):
             if r is not None:
                 groups.setdefault(key[0], []).append((key, r))
         expected = {}
-        for prompt, members in groups.items():  # DeepSeekMath's advantage, from the plain formula
+        for members in groups.values():  # DeepSeekMath's advantage, from the plain formula
             rs = [r for _, r in members]
             if len(rs) >= 2 and len(set(rs)) > 1:
                 mean, sd = statistics.mean(rs), statistics.stdev(rs)

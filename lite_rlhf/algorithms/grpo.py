@@ -10,9 +10,9 @@ against the other answers to its prompt; the math is in `policy_gradient.py`, th
     policy_t   = `epochs` (μ) passes of the clipped objective over rollouts_t, from policy_{t-1}
 
 The old log-probs are the trainer's, not the engine's sampler's: the ratio of the first step is then 1 (up to
-the rounding of another batch's shapes) whatever the engine computes in (vLLM samples in bf16 on GPUs; its log-probs differ from the trainer's there, and
-at a temperature other than 1 the sampler reports the unscaled ones). It costs one forward pass without
-gradient per answer, beside the two (forward and backward) of each update.
+the rounding of another batch's shapes) whatever the engine computes in (vLLM samples in bf16 on GPUs; its
+log-probs differ from the trainer's there, and at a temperature other than 1 the sampler reports the unscaled
+ones). It costs one forward pass without gradient per answer, beside the two (forward and backward) of each update.
 """
 
 from __future__ import annotations
@@ -115,26 +115,16 @@ def with_advantages(made: list[Rollout], cfg: Config) -> tuple[list[Rollout], in
     prompts = list(dict.fromkeys(m.prompt_id for m in made))
     at = {p: g for g, p in enumerate(prompts)}
     reward = torch.tensor([m.reward for m in made], dtype=torch.float64)
-    if algo == "rloo" and sec.beta:
-        old, mask = padded([m.old_logps for m in made])
-        reward = kl_penalized(reward, old, padded([m.ref_logps for m in made])[0], mask, sec.beta)
+    if algo == "rloo" and sec.beta and made:  # each answer's summed log-probs: one "token" per answer
+        old = torch.tensor([[sum(m.old_logps)] for m in made], dtype=torch.float64)
+        ref = torch.tensor([[sum(m.ref_logps)] for m in made], dtype=torch.float64)
+        reward = kl_penalized(reward, old, ref, torch.ones_like(old), sec.beta)
     table = torch.full((len(prompts), cfg.generation.n), float("nan"), dtype=torch.float64)
     for m, r in zip(made, reward.tolist(), strict=True):
         table[at[m.prompt_id], m.index] = r
     adv, signal = group_advantages(table, algo, scale=getattr(sec, "scale_advantages", True))
     out = [dataclasses.replace(m, advantage=float(adv[at[m.prompt_id], m.index])) for m in made]
     return out, len(prompts), {p for p in prompts if signal[at[p]]}
-
-
-def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token lists -> `[R, T]` fp32 zero-padded, and the mask of the real entries."""
-    width = max((len(r) for r in rows), default=0)
-    values = torch.zeros(len(rows), width)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        values[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return values, mask
 
 
 def token_logps(

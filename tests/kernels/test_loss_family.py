@@ -13,6 +13,7 @@ from lite_rlhf.kernels.dpo_loss import LENGTH_AVERAGED, LOSS_TYPES, SMOOTHED, dp
 
 PAIRS, LENGTH = 5, 7
 
+
 def per_token(seed: int):
     """Policy per-token log-probs [2B, T-1] (chosen rows first) with a completion mask of various lengths, and the
     reference's sequence sums."""
@@ -22,6 +23,7 @@ def per_token(seed: int):
     logp = -torch.rand(2 * PAIRS, LENGTH - 1, generator=gen) * 3 * mask[:, 1:]
     ref = logp.sum(1) + torch.randn(2 * PAIRS, generator=gen) * 2
     return logp, mask.long(), ref
+
 
 def trl_loss(logp: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor, loss_type: str, beta: float, eps: float):
     from trl import DPOTrainer
@@ -38,9 +40,15 @@ def trl_loss(logp: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor, loss_typ
         _tp_size=1,
     )  # fmt: skip
     fake.model.training = True
-    inputs = {"input_ids": torch.ones(rows, LENGTH, dtype=torch.long), "attention_mask": torch.ones(rows, LENGTH),
-              "completion_mask": mask, "ref_chosen_logps": ref[: rows // 2], "ref_rejected_logps": ref[rows // 2 :]}
+    inputs = {
+        "input_ids": torch.ones(rows, LENGTH, dtype=torch.long),
+        "attention_mask": torch.ones(rows, LENGTH),
+        "completion_mask": mask,
+        "ref_chosen_logps": ref[: rows // 2],
+        "ref_rejected_logps": ref[rows // 2 :],
+    }
     return DPOTrainer._compute_loss(fake, fake.model, inputs, return_outputs=False)
+
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_equals_trls(loss_type):
@@ -71,3 +79,13 @@ def test_every_loss_on_the_fused_path_equals_the_full_logit_path(loss_type):
 
     eps = 0.1 if loss_type in SMOOTHED else 0.0
     check_fused_dpo(3, 29, 48, 700, loss_type, 1.0 if loss_type == "sppo_hard" else 0.1, eps, torch.float32, True)
+
+
+def test_the_config_offers_the_kernels_losses():
+    """config.py repeats two lists of the kernel's (reading a config imports no torch): they must agree."""
+    import typing
+
+    from lite_rlhf.config import SMOOTHED_LOSSES, DPOConfig
+
+    assert typing.get_args(typing.get_type_hints(DPOConfig)["loss_type"]) == LOSS_TYPES
+    assert SMOOTHED_LOSSES == SMOOTHED
