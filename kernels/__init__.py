@@ -5,14 +5,15 @@ name). Importing this package does not import Triton; see :mod:`lite_rlhf.kernel
 
 - :func:`linear_logprobs`: ``log softmax(hidden @ weight.T)[target]`` walking the vocabulary in blocks.
 - :func:`sequence_logps`: per-sequence sums and token counts (reference log-probs, evaluation).
-- :func:`dpo_loss`: sigmoid (DPO / cDPO), ipo, hinge on sequence log-probs.
-- :func:`fused_dpo_loss`: the DPO loss straight from final hidden states (what the trainer calls).
+- :func:`dpo_loss`: one DPO-family loss (``LOSS_TYPES``) on sequence log-probs.
+- :func:`fused_dpo_loss`: the DPO loss, or a weighted list of them, straight from final hidden states (what the
+  trainer calls); :func:`reductions` says which ran in Triton.
 - :func:`kernel_path`: ``"triton"``, ``"triton-interpreter"`` or ``"chunked-torch"`` for a device.
 """
 
 from .backend import kernel_path, triton_available
-from .dpo_loss import LOSS_TYPES, dpo_loss
-from .fused_dpo import fused_dpo_loss, fused_dpo_loss_reference
+from .dpo_loss import LOSS_TYPES, dpo_loss, needs_reference
+from .fused_dpo import fused_dpo_loss, fused_dpo_loss_reference, reductions
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference, sequence_logps
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "kernel_path",
     "linear_logprobs",
     "linear_logprobs_reference",
+    "needs_reference",
+    "reductions",
     "sequence_logps",
     "triton_available",
 ]

@@ -45,6 +45,15 @@ rejected log-ratios ``p - ref``, ``eps`` is ``label_smoothing``, ``s`` the sigmo
   ``-ls(x) (1 - m) + exp(-x) m``;
 - ``sigmoid_norm``: the sigmoid loss on length-averaged log-probs (as ``ipo``, :func:`fused_dpo_loss` averages).
 
+Two more, beyond TRL's ``DPOTrainer``:
+
+- ``simpo`` (Meng et al. 2024, arXiv:2405.14734, eq. 6), reference-free: with ``pc, pr`` the length-averaged
+  policy log-probs (:func:`fused_dpo_loss` averages) and the target margin ``gamma``,
+  ``-(1-eps) ls(beta (pc - pr) - gamma) - eps ls(-(beta (pc - pr) - gamma))`` (the label smoothing as TRL's
+  CPO trainer applies it to SimPO); the reference log-probs are not read, and the rewards are ``beta p``;
+- ``sft``: the chosen answers' mean NLL per token, over the tokens of the batch (TRL's ``sft`` term, RPO's
+  regulariser): a token-level term, computed by :func:`fused_dpo_loss` from the per-token log-probs, not here.
+
 The loss is the mean over pairs. ``dh/dpc = 1``, ``dh/dpr = -1``; gradients reach only the policy
 log-probs (reference log-probs are data). The rewards ``beta (p - r)`` of each answer are returned
 detached, for logging (reward accuracy, margins).
@@ -55,29 +64,56 @@ Dtypes: inputs of any float dtype are computed in fp32; outputs are fp32.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")  # fmt: skip
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")  # the losses that read label_smoothing
-LENGTH_AVERAGED = ("ipo", "sigmoid_norm")  # on log-probs per token (fused_dpo_loss divides by the counts)
-DISCOPOP_TAU = 0.05  # discopop's temperature: TRL's default (DPOConfig.discopop_tau), not a key here yet
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo")  # fmt: skip
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # the losses that read label_smoothing
+LENGTH_AVERAGED = ("ipo", "sigmoid_norm", "simpo")  # on log-probs per token (fused_dpo_loss divides by the counts)
+REFERENCE_FREE = ("sft", "simpo")  # the losses that never read π0's log-probs
+DISCOPOP_TAU = 0.05  # discopop's temperature: TRL's default (DPOConfig.discopop_tau)
+SIMPO_GAMMA = 0.5  # SimPO's target margin: TRL's default (CPOConfig.simpo_gamma)
 
 
-def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """ValueError naming what is wrong with a (beta, loss_type, label_smoothing) choice."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+def loss_recipe(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None,
+                rpo_alpha: float = 0.0) -> tuple[tuple[str, float], ...]:  # fmt: skip
+    """The (name, weight) terms whose weighted sum is the loss, TRL's `loss_type` list with `loss_weights` (1 each
+    by default); `rpo_alpha` > 0 adds ("sft", rpo_alpha), RPO as TRL's `rpo_alpha` names it."""
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    weights = (1.0,) * len(names) if loss_weights is None or len(loss_weights) == 0 else tuple(loss_weights)
+    if not names or len(weights) != len(names):
+        raise ValueError(f"{len(weights)} loss weight(s) for the {len(names)} loss(es) {', '.join(names)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"loss_type names a loss twice: {', '.join(names)}; give it once, with its weight")
+    if not rpo_alpha >= 0:
+        raise ValueError(f"rpo_alpha is a weight, >= 0; got {rpo_alpha}")
+    if rpo_alpha and "sft" in names:
+        raise ValueError("rpo_alpha adds the sft term, and loss_type already names sft: give its weight once")
+    return tuple(zip(names, map(float, weights), strict=True)) + ((("sft", float(rpo_alpha)),) if rpo_alpha else ())
+
+
+def needs_reference(loss_type: str | Sequence[str]) -> bool:
+    """Whether any of the losses reads π0's log-probs (all but sft and simpo)."""
+    return any(name not in REFERENCE_FREE for name in ((loss_type,) if isinstance(loss_type, str) else loss_type))
+
+
+def check_loss_args(beta: float, loss_type: str | Sequence[str], label_smoothing: float) -> None:
+    """ValueError naming what is wrong with a (beta, loss_type or list of them, label_smoothing) choice."""
+    names = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    for name in names:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown DPO loss_type {name!r}; valid: {', '.join(LOSS_TYPES)}")
     if not beta > 0:
         raise ValueError(f"DPO beta must be > 0, got {beta}")
-    if label_smoothing != 0.0 and loss_type not in SMOOTHED:
+    if label_smoothing != 0.0 and not any(name in SMOOTHED for name in names):
         raise ValueError(
-            f"label_smoothing={label_smoothing} applies to loss_type {', '.join(SMOOTHED)}, not {loss_type!r}; "
+            f"label_smoothing={label_smoothing} applies to loss_type {', '.join(SMOOTHED)}, not {', '.join(names)}; "
             "set label_smoothing=0.0"
         )
-    if loss_type == "exo_pair" and label_smoothing == 0.0:
+    if "exo_pair" in names and label_smoothing == 0.0:
         raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (its target puts eps on the rejected answer)")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(
@@ -94,23 +130,31 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
+    simpo_gamma: float = SIMPO_GAMMA,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO-family loss over ``B`` pairs of sequence log-probs (each ``[B]``).
+    """One pairwise DPO-family loss over ``B`` pairs of sequence log-probs (each ``[B]``; the reference ones are
+    not read by simpo).
 
     Returns:
         ``(loss, chosen_rewards, rejected_rewards)``: the mean loss (0-dim fp32) and the detached
         ``beta * (policy - reference)`` of each answer (``[B]`` fp32).
     """
     check_loss_args(beta, loss_type, label_smoothing)
+    if loss_type == "sft":
+        raise ValueError("the sft term is a mean over tokens: fused_dpo_loss computes it from per-token log-probs")
+    if loss_type in REFERENCE_FREE:  # simpo: the rewards and the margin are the policy's alone
+        ref_chosen_logps, ref_rejected_logps = torch.zeros_like(ref_chosen_logps), torch.zeros_like(ref_rejected_logps)
     chosen_logratios = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratios = policy_rejected_logps.float() - ref_rejected_logps.float()
     policy_margin = policy_chosen_logps.float() - policy_rejected_logps.float()  # aot's
     ref_margin = ref_chosen_logps.float() - ref_rejected_logps.float()
-    losses = _losses(chosen_logratios, rejected_logratios, policy_margin, ref_margin, beta, loss_type, label_smoothing)
+    losses = _losses(chosen_logratios, rejected_logratios, policy_margin, ref_margin, beta, loss_type, label_smoothing,
+                     discopop_tau, simpo_gamma)  # fmt: skip
     return losses.mean(), (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
 
 
-def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: float) -> torch.Tensor:
+def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: float, tau: float, gamma: float):
     """Per-pair losses from the chosen and rejected log-ratios (module docstring)."""
     h = c - r
     ls = F.logsigmoid
@@ -141,6 +185,9 @@ def _losses(c, r, policy_margin, ref_margin, beta: float, loss_type: str, eps: f
         return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * h)
     if loss_type == "discopop":
         x = beta * h
-        mix = torch.sigmoid(x / DISCOPOP_TAU)
+        mix = torch.sigmoid(x / tau)
         return -ls(x) * (1 - mix) + torch.exp(-x) * mix
+    if loss_type == "simpo":
+        x = beta * policy_margin - gamma
+        return -(1.0 - eps) * ls(x) - eps * ls(-x)
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")

@@ -6,25 +6,27 @@ from position ``t``) with ``ignore_index`` at prompt and padding positions. Then
 
     logp[r, t] = linear_logprobs(hidden, weight, targets)         [2B, T] fp32, 0 where ignored
     S_r        = sum_t logp[r, t],   n_r = #{t : target[r, t] != ignore_index}
-    p_r        = S_r                 (sigmoid, hinge)
-               = S_r / max(n_r, 1)   (ipo: length-averaged, as TRL and the IPO authors do;
+    p_r        = S_r                 (most losses)
+               = S_r / max(n_r, 1)   (ipo, sigmoid_norm, simpo: length-averaged, as TRL and the IPO authors do;
                                       the reference sums are averaged with the same n_r)
-    loss, rewards = dpo_loss(p_chosen, p_rejected, ref_chosen, ref_rejected)   (see dpo_loss.py)
-    nll        = -sum_{i<B} S_i / max(sum_{i<B} n_i, 1)   the chosen answers' mean NLL per token
-    loss      += rpo_alpha * nll    (RPO, Liu et al. 2024, arXiv:2405.16436: the SFT term on the chosen
-                                     answer; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]:
-                                     like TRL's, a mean over the tokens of the B pairs given, so with
-                                     rpo_alpha > 0 a step depends on how its pairs are split into micro-batches)
+    term_k     = dpo_loss_k(p_chosen, p_rejected, ref_chosen, ref_rejected)   (see dpo_loss.py)
+    sft        = -sum_{i<B} S_i / max(sum_{i<B} n_i, 1)   the chosen answers' mean NLL per token
+    loss       = sum_k w_k term_k    (TRL's loss_type list with loss_weights; rpo_alpha > 0 adds w = rpo_alpha
+                                      on sft: RPO, Liu et al. 2024, arXiv:2405.16436. Like TRL's, sft is a mean
+                                      over the tokens of the B pairs given, so with it a step depends on how its
+                                      pairs are split into micro-batches)
 
 Backward: ``d loss / d logp[r, t] = c_r`` for every scored ``t`` of row ``r``, where
 ``c_i = (1/B) dL_i/dh`` and ``c_{B+i} = -(1/B) dL_i/dh`` (divided by ``n_r`` for ipo). These per-row
 coefficients come out of the forward kernel; the backward kernel broadcasts them over the tokens,
 and the log-prob kernel's backward turns them into the hidden (and weight) gradient. The NLL term is
 torch ops on ``logp`` (its gradient, ``-rpo_alpha / sum n_i`` on every scored chosen token, joins the
-loss kernel's through autograd). No ``[2B, T, V]`` tensor exists at any point.
+loss kernel's through autograd); so are the losses outside the Triton reduction's (``TRITON_LOSSES``).
+No ``[2B, T, V]`` tensor exists at any point.
 
 Shapes: ``ref_chosen_logps``, ``ref_rejected_logps``: ``[B]`` SUMMED reference log-probs (computed
-once per pair, e.g. with :func:`sequence_logps` under ``torch.no_grad()`` and the adapter off).
+once per pair, e.g. with :func:`sequence_logps` under ``torch.no_grad()`` and the adapter off; not read
+when every term is reference-free: sft, simpo).
 
 Dtypes: hidden and weight fp32/bf16/fp16; all sums and the loss in fp32; outputs fp32.
 
@@ -35,12 +37,13 @@ Implementations: Triton kernels for the per-sequence reduction and the loss (CUD
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from .backend import KernelPath, kernel_path, load_triton_module
-from .dpo_loss import LENGTH_AVERAGED, check_loss_args, dpo_loss
+from .dpo_loss import DISCOPOP_TAU, LENGTH_AVERAGED, SIMPO_GAMMA, SMOOTHED, check_loss_args, dpo_loss, loss_recipe
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 
 TRITON_LOSSES = ("sigmoid", "ipo", "hinge")  # the Triton reduction's; the others reduce in torch on the log-probs
@@ -68,27 +71,67 @@ def _sequence_terms(
 
 
 class DpoOutput(NamedTuple):
-    loss: torch.Tensor  # 0-dim fp32, differentiable: the DPO-family loss plus rpo_alpha times chosen_nll
-    chosen_rewards: torch.Tensor  # [B] detached beta * (policy - reference)
+    loss: torch.Tensor  # 0-dim fp32, differentiable: the weighted sum of the terms
+    chosen_rewards: torch.Tensor  # [B] detached beta * (policy - reference), from the first pairwise term
     rejected_rewards: torch.Tensor  # [B]
     chosen_nll: torch.Tensor  # [B] detached: each chosen answer's mean NLL per token (for logging: per pair, so a
     # step's figure does not depend on how its pairs were split into micro-batches and ranks)
+    terms: dict[str, torch.Tensor]  # each term's detached value before its weight, by loss name (sft: RPO's NLL)
+
+
+class LossSpec(NamedTuple):
+    """What the loss is: the (name, weight) terms of :func:`loss_recipe` and their parameters."""
+
+    recipe: tuple[tuple[str, float], ...]
+    beta: float
+    label_smoothing: float = 0.0
+    discopop_tau: float = DISCOPOP_TAU
+    simpo_gamma: float = SIMPO_GAMMA
 
 
 def _chosen_nll(logp: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     n_pairs = logp.shape[0] // 2
-    count = (targets[:n_pairs] != ignore_index).sum().clamp(min=1)
-    return -logp[:n_pairs].sum() / count
+    scored = targets[:n_pairs] != ignore_index
+    return -logp[:n_pairs][scored].sum() / scored.sum().clamp(min=1)
 
 
-def _with_nll(out: tuple, logp: torch.Tensor, targets: torch.Tensor, ignore_index: int, rpo_alpha: float) -> DpoOutput:
-    loss, chosen_rewards, rejected_rewards = out
-    if rpo_alpha:
-        loss = loss + rpo_alpha * _chosen_nll(logp, targets, ignore_index)
+def preference_loss(
+    logp: torch.Tensor,  # [2B, T] fp32 per-token policy log-probs, 0 where ignored
+    targets: torch.Tensor,  # [2B, T]
+    ref_chosen_logps: torch.Tensor,  # [B] summed (not read when every term is reference-free)
+    ref_rejected_logps: torch.Tensor,  # [B]
+    spec: LossSpec,
+    ignore_index: int = -100,
+    triton: bool = False,
+) -> DpoOutput:
+    """The weighted sum of ``spec``'s terms from per-token log-probs: each pairwise term on its sequence sums
+    (length-averaged where it asks), through the Triton reduction when ``triton`` and it is one of
+    ``TRITON_LOSSES``; the sft term as the chosen tokens' mean NLL over the batch."""
+    total, terms, rewards = 0.0, {}, None
+    for name, weight in spec.recipe:
+        eps = spec.label_smoothing if name in SMOOTHED else 0.0  # in a list, read by the losses that read it
+        if name == "sft":
+            value = _chosen_nll(logp, targets, ignore_index)
+        elif triton and name in TRITON_LOSSES:
+            triton_impl = load_triton_module("fused_dpo_triton")
+            value, *pair_rewards = triton_impl.TritonDpoLoss.apply(
+                logp, targets.long(), ref_chosen_logps, ref_rejected_logps,
+                spec.beta, name, eps, ignore_index,
+            )  # fmt: skip
+            rewards = rewards or pair_rewards
+        else:
+            seq = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, name, ignore_index)
+            value, *pair_rewards = dpo_loss(*seq, beta=spec.beta, loss_type=name, label_smoothing=eps,
+                                            discopop_tau=spec.discopop_tau, simpo_gamma=spec.simpo_gamma)  # fmt: skip
+            rewards = rewards or pair_rewards
+        total = total + weight * value
+        terms[name] = value.detach()
+    n_pairs = logp.shape[0] // 2
     with torch.no_grad():
-        n_pairs = logp.shape[0] // 2
+        if rewards is None:  # sft alone: the policy's summed log-probs, as a reference-free loss reports them
+            rewards = [spec.beta * logp[:n_pairs].sum(dim=1), spec.beta * logp[n_pairs:].sum(dim=1)]
         per_answer = -logp[:n_pairs].sum(dim=1) / (targets[:n_pairs] != ignore_index).sum(dim=1).clamp(min=1)
-    return DpoOutput(loss, chosen_rewards, rejected_rewards, per_answer)
+    return DpoOutput(total, *rewards, per_answer, terms)
 
 
 def fused_dpo_loss_reference(
@@ -99,16 +142,25 @@ def fused_dpo_loss_reference(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     rpo_alpha: float = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
+    simpo_gamma: float = SIMPO_GAMMA,
 ) -> DpoOutput:
     """Naive fp32 version of :func:`fused_dpo_loss` (full logits, then the loss): the specification."""
+    spec = _spec(beta, loss_type, loss_weights, label_smoothing, rpo_alpha, discopop_tau, simpo_gamma)
     logp = linear_logprobs_reference(hidden, weight, targets, ignore_index=ignore_index)  # [2B, T]
-    terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
-    out = dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return _with_nll(out, logp, targets, ignore_index, rpo_alpha)
+    return preference_loss(logp, targets, ref_chosen_logps, ref_rejected_logps, spec, ignore_index)
+
+
+def _spec(beta, loss_type, loss_weights, label_smoothing, rpo_alpha, discopop_tau, simpo_gamma) -> LossSpec:
+    check_loss_args(beta, loss_type, label_smoothing)
+    if not discopop_tau > 0 or not simpo_gamma >= 0:
+        raise ValueError(f"discopop_tau must be > 0 and simpo_gamma >= 0, got {discopop_tau} and {simpo_gamma}")
+    return LossSpec(loss_recipe(loss_type, loss_weights, rpo_alpha), beta, label_smoothing, discopop_tau, simpo_gamma)
 
 
 def _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps) -> None:
@@ -133,10 +185,13 @@ def fused_dpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     rpo_alpha: float = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
+    simpo_gamma: float = SIMPO_GAMMA,
     path: KernelPath | None = None,
 ) -> DpoOutput:
     """DPO-family loss of B pairs straight from the final hidden states, without the logits.
@@ -145,31 +200,30 @@ def fused_dpo_loss(
         hidden: ``[2B, T, H]`` final hidden states, the B chosen rows first, then the B rejected rows.
         weight: ``[V, H]`` LM head weight (frozen or trainable).
         targets: ``[2B, T]`` shifted targets, ``ignore_index`` at prompt and padding positions.
-        ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs.
-        beta, loss_type, label_smoothing: see :func:`dpo_loss` (``loss_type``: sigmoid, ipo, hinge).
-        rpo_alpha: weight of the chosen answers' mean NLL per token added to the loss (RPO); 0: plain DPO.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs (any values when every loss is
+            reference-free: sft, simpo).
+        beta, label_smoothing, discopop_tau, simpo_gamma: see :func:`dpo_loss`.
+        loss_type, loss_weights: one loss of ``LOSS_TYPES`` or a list of them, with a weight each (TRL's form).
+        rpo_alpha: weight of the chosen answers' mean NLL per token added to the loss (RPO); 0: none.
         path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
-        :class:`DpoOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_nll)``: mean loss (0-dim fp32,
+        :class:`DpoOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_nll, terms)``: the loss (0-dim fp32,
         differentiable with respect to ``hidden`` and ``weight``), detached ``beta * (policy - reference)``
-        per pair (``[B]``; for ipo from the length-averaged log-probs the loss sees), and the detached NLL term.
+        per pair (``[B]``; for length-averaged losses from the averaged log-probs the loss sees), each chosen
+        answer's NLL per token, and each term's value.
     """
-    if not rpo_alpha >= 0:
-        raise ValueError(f"rpo_alpha is a weight, >= 0; got {rpo_alpha}")
-    check_loss_args(beta, loss_type, label_smoothing)
+    spec = _spec(beta, loss_type, loss_weights, label_smoothing, rpo_alpha, discopop_tau, simpo_gamma)
     _check_inputs(hidden, targets, ref_chosen_logps, ref_rejected_logps)
     ref_chosen_logps = ref_chosen_logps.to(device=hidden.device, dtype=torch.float32)
     ref_rejected_logps = ref_rejected_logps.to(device=hidden.device, dtype=torch.float32)
     path = path or kernel_path(hidden.device)
     logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, path=path)  # [2B, T]
-    if path == "chunked-torch" or loss_type not in TRITON_LOSSES:
-        terms = _sequence_terms(logp, targets, ref_chosen_logps, ref_rejected_logps, loss_type, ignore_index)
-        out = dpo_loss(*terms, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    else:
-        triton_impl = load_triton_module("fused_dpo_triton")
-        out = triton_impl.TritonDpoLoss.apply(
-            logp, targets.long(), ref_chosen_logps, ref_rejected_logps,
-            beta, loss_type, label_smoothing, ignore_index,
-        )  # fmt: skip
-    return _with_nll(out, logp, targets, ignore_index, rpo_alpha)
+    return preference_loss(logp, targets, ref_chosen_logps, ref_rejected_logps, spec, ignore_index,
+                           triton=path != "chunked-torch")  # fmt: skip
+
+
+def reductions(loss_type: str | Sequence[str], path: KernelPath) -> str:
+    """Which reduction each loss runs on `path`, for the run's log and `doctor`: e.g. "sigmoid: Triton, sft: torch"."""
+    names = (loss_type,) if isinstance(loss_type, str) else loss_type
+    return ", ".join(f"{n}: {'Triton' if path != 'chunked-torch' and n in TRITON_LOSSES else 'torch'}" for n in names)

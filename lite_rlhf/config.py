@@ -179,7 +179,7 @@ class PairsConfig:
 
 # the DPO losses that read label_smoothing: kernels.dpo_loss.SMOOTHED, repeated here so that reading a config needs
 # no torch (tests/kernels/test_loss_family.py checks that both agree, and DPOConfig.loss_type with LOSS_TYPES)
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 
 
 @dataclass(frozen=True)
@@ -188,15 +188,22 @@ class DPOConfig(TrainerConfig):
     epochs: float = _f(2.0, lo=0, lo_open=True)  # passes over all pairs so far, per iteration (paper: 2)
     grad_accum: int = _f(32, lo=1)  # 4 x 32 = 128 pairs per optimizer step (the paper's batch)
     beta: float = _f(0.1, lo=0, lo_open=True)  # KL strength η of the paper (0.1)
-    # sigmoid: DPO; the others with TRL 1.16's meaning (lite_rlhf/kernels/dpo_loss.py); the Triton reduction runs
-    # sigmoid, ipo and hinge, the others reduce in torch on the fused kernel's log-probs (no full logits either way)
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"] = "sigmoid"  # fmt: skip
-    # the assumed share of flipped labels: cDPO (sigmoid), robust, exo_pair (> 0 there), aot; 0.5 would be a coin flip
+    # sigmoid: DPO; the others with TRL 1.16's meaning (lite_rlhf/kernels/dpo_loss.py), plus simpo (SimPO: no reference
+    # pass) and sft (the chosen answers' NLL); a list (sigmoid,sft) sums them, weighted by loss_weights. The Triton
+    # reduction runs sigmoid, ipo and hinge, the others reduce in torch on the fused kernel's log-probs (no full
+    # logits either way); the run's log says which ran
+    loss_type: tuple[Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                             "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
+                             "simpo"], ...] = ("sigmoid",)  # fmt: skip
+    loss_weights: tuple[float, ...] = ()  # one per loss_type; default 1 each (TRL's loss_weights)
+    # the assumed share of flipped labels: cDPO (sigmoid), robust, exo_pair (> 0 there), aot, simpo; 0.5 would be a
+    # coin flip
     label_smoothing: float = _f(0.0, lo=0, hi=0.5, hi_open=True)
     # RPO (Liu et al. 2024): + rpo_alpha x the chosen answer's mean NLL per token, the SFT term that keeps the
     # chosen answers likely (TRL: loss_type [sigmoid, sft], loss_weights [1, rpo_alpha]; the paper's weight is 1)
     rpo_alpha: float = _f(0.0, lo=0)
+    simpo_gamma: float = _f(0.5, lo=0)  # SimPO's target margin γ (TRL's CPOConfig default; the paper tunes it with β)
+    discopop_tau: float = _f(0.05, lo=0, lo_open=True)  # discopop's temperature τ (TRL's default, its paper's 0.05)
     # auto: Triton on CUDA (or under TRITON_INTERPRET=1), else chunked torch; reference: full logits, for checks
     kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
 
@@ -307,7 +314,10 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if typing.get_origin(tp) is tuple:
-        return "a list of " + {str: "strings", float: "numbers"}[typing.get_args(tp)[0]]
+        item = typing.get_args(tp)[0]
+        if typing.get_origin(item) is Literal:
+            return "a list of " + ", ".join(repr(a) for a in typing.get_args(item))
+        return "a list of " + {str: "strings", float: "numbers"}[item]
     return getattr(tp, "__name__", str(tp))
 
 
@@ -348,6 +358,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, int | float) and not isinstance(value, bool):  # one number: a list of one
+            value = [value]
         item = typing.get_args(tp)[0]
         if isinstance(value, list | tuple) and all(item is not str or isinstance(v, str) for v in value):
             try:
@@ -415,13 +427,7 @@ def _check_consistency(cfg: Config) -> None:
         parse_size(cfg.model.memory_budget, "config key 'model.memory_budget':")
     if not cfg.run.out_dir.strip():
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
-    if cfg.dpo.label_smoothing and cfg.dpo.loss_type not in SMOOTHED_LOSSES:
-        raise ConfigError(
-            f"config key 'dpo.label_smoothing' applies to loss_type {', '.join(SMOOTHED_LOSSES)} (got loss_type "
-            f"'{cfg.dpo.loss_type}' with label_smoothing={cfg.dpo.label_smoothing}); set it to 0"
-        )
-    if cfg.dpo.loss_type == "exo_pair" and not cfg.dpo.label_smoothing:
-        raise ConfigError("config key 'dpo.label_smoothing' must be > 0 with loss_type exo_pair (e.g. 1e-3)")
+    _check_dpo_losses(cfg.dpo)
     algorithm = cfg.loop.algorithm
     if cfg.data.offline_pairs and algorithm != "dpo":
         raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "
@@ -462,6 +468,27 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             "config keys 'data.sft' and 'model.sft_adapter' both give π0: train one (data.sft) or bring one, not both"
         )
+
+
+def _check_dpo_losses(dpo: DPOConfig) -> None:
+    names = dpo.loss_type
+    if not names:
+        raise ConfigError("config key 'dpo.loss_type' is empty; name a loss (sigmoid is DPO)")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"config key 'dpo.loss_type' names a loss twice: {', '.join(names)}")
+    if dpo.loss_weights and len(dpo.loss_weights) != len(names):
+        raise ConfigError(f"config key 'dpo.loss_weights': {len(dpo.loss_weights)} weight(s) for the "
+                          f"{len(names)} loss(es) {', '.join(names)}")  # fmt: skip
+    if dpo.rpo_alpha and "sft" in names:
+        raise ConfigError("config key 'dpo.rpo_alpha' adds the sft term, and dpo.loss_type names sft already: "
+                          "weigh it once, in dpo.loss_weights")  # fmt: skip
+    if dpo.label_smoothing and not set(names) & set(SMOOTHED_LOSSES):
+        raise ConfigError(
+            f"config key 'dpo.label_smoothing' applies to loss_type {', '.join(SMOOTHED_LOSSES)} (got loss_type "
+            f"{', '.join(names)} with label_smoothing={dpo.label_smoothing}); set it to 0"
+        )
+    if "exo_pair" in names and not dpo.label_smoothing:
+        raise ConfigError("config key 'dpo.label_smoothing' must be > 0 with loss_type exo_pair (e.g. 1e-3)")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

@@ -62,8 +62,12 @@ def doctor() -> int:
     print(f"{'device':<13} {device}")
 
     from lite_rlhf.kernels import kernel_path
+    from lite_rlhf.kernels.fused_dpo import TRITON_LOSSES
 
-    print(f"{'kernel path':<13} {kernel_path('cuda' if torch.cuda.is_available() else 'cpu')}")
+    path = kernel_path("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{'kernel path':<13} {path}")
+    triton = f"Triton reduction: {', '.join(TRITON_LOSSES)}; the others " if path != "chunked-torch" else "all "
+    print(f"{'dpo.loss_type':<13} {triton}in torch on the fused log-probs (never the full logits)")
     try:
         from lite_rlhf.generate import auto_backend
 

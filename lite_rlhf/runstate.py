@@ -43,7 +43,7 @@ from uuid import uuid4
 import yaml
 
 from lite_rlhf import dist
-from lite_rlhf.config import Config, identity, to_yaml
+from lite_rlhf.config import Config, ConfigError, identity, load_config, to_yaml
 
 
 class RunStateError(RuntimeError):
@@ -238,6 +238,15 @@ def _claim(root: Path) -> None:
 # --------------------------------------------------------------------------- the run directory
 
 
+def _stored_identity(saved: Path) -> dict[str, Any]:
+    """A run's saved config.yaml read as this version reads a config (keys added since take their defaults, a
+    value's form as today's: a run from an older version resumes); as written where today's loader refuses it."""
+    try:
+        return identity(load_config(saved))
+    except ConfigError:
+        return identity(yaml.safe_load(saved.read_text(encoding="utf-8")))
+
+
 class RunDir:
     """`<run.out_dir>/`: config.yaml, state.json, metrics.jsonl and every stage's outputs."""
 
@@ -252,7 +261,7 @@ class RunDir:
             _claim(self.root)
         saved = self.root / "config.yaml"
         if saved.is_file():
-            stored = identity(yaml.safe_load(saved.read_text(encoding="utf-8")))
+            stored = _stored_identity(saved)
             if stored != self.identity:
                 changed = sorted(
                     k for k in stored.keys() | self.identity.keys() if stored.get(k) != self.identity.get(k)

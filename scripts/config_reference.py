@@ -39,7 +39,7 @@ def _comments(source: str) -> dict[tuple[str, str], str]:
     trailing: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1][: tok.start[1]].strip():
-            trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+            trailing[tok.start[0]] = tok.string.lstrip("#").strip().removesuffix("fmt: skip").strip()
     out = {}
     for cls in ast.parse(source).body:
         if not isinstance(cls, ast.ClassDef):
@@ -51,7 +51,7 @@ def _comments(source: str) -> dict[tuple[str, str], str]:
             while n >= 1 and lines[n - 1].strip().startswith("#"):
                 above.insert(0, lines[n - 1].strip().lstrip("#").strip())
                 n -= 1
-            beside = [trailing[i] for i in range(node.lineno, node.end_lineno + 1) if i in trailing]
+            beside = [trailing[i] for i in range(node.lineno, node.end_lineno + 1) if trailing.get(i)]
             out[cls.name, node.target.id] = " ".join(above + beside)
     return out
 
@@ -63,7 +63,7 @@ def _default(f: dataclasses.Field) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(map(str, value)) or "(none)"
     return str(value)
 
 

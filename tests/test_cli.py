@@ -67,6 +67,7 @@ def test_doctor_reports_the_stack(tmp_path):
         "engine",
         "device",
         "kernel path",
+        "dpo.loss_type",
         "generation",
         "demo model",
     ):

@@ -30,7 +30,10 @@ def test_precedence_file_then_overrides(tmp_path):
         (["dpo.bta=0.2"], "unknown config key 'dpo.bta' (command line); did you mean 'dpo.beta'?"),
         (["genration.n=4"], "did you mean 'generation.n'?"),
         (["dpo.beta=abc"], "config key 'dpo.beta' must be float, got 'abc'"),
-        (["dpo.loss_type=kto"], "config key 'dpo.loss_type' must be one of 'sigmoid', 'ipo', 'hinge', 'robust',"),
+        (["dpo.loss_type=kto"], "config key 'dpo.loss_type' must be a list of 'sigmoid', 'ipo', 'hinge', 'robust',"),
+        (["dpo.loss_type=sigmoid,sft", "dpo.loss_weights=1"], "'dpo.loss_weights': 1 weight(s) for the 2 loss(es)"),
+        (["dpo.loss_type=sigmoid,sft", "dpo.rpo_alpha=1"], "config key 'dpo.rpo_alpha' adds the sft term"),
+        (["dpo.loss_type=ipo,ipo"], "config key 'dpo.loss_type' names a loss twice: ipo, ipo"),
         (["generation.n=0"], "config key 'generation.n' must be in [1, inf], got 0"),
         (["generation.top_p=1.5"], "config key 'generation.top_p' must be in (0, 1], got 1.5"),
         (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "applies to loss_type sigmoid, robust, exo_pair"),
@@ -47,6 +50,14 @@ def test_errors_name_the_key(overrides, message):
         load_config(None, overrides)
     assert message in str(info.value), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_dpo_losses_are_one_name_or_a_weighted_list(tmp_path):
+    one = tmp_path / "one.yaml"
+    one.write_text("dpo:\n  loss_type: simpo\n")
+    assert load_config(one).dpo.loss_type == ("simpo",)
+    cfg = load_config(None, ["dpo.loss_type=robust,bco_pair", "dpo.loss_weights=0.8,0.2", "dpo.label_smoothing=0.1"])
+    assert (cfg.dpo.loss_type, cfg.dpo.loss_weights) == (("robust", "bco_pair"), (0.8, 0.2))  # robust reads eps
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -1,5 +1,5 @@
 """DPO on the shared model: `dpo.kernel` is honoured (the fused chunked path and the full-logits
-reference train the same), and Triton is refused where it cannot run."""
+reference train the same), Triton is refused where it cannot run, reference-free losses skip π0."""
 
 import os
 
@@ -19,16 +19,17 @@ def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def train(tiny, kernel: str) -> list[dict]:
+def train(tiny, kernel: str, *overrides: str, reference: bool = True) -> list[dict]:
     cfg = load_config(None, [f"model.name={tiny}", "lora.r=4", f"dpo.kernel={kernel}", "dpo.micro_batch=2",
-                             "dpo.grad_accum=1", "dpo.lr=1e-2", "dpo.epochs=2"])  # fmt: skip
+                             "dpo.grad_accum=1", "dpo.lr=1e-2", "dpo.epochs=2", *overrides])  # fmt: skip
     model = SharedModel(cfg)
     tok = model.tokenizer
     ids = {str(i): prompt_ids(tok, [{"role": "user", "content": f"describe the {w}."}])
            for i, w in enumerate(("sun", "sea", "fox", "dog"))}  # fmt: skip
     pairs = [Pair(pid, response_ids(tok, "the sun is a star."), response_ids(tok, "no no"), "", "", 1.0, 0.0)
              for pid in ids]  # fmt: skip
-    pairs = add_reference_logps(model, pairs, ids, cfg.data, cfg.dpo.micro_batch)
+    if reference:
+        pairs = add_reference_logps(model, pairs, ids, cfg.data, cfg.dpo.micro_batch)
     records = []
     train_dpo(model, pairs, ids, cfg.dpo, cfg.data, seed=0, quiet=True, on_step=records.append)
     return records
@@ -40,6 +41,24 @@ def test_chunked_kernel_trains_like_the_full_logits_reference(tiny):
     for a, b in zip(fused, reference, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
     assert fused[-1]["loss"] < fused[0]["loss"], "DPO should lower the loss on a learnable preference"
+
+
+def test_reference_free_losses_train_without_reference_logps_and_log_each_term(tiny):
+    """SimPO plus the sft term: the pairs carry no π0 log-probs (the stage skips that pass), each step logs each term
+    before its weight, and the loss is their weighted sum."""
+    from types import SimpleNamespace
+
+    from lite_rlhf.algorithms.dpo import with_reference
+
+    records = train(tiny, "chunked", "dpo.loss_type=simpo,sft", "dpo.loss_weights=1,0.5", reference=False)
+    assert len(records) == 4 and all(set(r) >= {"loss_simpo", "loss_sft"} for r in records)
+    for r in records:
+        assert abs(r["loss"] - (r["loss_simpo"] + 0.5 * r["loss_sft"])) < 1e-5, r
+    assert records[-1]["loss"] < records[0]["loss"]
+    cfg = load_config(None, ["dpo.loss_type=simpo"])
+    no_model = SimpleNamespace(cfg=cfg, model=None)  # a reference pass would call the model
+    made = [Pair("0", [1], [2], "", "", 1.0, 0.0)]
+    assert with_reference(no_model, made) is made and made[0].ref_chosen_logp is None
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs Triton on CPU")

@@ -114,3 +114,20 @@ def test_a_run_cut_off_before_its_first_commit_is_still_a_run(tmp_path):
     rd = RunDir(cfg)
     (rd.root / "tensorboard").mkdir()
     assert not RunDir(cfg).state["done"]
+
+
+def test_a_run_from_an_older_version_resumes_and_another_config_is_refused(tmp_path):
+    """config.yaml as an older version wrote it: a key added since (dpo.simpo_gamma) absent, dpo.loss_type one name
+    where it is a list today. It is the same run; a changed value is not."""
+    import yaml
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    rd = RunDir(cfg)
+    rd.commit("a")
+    saved = yaml.safe_load((rd.root / "config.yaml").read_text())
+    del saved["dpo"]["simpo_gamma"]
+    saved["dpo"]["loss_type"] = "sigmoid"
+    (rd.root / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert RunDir(cfg).done("a")
+    with pytest.raises(RunStateError, match="different config.*dpo.beta"):
+        RunDir(load_config(None, [f"run.out_dir={tmp_path / 'run'}", "dpo.beta=0.2"]))

@@ -24,7 +24,7 @@ from lite_rlhf.config import ConfigError, DataConfig, DPOConfig
 from lite_rlhf.context import Context, derive_seed, update_policy
 from lite_rlhf.data import response_ids
 from lite_rlhf.generate import Sample
-from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path
+from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path, needs_reference, reductions
 from lite_rlhf.pairs import Pair, select_pairs
 from lite_rlhf.runstate import kill_point, read_jsonl
 from lite_rlhf.task import Task
@@ -105,8 +105,9 @@ def train_dpo(
     def micro_loss(indices: list[int]) -> torch.Tensor:
         chunk = [pairs[i] for i in indices]
         batch = make_batch(pair_rows(chunk, prompt_ids), model.pad_id, d.max_length, d.truncation)
-        ref_c = torch.tensor([p.ref_chosen_logp for p in chunk], dtype=torch.float32, device=model.device)
-        ref_r = torch.tensor([p.ref_rejected_logp for p in chunk], dtype=torch.float32, device=model.device)
+        ref_c = torch.tensor([p.ref_chosen_logp or 0.0 for p in chunk], dtype=torch.float32, device=model.device)
+        ref_r = torch.tensor([p.ref_rejected_logp or 0.0 for p in chunk], dtype=torch.float32, device=model.device)
+        # (None, not computed, only when every loss is reference-free: then the loss never reads them)
         hidden = model.hidden_states(batch.input_ids, batch.mask)  # [2B, T, H]
         out = loss_fn(
             hidden,
@@ -116,11 +117,14 @@ def train_dpo(
             ref_r,
             beta=dpo.beta,
             loss_type=dpo.loss_type,
+            loss_weights=dpo.loss_weights,
             label_smoothing=dpo.label_smoothing,
             ignore_index=IGNORE,
             rpo_alpha=dpo.rpo_alpha,
+            discopop_tau=dpo.discopop_tau,
+            simpo_gamma=dpo.simpo_gamma,
         )
-        stats.add(out.loss.item(), out.chosen_rewards, out.rejected_rewards, out.chosen_nll)
+        stats.add(out, len(chunk))
         return out.loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
 
     lengths = [min(d.max_length, _longest_row(p, prompt_ids)) for p in pairs]
@@ -138,18 +142,21 @@ class _Accumulator:
     """Means over the pairs of one optimizer step."""
 
     def __init__(self):
-        self.losses, self.nll, self.chosen, self.rejected = [], [], [], []
+        self.losses, self.terms, self.nll, self.chosen, self.rejected = [], {}, [], [], []
 
-    def add(self, loss: float, chosen: torch.Tensor, rejected: torch.Tensor, nll: torch.Tensor) -> None:
-        self.losses.append((loss, len(chosen)))
-        self.nll += nll.float().cpu().tolist()
-        self.chosen += chosen.float().cpu().tolist()
-        self.rejected += rejected.float().cpu().tolist()
+    def add(self, out, pairs: int) -> None:
+        self.losses.append((out.loss.item(), pairs))
+        for name, value in out.terms.items():  # each loss's value before its weight, e.g. RPO's sft term
+            self.terms.setdefault(name, []).append((value.item(), pairs))
+        self.nll += out.chosen_nll.float().cpu().tolist()
+        self.chosen += out.chosen_rewards.float().cpu().tolist()
+        self.rejected += out.rejected_rewards.float().cpu().tolist()
 
     def flush(self) -> dict:
         n = sum(k for _, k in self.losses)
         out = {
             "loss": sum(v * k for v, k in self.losses) / n,
+            **{f"loss_{name}": sum(v * k for v, k in values) / n for name, values in self.terms.items()},
             "chosen_nll": sum(self.nll) / n,  # each chosen answer's NLL per token, mean over pairs (RPO's term)
             "reward_accuracy": sum(c > r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
             "reward_margin": sum(c - r for c, r in zip(self.chosen, self.rejected, strict=True)) / n,
@@ -187,9 +194,16 @@ def offline_pairs(ctx: Context) -> list[Pair]:
         for i, op in enumerate(ctx.task.offline_pairs)
     ]  # fmt: skip
     made = [p for p in made if pair_fits(p, ctx.ids, d)]
-    made = add_reference_logps(ctx.model, made, ctx.ids, d, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    made = with_reference(ctx, made)
     ctx.rd.commit(name, {path: [dataclasses.asdict(p) for p in made]})
     return made
+
+
+def with_reference(ctx: Context, made: list[Pair]) -> list[Pair]:
+    """The pairs with π0's log-probs; as they are (None) when every loss is reference-free (sft, simpo)."""
+    if not needs_reference(ctx.cfg.dpo.loss_type):
+        return made
+    return add_reference_logps(ctx.model, made, ctx.ids, ctx.cfg.data, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
 
 
 def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Pair]:
@@ -202,7 +216,7 @@ def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> 
     if len(fit) < len(made):
         dropped["too_long"] += len(made) - len(fit)
     kill_point(f"{name}:reference")
-    made = add_reference_logps(ctx.model, fit, ctx.ids, ctx.cfg.data, ctx.cfg.dpo.micro_batch, quiet=ctx.cfg.run.quiet)
+    made = with_reference(ctx, fit)
     record = {
         "stage": "pairs",
         "iteration": t,
@@ -218,7 +232,9 @@ def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> 
 
 def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
     """DPO on all pairs so far, from the previous policy, reference π0."""
-    update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs", len(history), lambda on_step: train_dpo(
+    path = kernel_path(ctx.model.device) if ctx.cfg.dpo.kernel in ("auto", "triton") else "chunked-torch"
+    loss = reductions(ctx.cfg.dpo.loss_type, path)  # which reduction each loss runs: Triton or torch
+    update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs (loss {loss})", len(history), lambda on_step: train_dpo(
         ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
         quiet=ctx.cfg.run.quiet, on_step=on_step,
     ))  # fmt: skip

@@ -194,7 +194,7 @@ def check_fused_dpo(
     for impl in (fn, fused_dpo_loss_reference):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(train_weight)
-        loss, chosen_rewards, rejected_rewards, _ = impl(h, w, targets, ref_c, ref_r, **kwargs)
+        loss, chosen_rewards, rejected_rewards, *_ = impl(h, w, targets, ref_c, ref_r, **kwargs)
         loss.backward()
         results.append((loss, chosen_rewards, rejected_rewards, h.grad, w.grad))
     label = f"{loss_type} eps={label_smoothing} rpo={rpo_alpha} B={n_pairs} T={seq} {dtype} train_weight={train_weight}"
@@ -229,7 +229,7 @@ def check_rpo_against_trl_formula(fn=fused_dpo_loss, device: str | torch.device 
     for which in ("ours", "plain"):
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         if which == "ours":
-            loss, _, _, nll = fn(h, w, targets, ref_c, ref_r, beta=beta, ignore_index=IGNORE, rpo_alpha=alpha)
+            loss, _, _, nll, _ = fn(h, w, targets, ref_c, ref_r, beta=beta, ignore_index=IGNORE, rpo_alpha=alpha)
         else:
             mask = targets != IGNORE
             logp = torch.log_softmax(h @ w.T, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -75,7 +75,7 @@ def test_matches_liger_fused_linear_dpo(loss_type, train_weight):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(train_weight)
         if which == "ours":
-            loss, chosen_rewards, rejected_rewards, _ = fused_dpo_loss(
+            loss, chosen_rewards, rejected_rewards, *_ = fused_dpo_loss(
                 h, w, targets, ref_sums[:2], ref_sums[2:], beta=0.1, loss_type=loss_type
             )
         else:
@@ -98,7 +98,7 @@ def test_low_precision_inputs_give_fp32_outputs():
     for dtype in (torch.bfloat16, torch.float16):
         hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(2, 8, 16, 64, dtype)
         outs = fused_dpo_loss(hidden.requires_grad_(), weight, targets, ref_c.to(dtype), ref_r.to(dtype), beta=0.1)
-        assert all(t.dtype == torch.float32 for t in outs)
+        assert all(t.dtype == torch.float32 for t in (*outs[:4], *outs.terms.values()))
         outs[0].backward()
         assert hidden.grad.dtype == dtype
 
@@ -108,10 +108,10 @@ def test_sigmoid_gradient_sign():
     # gradient descent on hidden moves the margin h up.
     hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(2, 12, 16, 64, torch.float32)
     hidden.requires_grad_(True)
-    loss, cr, rr, _ = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=0.1)
+    loss, cr, rr, *_ = fused_dpo_loss(hidden, weight, targets, ref_c, ref_r, beta=0.1)
     loss.backward()
     with torch.no_grad():
-        loss2, cr2, rr2, _ = fused_dpo_loss(hidden - 0.5 * hidden.grad, weight, targets, ref_c, ref_r, beta=0.1)
+        loss2, cr2, rr2, *_ = fused_dpo_loss(hidden - 0.5 * hidden.grad, weight, targets, ref_c, ref_r, beta=0.1)
     assert loss2 < loss and bool(((cr2 - rr2) > (cr - rr)).all())
 
 

@@ -109,3 +109,11 @@ def test_mixed_dtypes():
 def test_rpo_term_on_the_triton_path(loss_type):
     check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, rpo_alpha=0.5)
     check_rpo_against_trl_formula()
+
+
+def test_a_weighted_list_runs_its_triton_losses_there_and_the_others_in_torch():
+    """sigmoid through the Triton reduction, robust in torch, sft on the log-probs: one Triton call, and the sum
+    equals the full-logit specification."""
+    with mock.patch.object(triton_dpo, "TritonDpoLoss", wraps=triton_dpo.TritonDpoLoss) as spy:
+        check_fused_dpo(3, 29, 48, 700, ["sigmoid", "robust", "sft"], 0.1, 0.1, torch.float32, True)
+    assert spy.apply.call_count == 1
