@@ -175,6 +175,10 @@ class PairsConfig:
     ranking: Literal["round_robin", "knockout"] = "round_robin"
     # round_robin's score of an answer: wins (Copeland: P > 1/2 is a win, = 1/2 half) or probability (sum of P)
     round_robin_score: Literal["wins", "probability"] = "wins"
+    # reward: best vs worst of the n answers by the oracle (the paper); spin: SPIN's self-play pairs (Chen et al.
+    # 2024), each training prompt's data answer (its row's completion) chosen against the policy's own answer,
+    # nothing ranked (the oracle only evaluates); with loop.algorithm dpo and generation.n 1
+    source: Literal["reward", "spin"] = "reward"
 
 
 # the DPO losses that read label_smoothing: kernels.dpo_loss.SMOOTHED, repeated here so that reading a config needs
@@ -429,6 +433,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
     _check_dpo_losses(cfg.dpo)
     algorithm = cfg.loop.algorithm
+    if cfg.pairs.source == "spin" and (algorithm != "dpo" or cfg.generation.n != 1):
+        raise ConfigError(f"config key 'pairs.source': spin pairs each data answer with one answer of the policy for "
+                          f"DPO: set loop.algorithm=dpo and generation.n=1 (got {algorithm}, n={cfg.generation.n})")
     if cfg.data.offline_pairs and algorithm != "dpo":
         raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "
                           "own samples only")  # fmt: skip

@@ -254,10 +254,16 @@ def _load(
 
 
 def load_prompts(
-    source: str | Path, skip_invalid: bool = False, split: str = "prompts", fields: Mapping[str, str] | None = None
+    source: str | Path,
+    skip_invalid: bool = False,
+    split: str = "prompts",
+    fields: Mapping[str, str] | None = None,
+    answers: bool = False,
 ) -> tuple[list[Prompt], int]:
     """Prompts from a file or dataset; returns (prompts, number of skipped rows). `fields`: our field name ->
-    the source's column name (data.prompt_field, ...).
+    the source's column name (data.prompt_field, ...). `answers`: every row must carry its data answer, a
+    "completion" as in SFT rows (a string, or messages whose last turn is the assistant's), kept as
+    `meta["completion"]`, a string (SPIN's chosen answers).
 
     A prompt without "id" gets `<split>:<line>` (e.g. `val:3`), so files of different splits never
     share an id; an id used twice in one file is an error naming both lines.
@@ -269,11 +275,14 @@ def load_prompts(
         if pid in seen:
             raise DataError(f"prompt id '{pid}' is already used on {unit} {seen[pid]}")
         meta = {k: v for k, v in row.items() if k not in ("prompt", "id")}
-        prompt = Prompt(pid, _prompt(row["prompt"]), meta, isinstance(row["prompt"], list))
+        messages = _prompt(row["prompt"])
+        if answers:
+            meta["completion"] = _response(row["completion"], "completion", messages)
+        prompt = Prompt(pid, messages, meta, isinstance(row["prompt"], list))
         seen[pid] = n
         return prompt
 
-    return _load(source, parse, skip_invalid, fields, ("prompt",))
+    return _load(source, parse, skip_invalid, fields, ("prompt", "completion") if answers else ("prompt",))
 
 
 def load_preferences(

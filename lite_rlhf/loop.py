@@ -129,7 +129,7 @@ def run(cfg: Config) -> int:
 
 def check_inputs(cfg: Config):
     """Every data file read and checked, and what can be known of the oracle and the loss, before a model loads."""
-    task = load_task(cfg.data)
+    task = load_task(cfg.data, answers=cfg.pairs.source == "spin")
     unused = task.check_slices(cfg.loop.iterations, cfg.loop.prompts_per_iteration)
     d = cfg.data
     conversations = load_conversations(data_path(d, "sft"), d.skip_invalid, data_fields(d)) if d.sft else None

@@ -8,6 +8,9 @@ lowest sample index. A sample cut off at the length limit is never chosen unless
 or when the rewards differ by no more than `pairs.min_margin`; the reasons are counted. RAFT's
 winner is the same best sample (a truncated one never), kept when its reward reaches the
 `raft.keep_quantile` quantile of the iteration's winners.
+
+SPIN (self-play fine-tuning, Chen et al. 2024, arXiv:2401.01335; `pairs.source=spin`) ranks nothing: each
+prompt's data answer is `chosen` and the policy's own answer `rejected`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,22 @@ def select_pairs(samples: list, rewards: list[float | None], cfg: PairsConfig) -
                     float(worst[2]),
                 )
             )
+    return pairs, dropped
+
+
+def spin_pairs(samples: list, answers: dict[str, tuple[str, list[int]]]) -> tuple[list[Pair], Counter]:
+    """SPIN: per prompt, its data answer (`answers[prompt_id]`: text and token ids) chosen against the policy's
+    first sample; no reward is read (both 0). Dropped when the policy already answers as the data does
+    (counted as identical)."""
+    pairs, dropped = [], Counter()
+    for s in samples:
+        if s.index != 0:
+            continue
+        text, ids = answers[s.prompt_id]
+        if s.text.strip() == text.strip():
+            dropped["identical"] += 1
+        else:
+            pairs.append(Pair(s.prompt_id, list(ids), list(s.token_ids), text, s.text, 0.0, 0.0))
     return pairs, dropped
 
 

@@ -93,15 +93,16 @@ class Task:
         return f"offline:{i}"
 
 
-def load_task(d: DataConfig) -> Task:
-    """Read and check every prompt file of a run (before any model loads)."""
+def load_task(d: DataConfig, answers: bool = False) -> Task:
+    """Read and check every prompt file of a run (before any model loads). `answers`: each training prompt must
+    carry its data answer (pairs.source=spin)."""
     split_of = {"prompts": "prompts", "val_prompts": "val", "test_prompts": "test"}
     loaded: dict[str, list[Prompt]] = {}
     for key, split in split_of.items():
         path = data_path(d, key)
         if path is None:
             raise ConfigError(f"config key 'data.{key}' is not set (held-out prompts for evaluation are needed)")
-        loaded[key] = load_prompts(path, d.skip_invalid, split, data_fields(d))[0]
+        loaded[key] = load_prompts(path, d.skip_invalid, split, data_fields(d), answers and key == "prompts")[0]
     test = loaded["test_prompts"]
     # The alignment-tax panel: test prompts that carry an instruction-free version ("plain").
     plain: dict[str, Prompt] = {}  # one per distinct instruction-free text (the demo asks each topic three ways)

@@ -120,3 +120,54 @@ def test_reference_logps_in_length_order_keep_the_pairs_order(tiny):
     for a, b in zip(batched, alone, strict=True):
         assert abs(a.ref_chosen_logp - b.ref_chosen_logp) < 1e-4, (a, b)
         assert abs(a.ref_rejected_logp - b.ref_rejected_logp) < 1e-4, (a, b)
+
+
+def test_a_spin_iteration_pairs_each_data_answer_with_the_policys_own(tiny, tmp_path):
+    """pairs.source=spin: the stage's pairs are exactly (the prompt row's completion, the policy's sample) for the
+    iteration's prompts, a sample equal to the data answer is dropped, π0's log-probs are those of both answers,
+    and the committed stage is read back as it was written (resume)."""
+    import json
+
+    from lite_rlhf.algorithms import dpo as dpo_module
+    from lite_rlhf.context import Context, Say
+    from lite_rlhf.generate import Sample
+    from lite_rlhf.runstate import RunDir, read_jsonl
+    from lite_rlhf.task import load_task
+
+    rows = [{"id": w, "prompt": f"describe the {w}.", "completion": f"the {w} is here."} for w in ("sun", "sea", "fox")]
+    data, held = tmp_path / "spin.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held.write_text('{"prompt": "describe the moon."}\n')
+    cfg = load_config(None, [f"model.name={tiny}", "lora.r=4", "pairs.source=spin", "generation.n=1",
+                             f"run.out_dir={tmp_path / 'run'}", f"data.prompts={data}", f"data.val_prompts={held}",
+                             f"data.test_prompts={held}"])  # fmt: skip
+    task = load_task(cfg.data, answers=True)
+    model = SharedModel(cfg)
+    ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.prompts}
+    ctx = Context(RunDir(cfg), cfg, task, model, None, None, ids, Say(True))
+    own = {"sun": "a star.", "sea": "the sea is here.", "fox": "no idea"}  # the sea's equals its data answer
+    samples = [Sample(pid, 0, text, response_ids(model.tokenizer, text), 4, "stop") for pid, text in own.items()]
+    made = dpo_module.pairs(ctx, 1, samples, [None] * 3)  # no reward is read
+    assert [(p.prompt_id, p.chosen_text, p.rejected_text) for p in made] == [
+        ("sun", "the sun is here.", "a star."), ("fox", "the fox is here.", "no idea")]  # fmt: skip
+    assert all(p.chosen_ids == response_ids(model.tokenizer, p.chosen_text) for p in made)
+    expected = add_reference_logps(model, made, ids, cfg.data, 4)
+    assert [p.ref_chosen_logp for p in made] == [p.ref_chosen_logp for p in expected] != [None, None]
+    record = read_jsonl(ctx.rd.metrics_path)[-1]
+    assert (record["pairs_kept"], record["dropped_identical"]) == (2, 1)
+    assert dpo_module.pairs(ctx, 1, [], []) == made  # committed: read back, not made again
+
+
+def test_spin_needs_each_training_prompt_to_carry_its_answer(tmp_path):
+    from lite_rlhf.data import DataError
+    from lite_rlhf.task import load_task
+
+    data, held = tmp_path / "p.jsonl", tmp_path / "held.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    held.write_text('{"prompt": "d"}\n')
+    cfg = load_config(None, [f"data.prompts={data}", f"data.val_prompts={held}", f"data.test_prompts={held}"])
+    load_task(cfg.data)  # without SPIN a completion is just another field
+    with pytest.raises(DataError, match=r"p.jsonl:2: missing field 'completion'"):
+        load_task(cfg.data, answers=True)
+    with pytest.raises(ConfigError, match="generation.n=1"):
+        load_config(None, ["pairs.source=spin"])

@@ -25,7 +25,7 @@ from lite_rlhf.context import Context, derive_seed, update_policy
 from lite_rlhf.data import response_ids
 from lite_rlhf.generate import Sample
 from lite_rlhf.kernels import fused_dpo_loss, fused_dpo_loss_reference, kernel_path, needs_reference, reductions
-from lite_rlhf.pairs import Pair, select_pairs
+from lite_rlhf.pairs import Pair, select_pairs, spin_pairs
 from lite_rlhf.runstate import kill_point, read_jsonl
 from lite_rlhf.task import Task
 from lite_rlhf.train import group_by_length, longest_micro_batch, optimize, plan_steps
@@ -199,6 +199,15 @@ def offline_pairs(ctx: Context) -> list[Pair]:
     return made
 
 
+def made_pairs(ctx: Context, samples: list[Sample], rewards: list[float]):
+    """Best vs worst by reward (pairs.source=reward), or SPIN's data answer vs the policy's own (spin)."""
+    if ctx.cfg.pairs.source == "reward":
+        return select_pairs(samples, rewards, ctx.cfg.pairs)
+    asked = {s.prompt_id for s in samples}
+    answers = {p.id: p.meta["completion"] for p in ctx.task.prompts if p.id in asked}
+    return spin_pairs(samples, {pid: (a, response_ids(ctx.model.tokenizer, a)) for pid, a in answers.items()})
+
+
 def with_reference(ctx: Context, made: list[Pair]) -> list[Pair]:
     """The pairs with π0's log-probs; as they are (None) when every loss is reference-free (sft, simpo)."""
     if not needs_reference(ctx.cfg.dpo.loss_type):
@@ -207,11 +216,11 @@ def with_reference(ctx: Context, made: list[Pair]) -> list[Pair]:
 
 
 def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> list[Pair]:
-    """Best vs worst per prompt, with π0's log-probs of both answers."""
+    """Best vs worst per prompt (or SPIN's pairs), with π0's log-probs of both answers."""
     name, path = f"iter_{t:03d}/pairs", ctx.rd.iter_dir(t) / "pairs.jsonl"
     if ctx.rd.done(name):
         return [Pair(**row) for row in read_jsonl(path)]
-    made, dropped = select_pairs(samples, rewards, ctx.cfg.pairs)
+    made, dropped = made_pairs(ctx, samples, rewards)
     fit = [p for p in made if pair_fits(p, ctx.ids, ctx.cfg.data)]
     if len(fit) < len(made):
         dropped["too_long"] += len(made) - len(fit)
