@@ -244,10 +244,39 @@ class RLOOConfig(PolicyGradientConfig):
 
 
 @dataclass(frozen=True)
+class PPOConfig(TrainerConfig):
+    """PPO with a value model (lite_rlhf/algorithms/ppo.py), the Qwen report's recipe (shared/reference): its
+    figures are for full fine-tuning of 7-14B; ours for LoRA, each source below. Its sampling settings are the
+    generation section's: the report samples 2 answers per query at top-p 0.9 (generation.n=2
+    generation.top_p=0.9, as configs/ppo.yaml sets them)."""
+
+    lr: float = _f(1e-5, lo=0, hi=1, lo_open=True)  # the policy's (Qwen: 1e-6 full weights; LoRA takes ~10x)
+    value_lr: float = _f(5e-5, lo=0, hi=1, lo_open=True)  # the value's (Qwen: 5e-6, 5x the policy's; kept 5x)
+    epochs: float = _f(4.0, lo=0, lo_open=True)  # μ: passes over each iteration's rollouts (TRL's PPO: 4)
+    micro_batch: int = _f(8, lo=1)  # answers per forward pass
+    grad_accum: int = _f(2, lo=1)  # micro-batches per optimizer step (a minibatch of 16 answers)
+    eps_low: float = _f(0.2, lo=0, hi=1)  # the policy ratio's clip below 1 - eps_low (PPO's ε)
+    eps_high: float = _f(0.2, lo=0)  # ... and above 1 + eps_high
+    kl_coef: float = _f(0.04, lo=0)  # per-token KL-to-π0 penalty in the reward (Qwen: 0.04)
+    gamma: float = _f(1.0, lo=0, hi=1)  # GAE's discount (TRL's PPO: 1)
+    lam: float = _f(0.95, lo=0, hi=1)  # GAE's λ (TRL's PPO: 0.95)
+    value_clip: float = _f(0.15, lo=0)  # the clipped value loss's range (Qwen: 0.15); 0: unclipped
+    # optimizer steps that train the value alone, on the first iteration's rollouts, before the policy moves
+    # (Qwen: 50)
+    value_warmup_steps: int = _f(50, lo=0)
+    # reward: the critic starts as a copy of the reward model's adapter and head (possible when the oracle is our
+    # reward adapter: reward.kind bt without reward.model); fresh: a new adapter and head; auto: reward if possible
+    value_init: Literal["auto", "reward", "fresh"] = "auto"
+    # the oracle's score less the running mean of every score so far (Qwen), or also over the running std; none
+    reward_norm: Literal["mean", "mean_std", "none"] = "mean"
+    whiten_advantages: bool = True  # each batch's advantages to mean 0, std 1 over its tokens (TRL's PPO does)
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     # dpo: best-vs-worst pairs; raft: SFT on the best answer per prompt; grpo, rloo: policy gradient on every answer
-    # with the group's mean (grpo) or the leave-one-out mean (rloo) as baseline
-    algorithm: Literal["dpo", "raft", "grpo", "rloo"] = "dpo"
+    # with the group's mean (grpo) or the leave-one-out mean (rloo) as baseline; ppo: with a value model's GAE
+    algorithm: Literal["dpo", "raft", "grpo", "rloo", "ppo"] = "dpo"
     iterations: int = _f(3, lo=1)  # T of Algorithm 1 (paper: 3)
     prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
 
@@ -287,6 +316,7 @@ class Config:
     raft: RaftConfig = field(default_factory=RaftConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -439,6 +469,12 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.data.offline_pairs and algorithm != "dpo":
         raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "
                           "own samples only")  # fmt: skip
+    if algorithm == "ppo" and cfg.generation.temperature == 0:
+        raise ConfigError("config key 'generation.temperature': loop.algorithm=ppo trains on sampled answers "
+                          "(temperature > 0)")  # fmt: skip
+    if algorithm == "ppo" and cfg.ppo.value_init == "reward" and (cfg.reward.kind != "bt" or cfg.reward.model):
+        raise ConfigError("config key 'ppo.value_init': reward copies our reward adapter, and this run's oracle is "
+                          f"{'reward.model' if cfg.reward.model else 'reward.kind=' + cfg.reward.kind}: set fresh or auto")
     if algorithm in ("grpo", "rloo") and (cfg.generation.n < 2 or cfg.generation.temperature == 0):
         raise ConfigError(f"config key 'generation.{'n' if cfg.generation.n < 2 else 'temperature'}': "
                           f"loop.algorithm={algorithm} compares each prompt's answers with each other: it needs "

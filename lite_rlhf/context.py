@@ -40,19 +40,21 @@ class Say:
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:
     """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
-    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5, "grpo": 6, "rloo": 7}[purpose]
+    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5, "grpo": 6, "rloo": 7, "ppo": 8, "value": 9}[purpose]
     return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
 
 
-def commit_policy(ctx: Context, t: int, records: list[dict] = ()) -> None:
+def commit_policy(ctx: Context, t: int, records: list[dict] = (), extra: dict | None = None) -> None:
     name = f"iter_{t:03d}/policy"
     if not ctx.rd.done(name):
-        ctx.rd.commit(name, {ctx.rd.iter_dir(t) / "policy": lambda tmp: ctx.model.save_adapter("policy", tmp)}, records)
+        policy = {ctx.rd.iter_dir(t) / "policy": lambda tmp: ctx.model.save_adapter("policy", tmp)}
+        ctx.rd.commit(name, policy | (extra or {}), records)
 
 
-def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) -> None:
-    """policy_t = `train(on_step)` from policy_{t-1}, with the engine asleep. Killed inside, it restarts
-    from the previous policy with the same seed, so the result is identical."""
+def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train, extra: dict | None = None) -> None:
+    """policy_t = `train(on_step)` from policy_{t-1}, with the engine asleep, committed with `extra` (files
+    trained beside it: PPO's value). Killed inside, it restarts from the previous policy with the same seed, so the
+    result is identical."""
     name = f"iter_{t:03d}/policy"
     if ctx.rd.done(name):
         return
@@ -65,4 +67,4 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train) ->
         ctx.engine.sleep()
         train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
         ctx.engine.wake()
-    commit_policy(ctx, t, records)
+    commit_policy(ctx, t, records, extra)

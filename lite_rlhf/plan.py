@@ -3,7 +3,8 @@
 An estimate from the model's shape and the config, not a measurement. Terms:
 - training copy of the base: 2 bytes/param in bf16 (4 in fp32); NF4 keeps linear layers in
   ~0.53 bytes/param (4 bits + double-quantized scales) and embeddings / LM head in 16 bits;
-- LoRA: policy and reward adapters (and the preference adapter when it is the oracle) in fp32,
+- LoRA: policy and reward adapters (the preference adapter when it is the oracle, the value adapter and head
+  with PPO) in fp32,
   plus the policy's gradient and AdamW state (4 + 4 + 8 bytes per trainable parameter) during
   training; a separate judge (`reward.model`, `reward.preference_model`) costs its own weights;
 - activations kept for backward, per token per layer (16-bit on GPUs): 6·H + 2·kv + 5·I values
@@ -143,8 +144,9 @@ def train_terms(cfg: Config, s: Shape, tokens: int, checkpointed: int, *, cuda: 
         kept += full_layer  # the layer being recomputed
     return {
         "training weights": weights,
-        # policy + reward (always allocated) + preference when it judges, fp32, and the reward head
-        "adapters + head": (3 if cfg.reward.kind == "preference" else 2) * 4 * lora + 4 * s.hidden,
+        # policy + reward (always allocated) + preference when it judges + PPO's value, fp32, and the heads
+        "adapters + head": (2 + (cfg.reward.kind == "preference") + (cfg.loop.algorithm == "ppo")) * 4 * lora
+        + (2 if cfg.loop.algorithm == "ppo" else 1) * 4 * s.hidden,
         "optimizer + grads": (4 + 8) * lora,  # gradient + AdamW moments of the adapter being trained
         "activations": vb * tokens * kept,
         "log-prob kernel block": 4 * tokens * s.hidden * 2 + 4 * 1024 * 2048,  # hidden grads + a vocabulary block

@@ -20,7 +20,10 @@ _COLUMNS = [
     ("rollout_reward", "sample reward", "{:.3f}"),
     ("rollout_tokens", "sample tokens", "{:.1f}"),
     ("signal_share", "groups with signal", "{:.2f}"),
+    ("rollout_reward_normalized", "normalised reward", "{:.3f}"),
     ("clip_fraction", "clip fraction", "{:.3f}"),
+    ("value_loss", "value loss", "{:.4f}"),
+    ("explained_variance", "explained variance", "{:.3f}"),
     ("update_kl", "KL to π0 (update)", "{:.4f}"),
     ("forwards_per_prompt", "forwards/prompt", "{:.1f}"),
     ("comparisons_per_prompt", "comparisons/prompt", "{:.1f}"),
@@ -60,15 +63,20 @@ def eval_rows(root: Path) -> list[dict]:
             rec = json.loads(line)
             if rec.get("stage") in ("pairs", "winners", "scores", "rollouts"):
                 pairs.setdefault(rec["iteration"], {}).update(rec)
-            elif rec.get("stage") in ("grpo", "rloo"):
+            elif rec.get("stage") in ("grpo", "rloo", "ppo"):
                 steps.setdefault(rec["iteration"], []).append(rec)
     for row in rows:
         found = pairs.get(row["iteration"], {})
         shown = ("pair", "winner", "rollout", "signal", "dropped", "forwards", "comparisons")
         row.update({k: v for k, v in found.items() if k.startswith(shown)})
-        if taken := steps.get(row["iteration"]):
-            row["clip_fraction"] = sum(r["clip_fraction"] for r in taken) / len(taken)
-            row["update_kl"] = sum(r["kl"] for r in taken) / len(taken)
+        taken = steps.get(row["iteration"], [])
+        parts = {part: [r for r in taken if r.get("part", "policy") == part] for part in ("policy", "value")}
+        if policy := parts["policy"]:
+            row["clip_fraction"] = sum(r["clip_fraction"] for r in policy) / len(policy)
+            row["update_kl"] = sum(r["kl"] for r in policy) / len(policy)
+        if value := parts["value"]:  # PPO's value steps, and the explained variance of the values before them
+            row["value_loss"] = sum(r["value_loss"] for r in value) / len(value)
+            row["explained_variance"] = next(r["explained_variance"] for r in taken if r.get("part") == "advantages")
     return rows
 
 

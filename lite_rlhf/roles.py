@@ -1,4 +1,5 @@
-"""One base model, four roles: policy, reference π0, reward model and preference model (design.md, idea 1).
+"""One base model, five roles: policy, reference π0, reward model, preference model and PPO's value model
+(design.md, idea 1).
 
 The base weights are loaded once (fp32/bf16, or 4-bit NF4 through bitsandbytes for QLoRA) and wrapped
 in a single peft model that holds the LoRA adapters:
@@ -9,7 +10,9 @@ in a single peft model that holds the LoRA adapters:
              reference is "sft active", not "adapters disabled", which would give the raw base;
 - reward:    LoRA adapter "reward" plus a scalar head `nn.Linear(hidden, 1)` kept outside peft;
 - preference: LoRA adapter "preference" (added on demand: `add_preference`), whose next-token logits of
-             two label tokens say which of two answers is better (`lite_rlhf/preference.py`).
+             two label tokens say which of two answers is better (`lite_rlhf/preference.py`);
+- value:     LoRA adapter "value" plus its own scalar head (added on demand: `add_value`), read at every
+             position: PPO's critic (`lite_rlhf/algorithms/ppo.py`).
 
 Roles are switched explicitly and scoped: `with model.role("reference"): ...` restores the previous
 role on exit. Log-probs go through the fused LM-head kernel (`lite_rlhf.kernels.linear_logprobs`), so
@@ -35,8 +38,8 @@ from lite_rlhf.kernels import linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_setting, choose_checkpointing, model_shape
 
-ROLES = ("policy", "reference", "reward", "preference")
-TRAINED = ("policy", "reward", "preference")  # the roles with trainable parameters
+ROLES = ("policy", "reference", "reward", "preference", "value")
+TRAINED = ("policy", "reward", "preference", "value")  # the roles with trainable parameters
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 HEAD_FILE = "head.safetensors"
 GIB = 1024**3
@@ -142,8 +145,10 @@ class SharedModel:
 
         hidden = base.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
-        nn.init.normal_(self.head.weight, std=getattr(base.config, "initializer_range", 0.02))
+        self._head_std = getattr(base.config, "initializer_range", 0.02)
+        nn.init.normal_(self.head.weight, std=self._head_std)
         nn.init.zeros_(self.head.bias)
+        self.value_head: nn.Linear | None = None  # PPO's, with the value adapter (add_value)
 
         self._decoder = self.peft.get_base_model().get_decoder()
         self._cfg = cfg
@@ -178,6 +183,8 @@ class SharedModel:
         for name, p in self.peft.named_parameters():
             p.requires_grad_(any(f".{r}." in name for r in TRAINED))
         self.head.requires_grad_(True)
+        if self.value_head is not None:
+            self.value_head.requires_grad_(True)
         self._role = role
 
     @contextlib.contextmanager
@@ -200,6 +207,8 @@ class SharedModel:
     def train(self, mode: bool = True) -> None:
         self.peft.train(mode)
         self.head.train(mode)
+        if self.value_head is not None:
+            self.value_head.train(mode)
 
     def eval(self) -> None:
         self.train(False)
@@ -213,7 +222,8 @@ class SharedModel:
         if role not in TRAINED:
             raise ValueError(f"role '{role}' has no trainable parameters; use one of {TRAINED}")
         params = [p for n, p in self.peft.named_parameters() if f".{role}." in n]
-        return params + list(self.head.parameters()) if role == "reward" else params
+        head = {"reward": self.head, "value": self.value_head}.get(role)
+        return params + list(head.parameters()) if head is not None else params
 
     # ------------------------------------------------------------------ memory
 
@@ -347,6 +357,35 @@ class SharedModel:
             self.peft.add_adapter("preference", copy.deepcopy(self._lora))
         self._activate(self._role)
 
+    def add_value(self, seed: int) -> None:
+        """Add the value adapter and its head (fresh: LoRA drawn from `seed`, the head as the reward head is drawn,
+        the global random state untouched); `copy_reward_to_value` starts them from the reward model instead."""
+        if self.value_head is not None:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.peft.add_adapter("value", copy.deepcopy(self._lora))
+            self.value_head = nn.Linear(self.head.in_features, 1, dtype=torch.float32, device=self.device)
+            nn.init.normal_(self.value_head.weight, std=self._head_std)
+            nn.init.zeros_(self.value_head.bias)
+        self.train(self.peft.training)
+        self._activate(self._role)
+
+    def copy_reward_to_value(self) -> None:
+        """The value adapter and head as copies of the reward model's (PPO's common start for the critic)."""
+        self.copy_adapter("reward", "value")
+        with torch.no_grad():
+            self.value_head.load_state_dict(self.head.state_dict())
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        """Per-position values `[B, T]` (fp32; 0 off the response tokens) of the value role: the value head on the
+        hidden state that predicts each response token, V(s_t) before token t is sampled. Differentiable when
+        grad is on."""
+        with self.role("value"):
+            hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
+        scored = (batch.targets != IGNORE).to(self.device)
+        return self.value_head(hidden.float()).squeeze(-1) * scored
+
     # ------------------------------------------------------------------ adapters on disk
 
     def copy_adapter(self, src: str, dst: str) -> None:
@@ -425,6 +464,22 @@ class SharedModel:
         head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
         return directory
+
+    def save_value(self, directory: str | Path) -> Path:
+        """The value adapter (peft format) plus its head in `head.safetensors`, into a fresh `directory`."""
+        from safetensors.torch import save_file
+
+        directory = self.save_adapter("value", directory)
+        head = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
+        return directory
+
+    def load_value(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        self.load_adapter("value", directory)
+        with torch.no_grad():
+            self.value_head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE), device=str(self.device)))
 
     def load_reward(self, directory: str | Path) -> None:
         from safetensors.torch import load_file

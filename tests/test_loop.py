@@ -84,6 +84,7 @@ def clean_run(root: Path, name: str, cfg: dict):
     assert out.returncode == 0, out.stderr[-3000:]
     bars = re.findall(
         r"(scoring|comparing|KL estimate|generate|eval|noise|reference log-probs|policy log-probs|dpo|raft|grpo|rloo"
+        r"|ppo policy|ppo value|value warm-up|values"
         r"|sft|reward|preference)"
         r": +\d+%",
         out.stderr,
@@ -167,6 +168,19 @@ def rloo_setup(data):
     section = {"lr": 2e-2, "micro_batch": 4, "grad_accum": 2}
     path, clean, points = clean_run(root, "rloo", pg_config(root, base, "rloo", section))
     return root / "rloo", path, clean, points
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(data):
+    """PPO judged by the reward model trained here (so the value starts as its copy), n = 2 answers, μ = 2 passes,
+    two warm-up steps of the value, the reward normalised by the running mean and std."""
+    root, _, base = data
+    section = {"lr": 2e-2, "value_lr": 1e-2, "micro_batch": 4, "grad_accum": 1, "epochs": 2.0,
+               "value_warmup_steps": 2, "reward_norm": "mean_std"}  # fmt: skip
+    cfg = {**base, "generation": {**base["generation"], "n": 2}, "loop": {**base["loop"], "algorithm": "ppo"},
+           "ppo": section}  # fmt: skip
+    path, clean, points = clean_run(root, "ppo", cfg)
+    return root / "ppo", path, clean, points
 
 
 def run(config: Path, out_dir: Path, kill_at: str | None = None, log: Path | None = None):
@@ -489,6 +503,55 @@ def test_grpo_killed_at_its_own_points_resumes_to_the_same_artifacts(grpo_setup)
 @pytest.mark.sweep
 def test_grpo_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(grpo_setup):
     chained(grpo_setup)
+
+
+def test_ppo_runs_with_the_value_as_a_copy_of_the_reward_model_and_a_running_normaliser(ppo_setup):
+    root, _, clean, points = ppo_setup
+    a = artifacts(clean)
+    for must in ("iter_000/value/head.safetensors", "iter_001/value_warmup/adapter_model.safetensors",
+                 "iter_001/reward_norm.json", "iter_002/value/adapter_model.safetensors", "summary.json"):  # fmt: skip
+        assert must in a, must
+    for name in ("adapter_model.safetensors", "head.safetensors"):  # the critic starts as the reward model
+        assert a[f"iter_000/value/{name}"] == a[f"reward/{name}"], name
+    assert a["iter_001/value_warmup/adapter_model.safetensors"] != a["iter_000/value/adapter_model.safetensors"]
+    assert a["iter_002/value/head.safetensors"] != a["iter_001/value/head.safetensors"]
+    seen = []
+    for t in (1, 2):  # the running moments of every score so far, carried from one iteration to the next
+        scores = [r["penalized"] for r in a[f"iter_{t:03d}/scores.jsonl"]]
+        seen += scores
+        moments = a[f"iter_{t:03d}/reward_norm.json"][0]
+        assert moments["count"] == len(seen) and moments["mean"] == pytest.approx(statistics.fmean(seen))
+        sd = statistics.pstdev(seen)
+        for row in a[f"iter_{t:03d}/rollouts.jsonl"]:
+            assert row["reward"] == pytest.approx((row["score"] - statistics.fmean(seen)) / sd)
+            assert len(row["old_logps"]) == len(row["ref_logps"]) == len(row["response_ids"])
+    metrics = a["metrics.jsonl"]
+    warm = [m for m in metrics if m["stage"] == "value_warmup"]
+    assert [m["step"] for m in warm] == [1, 2] and all(m["part"] == "value" for m in warm)
+    for t in (1, 2):
+        parts = [m["part"] for m in metrics if m["stage"] == "ppo" and m["iteration"] == t]
+        n_steps = math.ceil(2 * len(a[f"iter_{t:03d}/rollouts.jsonl"]) / 4)
+        assert parts == ["advantages"] + ["policy"] * n_steps + ["value"] * n_steps, parts
+    assert any(m.get("value_clip_fraction", 0) > 0 for m in metrics if m["stage"] == "ppo")
+    for column in ("normalised reward", "value loss", "explained variance", "clip fraction", "KL to π0 (update)"):
+        assert column in a["report.md"], column
+    for inside in ("iter_000/value", "iter_001/rollouts:logps", "iter_001/value_warmup:step", "iter_001/policy:step"):
+        assert inside in points, inside
+
+
+def test_ppo_killed_at_its_own_points_resumes_to_the_same_artifacts(ppo_setup):
+    """The value's start and warm-up, the rollouts, the update's steps (policy and value), then the stages after
+    it: killed at each in turn (all points: the sweep below)."""
+    root, config, clean, points = ppo_setup
+    mine = [p for p in points if p.startswith(("iter_000/value", "iter_002/eval", "summary"))
+            or any(k in p for k in ("/rollouts", "/value_warmup", "/policy"))]  # fmt: skip
+    assert any(p.endswith("value_warmup:step") for p in mine) and any(p.endswith("policy:step") for p in mine)
+    chained((root, config, clean, mine))
+
+
+@pytest.mark.sweep
+def test_ppo_killed_at_every_point_in_turn_resumes_to_the_same_artifacts(ppo_setup):
+    chained(ppo_setup)
 
 
 def test_rloo_advantages_are_leave_one_out_on_the_kl_penalized_reward(rloo_setup):

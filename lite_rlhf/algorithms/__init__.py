@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("dpo", "raft", "grpo", "rloo")  # config.LoopConfig.algorithm's values
+NAMES = ("dpo", "raft", "grpo", "rloo", "ppo")  # config.LoopConfig.algorithm's values
 
 
 def get(name: str) -> ModuleType:

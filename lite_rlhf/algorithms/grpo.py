@@ -132,22 +132,34 @@ def token_logps(
 ) -> list[list[float]]:
     """Each row's per-response-token log-probs under `role` at `temperature`, without gradient, in batches of
     similar length; returned in the order given. Under torchrun each rank computes its share."""
-    return dist.map_sharded(rows, lambda part: _token_logps(model, role, part, d, micro_batch, temperature, quiet))
+
+    def logps(batch):
+        with model.role(role):
+            return model.token_logps(batch, temperature)
+
+    return per_token(model, rows, d, micro_batch, logps, f"{role} log-probs", quiet=quiet)
 
 
-def _token_logps(model, role: str, rows: list[Row], d: DataConfig, micro_batch: int, temperature: float, quiet: bool):
+def per_token(model, rows: list[Row], d: DataConfig, micro_batch: int, fn, desc: str, *, quiet: bool):
+    """`fn(batch)` (a `[B, T]` figure per token: log-probs, values) of each row's response tokens, without
+    gradient, in batches of similar length; returned in the order given. Under torchrun each rank computes its
+    share."""
+    return dist.map_sharded(rows, lambda part: _per_token(model, part, d, micro_batch, fn, desc, quiet))
+
+
+def _per_token(model, rows: list[Row], d: DataConfig, micro_batch: int, fn, desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
     out: list[list[float] | None] = [None] * len(rows)
     model.eval()
-    with model.role(role), torch.no_grad():
-        for at in tqdm(range(0, len(rows), micro_batch), desc=f"{role} log-probs", unit="batch", disable=quiet):
+    with torch.no_grad():
+        for at in tqdm(range(0, len(rows), micro_batch), desc=desc, unit="batch", disable=quiet):
             chunk = order[at : at + micro_batch]
             batch = make_batch([rows[i] for i in chunk], model.pad_id, d.max_length, d.truncation)
-            logp, scored = model.token_logps(batch, temperature).float().cpu(), batch.targets != IGNORE
+            values, scored = fn(batch).float().cpu(), batch.targets != IGNORE
             for j, i in enumerate(chunk):
-                out[i] = logp[j][scored[j]].tolist()
+                out[i] = values[j][scored[j]].tolist()
     return out
 
 
@@ -161,7 +173,7 @@ def train_pg(
     one record per optimizer step: loss, clip fraction, KL to π0 (k3, per token; with beta > 0), tokens."""
     algo, sec, d = cfg.loop.algorithm, section(cfg), cfg.data
     by_token = algo == "grpo" and sec.aggregation == "token"
-    stats = _Figures()
+    stats = Figures()
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         chunk = [batch[i] for i in indices]
@@ -169,8 +181,8 @@ def train_pg(
         b = make_batch(rows, model.pad_id, d.max_length, d.truncation)
         mask = (b.targets != IGNORE).to(model.device)
         logp = model.token_logps(b, cfg.generation.temperature)  # [B, T], 0 off the response
-        old = _scatter([r.old_logps for r in chunk], mask)
-        ref = _scatter([r.ref_logps for r in chunk], mask) if sec.beta else None
+        old = scatter([r.old_logps for r in chunk], mask)
+        ref = scatter([r.ref_logps for r in chunk], mask) if sec.beta else None
         adv = torch.tensor([r.advantage for r in chunk], dtype=torch.float32, device=model.device)
         clip = {"eps_low": sec.eps_low, "eps_high": sec.eps_high}
         if algo == "grpo":
@@ -195,14 +207,14 @@ def train_pg(
     model.eval()
 
 
-def _scatter(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+def scatter(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     """Per-token lists back onto the `[B, T]` positions of `mask` (row-major, as they were read off)."""
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     out[mask] = torch.tensor([x for r in rows for x in r], dtype=torch.float32, device=mask.device)
     return out
 
 
-class _Figures:
+class Figures:
     """One optimizer step's figures: the loss (normalized as the helper does), the clip fraction (over tokens for
     GRPO, answers for RLOO), the KL per token, the tokens."""
 

@@ -79,11 +79,12 @@ def clipped_policy_loss(
     aggregation: Aggregation = "sequence",
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of ``R`` answers from ``[R, T]`` per-token log-probs (module docstring); ``advantages`` ``[R]``,
-    ``mask`` ``[R, T]`` (1 on answer tokens). ``ref_logp`` may be None when ``beta`` is 0. Returns the loss
+    """The loss of ``R`` answers from ``[R, T]`` per-token log-probs (module docstring); ``advantages`` ``[R]`` (one
+    per answer) or ``[R, T]`` (per token: PPO's GAE), ``mask`` ``[R, T]`` (1 on answer tokens). ``ref_logp`` may be None when ``beta`` is 0. Returns the loss
     (0-dim, differentiable through ``logp``) and detached figures: ``clip_fraction``, ``kl``."""
     mask = mask.to(logp.dtype)
-    adv = advantages.to(logp.dtype).unsqueeze(1)
+    adv = advantages.to(logp.dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
