@@ -247,8 +247,8 @@ class RLOOConfig(PolicyGradientConfig):
 class PPOConfig(TrainerConfig):
     """PPO with a value model (lite_rlhf/algorithms/ppo.py), the Qwen report's recipe (shared/reference): its
     figures are for full fine-tuning of 7-14B; ours for LoRA, each source below. Its sampling settings are the
-    generation section's: the report samples 2 answers per query at top-p 0.9 (generation.n=2
-    generation.top_p=0.9, as configs/ppo.yaml sets them)."""
+    generation section's, shared by every algorithm: the report samples 2 answers per query at top-p 0.9
+    (generation.n=2 generation.top_p=0.9; docs/algorithms.md)."""
 
     lr: float = _f(1e-5, lo=0, hi=1, lo_open=True)  # the policy's (Qwen: 1e-6 full weights; LoRA takes ~10x)
     value_lr: float = _f(5e-5, lo=0, hi=1, lo_open=True)  # the value's (Qwen: 5e-6, 5x the policy's; kept 5x)
@@ -473,8 +473,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("config key 'generation.temperature': loop.algorithm=ppo trains on sampled answers "
                           "(temperature > 0)")  # fmt: skip
     if algorithm == "ppo" and cfg.ppo.value_init == "reward" and (cfg.reward.kind != "bt" or cfg.reward.model):
-        raise ConfigError("config key 'ppo.value_init': reward copies our reward adapter, and this run's oracle is "
-                          f"{'reward.model' if cfg.reward.model else 'reward.kind=' + cfg.reward.kind}: set fresh or auto")
+        oracle = "reward.model" if cfg.reward.model else f"reward.kind={cfg.reward.kind}"
+        raise ConfigError(f"config key 'ppo.value_init': reward copies our reward adapter, and this run's oracle is "
+                          f"{oracle}: set fresh or auto")  # fmt: skip
     if algorithm in ("grpo", "rloo") and (cfg.generation.n < 2 or cfg.generation.temperature == 0):
         raise ConfigError(f"config key 'generation.{'n' if cfg.generation.n < 2 else 'temperature'}': "
                           f"loop.algorithm={algorithm} compares each prompt's answers with each other: it needs "

@@ -40,7 +40,8 @@ class Say:
 
 def derive_seed(cfg: Config, t: int, purpose: str) -> int:
     """A seed per (run seed, iteration, purpose), stable across runs and resumes."""
-    code = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5, "grpo": 6, "rloo": 7, "ppo": 8, "value": 9}[purpose]
+    codes = {"generate": 1, "dpo": 2, "eval": 3, "noise": 4, "raft": 5, "grpo": 6, "rloo": 7, "ppo": 8, "value": 9}
+    code = codes[purpose]
     return (cfg.run.seed * 1_000_003 + t * 101 + code) % (2**31 - 1)
 
 

@@ -51,7 +51,8 @@ def test_gae_equals_the_recursion_row_by_row():
     mask = torch.zeros(4, width, dtype=torch.long)
     for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
         mask[i, s : s + n] = 1
-    rewards, values = torch.randn(4, width, generator=gen).double() * mask, torch.randn(4, width, generator=gen).double()
+    rewards = torch.randn(4, width, generator=gen).double() * mask
+    values = torch.randn(4, width, generator=gen).double()
     adv, ret = gae(rewards, values, mask, gamma=0.95, lam=0.9)
     for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
         expected = loop_gae(rewards[i, s : s + n].tolist(), values[i, s : s + n].tolist(), 0.95, 0.9)
@@ -115,7 +116,8 @@ def test_the_running_normaliser_equals_statistics_over_every_score_seen():
         assert abs(moments.mean - statistics.fmean(seen)) < 1e-12
         assert abs(moments.std - statistics.pstdev(seen)) < 1e-12
     assert moments.normalize([1.0], scale=False) == [1.0 - statistics.fmean(seen)]
-    assert abs(moments.normalize([1.0], scale=True)[0] - (1.0 - statistics.fmean(seen)) / statistics.pstdev(seen)) < 1e-12
+    scaled = (1.0 - statistics.fmean(seen)) / statistics.pstdev(seen)
+    assert abs(moments.normalize([1.0], scale=True)[0] - scaled) < 1e-12
 
 
 def test_whiten_and_explained_variance():

@@ -383,3 +383,56 @@ def test_no_compute_on_padding_gives_the_padded_results(tiny, how):
     scale = out["padded"][2].abs().max().item()  # ~80 here: sums of ~600 tokens' log-prob gradients
     assert scale > 0
     assert_close(out[how][2], out["padded"][2], atol=1e-4 * scale, rtol=1e-4)  # fp32 sums in another order
+
+
+def test_the_value_role_starts_as_the_reward_model_and_reads_every_response_position(tiny):
+    """PPO's critic: after `copy_reward_to_value` the value adapter and head hold the reward model's weights, and
+    `values` is that head on the reward role's hidden states at each position that predicts a response token (0
+    elsewhere); a fresh value differs, and its gradient reaches the value adapter and head only."""
+    model = make(tiny)
+    perturb(model, "reward")
+    model.add_value(seed=3)
+    _, mask, _, b = batch(model)
+    scored = b.targets != -100
+    with torch.no_grad():
+        fresh = model.values(b)
+        model.copy_reward_to_value()
+        copied = model.values(b)
+        with model.role("reward"):
+            hidden = model.hidden_states(b.input_ids, b.mask)
+        want = model.head(hidden.float()).squeeze(-1) * scored
+    assert_close(copied, want, atol=1e-6, rtol=1e-6)
+    assert (copied[~scored] == 0).all() and (fresh - copied).abs().max() > 1e-3
+    model.train(True)
+    model.values(b).sum().backward()
+    trained = {n for n, p in model.peft.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(".value." in n for n in trained)
+    assert model.value_head.weight.grad.abs().sum() > 0 and model.head.weight.grad is None
+
+
+def test_the_values_warm_up_leaves_the_policy_bit_identical(tiny):
+    """ppo.train_value (the warm-up's trainer) moves the value adapter and head and nothing of the policy."""
+    from types import SimpleNamespace
+
+    from lite_rlhf.algorithms.ppo import Rollout, train_value
+
+    model = make(tiny, "ppo.value_lr=1e-2", "ppo.micro_batch=2", "ppo.grad_accum=1", "run.quiet=true")
+    model.add_value(seed=3)
+    perturb(model, "policy")
+    rows = [(prompt_ids(model.tokenizer, [{"role": "user", "content": q}]), response_ids(model.tokenizer, a))
+            for q, a in QA]  # fmt: skip
+    ids = {str(i): p for i, (p, _) in enumerate(rows)}
+    batch_ = [Rollout(str(i), 0, r, 1.0, 1.0, [0.0] * len(r), [0.0] * len(r)) for i, (_, r) in enumerate(rows)]
+    ctx = SimpleNamespace(cfg=model._cfg, model=model, ids=ids)
+    policy = {n: p.detach().clone() for n, p in model.peft.named_parameters() if ".policy." in n}
+    value = {n: p.detach().clone() for n, p in model.peft.named_parameters() if ".value." in n}
+    head = model.value_head.weight.detach().clone()
+    returns = [[1.0] * len(r) for _, r in rows]
+    records = []
+    train_value(ctx, batch_, None, returns, [[[0, 1]], [[1, 0]]], clip=None, name="warm-up", on_step=records.append)
+    assert len(records) == 2 and records[1]["value_loss"] < records[0]["value_loss"]
+    for n, p in model.peft.named_parameters():
+        if n in policy:
+            assert torch.equal(p, policy[n]), n
+    assert any(not torch.equal(p, value[n]) for n, p in model.peft.named_parameters() if n in value)
+    assert not torch.equal(model.value_head.weight, head)

@@ -80,7 +80,8 @@ def clipped_policy_loss(
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of ``R`` answers from ``[R, T]`` per-token log-probs (module docstring); ``advantages`` ``[R]`` (one
-    per answer) or ``[R, T]`` (per token: PPO's GAE), ``mask`` ``[R, T]`` (1 on answer tokens). ``ref_logp`` may be None when ``beta`` is 0. Returns the loss
+    per answer) or ``[R, T]`` (per token: PPO's GAE), ``mask`` ``[R, T]`` (1 on answer tokens). ``ref_logp``
+    may be None when ``beta`` is 0. Returns the loss
     (0-dim, differentiable through ``logp``) and detached figures: ``clip_fraction``, ``kl``."""
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype)

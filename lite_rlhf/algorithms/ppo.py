@@ -143,7 +143,7 @@ def value_warmup(ctx: Context, batch: list[Rollout]) -> None:
     name, out = "iter_001/value_warmup", ctx.rd.iter_dir(1) / "value_warmup"
     if ctx.rd.done(name):
         return
-    sec, quiet = ctx.cfg.ppo, ctx.cfg.run.quiet
+    sec = ctx.cfg.ppo
     ctx.model.load_value(ctx.rd.iter_dir(0) / "value")
     records: list[dict] = []
     if batch:
@@ -165,7 +165,8 @@ def train_ppo(ctx: Context, t: int, batch: list[Rollout], *, seed: int, on_step)
     model.load_value(value_before(ctx, t))
     rows = [(ctx.ids[r.prompt_id], r.response_ids) for r in batch]
     old_values = per_token(model, rows, cfg.data, sec.micro_batch, model.values, "values", quiet=cfg.run.quiet)
-    advantages, returns = zip(*(_returns(cfg, r, v, lam=sec.lam) for r, v in zip(batch, old_values, strict=True)))
+    pairs = [_returns(cfg, r, v, lam=sec.lam) for r, v in zip(batch, old_values, strict=True)]
+    advantages, returns = [a for a, _ in pairs], [r for _, r in pairs]
     flat_v, flat_r = torch.tensor([x for v in old_values for x in v]), torch.tensor([x for v in returns for x in v])
     ones = torch.ones_like(flat_v, dtype=torch.bool)
     if sec.whiten_advantages:
@@ -194,7 +195,7 @@ def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float
                                             aggregation="token")  # fmt: skip
         figures["kl"] = k3_kl(logp.detach(), scatter([batch[i].ref_logps for i in indices], mask), mask)
         tokens = int(mask.sum())
-        stats.add(float(loss) * tokens, tokens, figures, len(indices), tokens, True)
+        stats.add(loss.item() * tokens, tokens, figures, len(indices), tokens, True)
         return loss * tokens  # the micro-batch's sum over tokens; the helper divides by the step's
 
     model.train()
@@ -216,7 +217,7 @@ def train_value(ctx: Context, batch, old_values, returns, steps: Steps, *, clip,
         old = scatter([old_values[i] for i in indices], mask) if old_values is not None else values.detach()
         loss, figures = clipped_value_loss(values, old, scatter([returns[i] for i in indices], mask), mask, clip)
         tokens = int(mask.sum())
-        sums["value_loss"] += float(loss) * tokens
+        sums["value_loss"] += loss.item() * tokens
         sums["value_clip_fraction"] += figures["value_clip_fraction"] * tokens
         sums["tokens"] += tokens
         return loss * tokens
@@ -243,7 +244,8 @@ def _returns(cfg: Config, r: Rollout, values: list[float], lam: float) -> tuple[
     sec: PPOConfig = cfg.ppo
     as_row = lambda xs: torch.tensor([xs], dtype=torch.float64)
     mask = torch.ones(1, len(values), dtype=torch.bool)
-    rewards = token_rewards(torch.tensor([r.reward], dtype=torch.float64), as_row(r.old_logps), as_row(r.ref_logps), mask, sec.kl_coef)
+    score = torch.tensor([r.reward], dtype=torch.float64)
+    rewards = token_rewards(score, as_row(r.old_logps), as_row(r.ref_logps), mask, sec.kl_coef)
     adv, ret = gae(rewards, as_row(values), mask, sec.gamma, lam)
     return adv[0].tolist(), ret[0].tolist()
 
