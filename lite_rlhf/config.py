@@ -64,6 +64,7 @@ class DataConfig:
     eval_preferences: str | None = None  # held-out pairs for reward accuracy
     offline_pairs: str | None = None  # extra DPO pairs mixed into every iteration (the paper's hybrid setting)
     sft: str | None = None  # conversations for `lite-rlhf sft` ("demo": the shipped ones); with `run`: stage 0, π0
+    ptx: str | None = None  # plain text for PPO's pretraining gradient (ppo.ptx_coef), read in data.max_length windows
     skip_invalid: bool = False  # skip malformed lines (and count them) instead of stopping
     # column names where a source's are not ours (e.g. prompt_field=question, messages_field=context_messages);
     # a row without the named column is read under our name, so one mapping serves sources named either way
@@ -270,6 +271,9 @@ class PPOConfig(TrainerConfig):
     # the oracle's score less the running mean of every score so far (Qwen), or also over the running std; none
     reward_norm: Literal["mean", "mean_std", "none"] = "mean"
     whiten_advantages: bool = True  # each batch's advantages to mean 0, std 1 over its tokens (TRL's PPO does)
+    # PPO-ptx (InstructGPT; Qwen uses it against the alignment tax): + ptx_coef x the policy's mean NLL per token on
+    # windows of data.ptx in every policy micro-batch; 0: off
+    ptx_coef: float = _f(0.0, lo=0)
 
 
 @dataclass(frozen=True)
@@ -469,6 +473,9 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.data.offline_pairs and algorithm != "dpo":
         raise ConfigError(f"config key 'data.offline_pairs' feeds DPO; loop.algorithm={algorithm} trains on its "
                           "own samples only")  # fmt: skip
+    if bool(cfg.ppo.ptx_coef) != bool(cfg.data.ptx) or (cfg.data.ptx and algorithm != "ppo"):
+        raise ConfigError("config keys 'ppo.ptx_coef' and 'data.ptx' go together: the pretraining gradient of "
+                          "loop.algorithm=ppo needs a weight > 0 and a plain-text file")  # fmt: skip
     if algorithm == "ppo" and cfg.generation.temperature == 0:
         raise ConfigError("config key 'generation.temperature': loop.algorithm=ppo trains on sampled answers "
                           "(temperature > 0)")  # fmt: skip

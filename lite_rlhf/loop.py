@@ -134,6 +134,8 @@ def check_inputs(cfg: Config):
     d = cfg.data
     conversations = load_conversations(data_path(d, "sft"), d.skip_invalid, data_fields(d)) if d.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
+    if d.ptx and not Path(d.ptx).is_file():
+        raise ConfigError(f"config key 'data.ptx': '{d.ptx}' is not a file (plain text for ppo.ptx_coef)")
     if cfg.reward.kind == "preference":
         check_format(cfg)  # the labels are one token each
     if cfg.reward.adapter:

@@ -436,3 +436,41 @@ def test_the_values_warm_up_leaves_the_policy_bit_identical(tiny):
             assert torch.equal(p, policy[n]), n
     assert any(not torch.equal(p, value[n]) for n, p in model.peft.named_parameters() if n in value)
     assert not torch.equal(model.value_head.weight, head)
+
+
+def test_ppo_ptx_adds_the_policys_nll_on_windows_of_the_text(tiny, tmp_path):
+    """PPO-ptx: data.ptx cut into data.max_length windows; the first step logs the policy's mean NLL per token of
+    the windows its micro-batches read (from peft's own full logits here), and the term moves the policy."""
+    from types import SimpleNamespace
+
+    from lite_rlhf.algorithms.ppo import Rollout, ptx_windows, train_policy
+
+    text = tmp_path / "ptx.txt"
+    text.write_text("the sun is a star and the sea is wide. " * 40)
+    common = ["ppo.lr=1e-2", "ppo.micro_batch=2", "ppo.grad_accum=1", "run.quiet=true", "data.max_length=160",
+              "loop.algorithm=ppo"]  # fmt: skip
+    adapters = {}
+    for coef in (0.0, 1.0):
+        model = make(tiny, *common, *([f"ppo.ptx_coef={coef}", f"data.ptx={text}"] if coef else []))
+        rows = [(prompt_ids(model.tokenizer, [{"role": "user", "content": q}]), response_ids(model.tokenizer, a))
+                for q, a in QA]  # fmt: skip
+        assert all(len(p) + len(r) <= 160 for p, r in rows)
+        ids = {str(i): p for i, (p, _) in enumerate(rows)}
+        batch_ = [Rollout(str(i), 0, r, 1.0, 1.0, [-1.0] * len(r), [-1.0] * len(r)) for i, (_, r) in enumerate(rows)]
+        ctx = SimpleNamespace(cfg=model._cfg, model=model, ids=ids)
+        records = []
+        train_policy(ctx, batch_, [[1.0] * len(r) for _, r in rows], [[[0, 1]]], records.append)
+        adapters[coef] = torch.cat([p.detach().flatten() for p in model.parameters("policy")])
+        if coef:
+            windows = ptx_windows(ctx)
+            every = model.tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
+            joined = [x for w in windows for x in w]
+            assert len(windows) > 2 and all(len(w) == 160 for w in windows[:-1])
+            assert joined == every[: len(joined)] and len(every) - len(joined) < 2  # a last window of 1 is no target
+            fresh = make(tiny, *common)  # the policy before the step: LoRA B is zero, the base's own forward
+            seq = torch.tensor(windows[:2])
+            with torch.no_grad():
+                logits = fresh.peft(input_ids=seq).logits.float()
+            nll = -logits[:, :-1].log_softmax(-1).gather(-1, seq[:, 1:, None]).mean()
+            assert records[0]["ptx_nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert not torch.equal(adapters[0.0], adapters[1.0])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,7 @@ from lite_rlhf.algorithms.policy_gradient import clipped_policy_loss, k3_kl
 from lite_rlhf.batching import IGNORE, Row, fits, make_batch
 from lite_rlhf.config import Config, PPOConfig
 from lite_rlhf.context import Context, derive_seed, update_policy
+from lite_rlhf.data import DataError
 from lite_rlhf.generate import Sample
 from lite_rlhf.runstate import kill_point, read_json, read_jsonl
 from lite_rlhf.train import Steps, group_by_length, longest_micro_batch, optimize, plan_steps
@@ -183,8 +185,11 @@ def train_ppo(ctx: Context, t: int, batch: list[Rollout], *, seed: int, on_step)
 
 
 def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float]], steps: Steps, on_step) -> None:
+    """The policy adapter (in place) on the clipped objective, plus ptx_coef x the mean NLL per token of windows of
+    data.ptx (PPO-ptx: a micro-batch starting at rollout i reads windows i, i+1, ... of the text, cyclically)."""
     cfg, sec, model = ctx.cfg, ctx.cfg.ppo, ctx.model
-    stats = Figures()
+    stats, ptx = Figures(), {"nll": 0.0, "n": 0}
+    windows = ptx_windows(ctx) if sec.ptx_coef else []
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         b, mask = _batch(ctx, [batch[i] for i in indices])
@@ -196,12 +201,22 @@ def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float
         figures["kl"] = k3_kl(logp.detach(), scatter([batch[i].ref_logps for i in indices], mask), mask)
         tokens = int(mask.sum())
         stats.add(loss.item() * tokens, tokens, figures, len(indices), tokens, True)
+        if windows:
+            nll = pretraining_nll(ctx, [windows[(indices[0] + j) % len(windows)] for j in range(len(indices))])
+            ptx["nll"], ptx["n"] = ptx["nll"] + nll.item(), ptx["n"] + 1
+            loss = loss + sec.ptx_coef * nll
         return loss * tokens  # the micro-batch's sum over tokens; the helper divides by the step's
+
+    def flush() -> dict:
+        out = {"part": "policy", **stats.flush()}
+        if windows:
+            out["ptx_nll"] = ptx["nll"] / max(1, ptx["n"])
+            ptx.update(nll=0.0, n=0)
+        return out
 
     model.train()
     with model.role("policy"):
-        optimize(model.parameters("policy"), sec, steps, micro_loss, lambda: {"part": "policy", **stats.flush()},
-                 name="ppo policy", quiet=cfg.run.quiet, on_step=on_step, weight=_tokens(batch))  # fmt: skip
+        optimize(model.parameters("policy"), sec, steps, micro_loss, flush, name="ppo policy", quiet=cfg.run.quiet, on_step=on_step, weight=_tokens(batch))  # fmt: skip
     model.eval()
 
 
@@ -248,6 +263,27 @@ def _returns(cfg: Config, r: Rollout, values: list[float], lam: float) -> tuple[
     rewards = token_rewards(score, as_row(r.old_logps), as_row(r.ref_logps), mask, sec.kl_coef)
     adv, ret = gae(rewards, as_row(values), mask, sec.gamma, lam)
     return adv[0].tolist(), ret[0].tolist()
+
+
+def ptx_windows(ctx: Context) -> list[list[int]]:
+    """data.ptx's tokens in windows of data.max_length (the last one kept when it holds two tokens or more)."""
+    text = Path(ctx.cfg.data.ptx).read_text(encoding="utf-8")
+    ids = ctx.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    width = ctx.cfg.data.max_length
+    windows = [ids[i : i + width] for i in range(0, len(ids), width)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise DataError(f"{ctx.cfg.data.ptx}: fewer than two tokens of text for ppo.ptx_coef")
+    return windows
+
+
+def pretraining_nll(ctx: Context, windows: list[list[int]]) -> torch.Tensor:
+    """The active role's mean NLL per token over `windows` (every token after each window's first), through the
+    fused log-prob kernel."""
+    rows: list[Row] = [(w[:1], w[1:]) for w in windows]
+    b = make_batch(rows, ctx.model.pad_id, ctx.cfg.data.max_length, ctx.cfg.data.truncation)
+    logp = ctx.model.token_logps(b)
+    return -logp.sum() / (b.targets != IGNORE).sum().clamp(min=1)
 
 
 def _split(flat: list[float], like) -> list[list[float]]:
