@@ -216,7 +216,8 @@ def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float
 
     model.train()
     with model.role("policy"):
-        optimize(model.parameters("policy"), sec, steps, micro_loss, flush, name="ppo policy", quiet=cfg.run.quiet, on_step=on_step, weight=_tokens(batch))  # fmt: skip
+        optimize(model.parameters("policy"), sec, steps, micro_loss, flush, name="ppo policy", quiet=cfg.run.quiet,
+                 on_step=on_step, weight=_tokens(batch))  # fmt: skip
     model.eval()
 
 
