@@ -132,12 +132,15 @@ def optimize(
 
 def combine(parts: list[tuple[dict, float]]) -> dict:
     """One step's figures from the ranks' (figures, weight): means weighted by the ranks' shares of the
-    step, counts (`COUNTS`) summed. A single part comes back as it is."""
+    step, counts (`COUNTS`) summed, labels (strings, e.g. PPO's part) as rank 0 has them. A single part comes
+    back as it is."""
     parts = [(stats, w) for stats, w in parts if stats]
     if len(parts) <= 1:
         return parts[0][0] if parts else {}
     total = sum(w for _, w in parts)
+    first = parts[0][0]
     return {
-        key: sum(s[key] for s, _ in parts) if key in COUNTS else sum(s[key] * w for s, w in parts) / total
-        for key in parts[0][0]
-    }
+        key: first[key] if isinstance(first[key], str)
+        else sum(s[key] for s, _ in parts) if key in COUNTS else sum(s[key] * w for s, w in parts) / total
+        for key in first
+    }  # fmt: skip

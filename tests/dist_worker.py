@@ -5,6 +5,7 @@
     dist_worker.py dpo-step OUT MODEL MB ACC   two DPO optimizer steps on five fixed pairs (micro_batch MB,
                                                grad_accum ACC); the adapter to OUT/, this rank's pair ids
                                                to OUT/rank<r>.json
+    dist_worker.py ppo-step OUT MODEL MB ACC   PPO's update (policy and value) on five fixed answers
     dist_worker.py grpo-step OUT MODEL MB ACC  two GRPO optimizer steps (token aggregation) on five fixed
                                                answers; the adapter to OUT/, the step records to OUT/rank<r>.json
 
@@ -138,6 +139,53 @@ def grpo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> N
     dist.finish()
 
 
+def ppo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> None:
+    """PPO's update on five fixed answers: the old values (sharded), GAE, two policy and two value steps."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lite_rlhf import dist
+    from lite_rlhf.algorithms.grpo import per_token, token_logps
+    from lite_rlhf.algorithms.ppo import Rollout, _returns, train_policy, train_value
+    from lite_rlhf.config import load_config
+    from lite_rlhf.data import prompt_ids, response_ids
+    from lite_rlhf.roles import SharedModel
+    from lite_rlhf.train import plan_steps
+
+    torch.set_num_threads(1)
+    dist.start()
+    cfg = load_config(None, [f"model.name={model_dir}", "model.dtype=float32", "lora.r=4", "loop.algorithm=ppo",
+                             "generation.temperature=0.7", "ppo.lr=1e-2", "ppo.value_lr=1e-2", "ppo.epochs=1",
+                             f"ppo.micro_batch={micro_batch}", f"ppo.grad_accum={grad_accum}", "ppo.warmup_ratio=0",
+                             "run.quiet=true"])  # fmt: skip
+    model = SharedModel(cfg)
+    model.add_value(seed=5)
+    tok = model.tokenizer
+    words = ("sun", "sea", "fox", "dog", "owl")
+    ids = {f"p{i}": prompt_ids(tok, [{"role": "user", "content": f"describe the {w}."}]) for i, w in enumerate(words)}
+    answers = [response_ids(tok, f"the {w} is " + "very " * i + "nice.") for i, w in enumerate(words)]
+    rows = [(ids[pid], a) for pid, a in zip(ids, answers, strict=True)]
+    old = token_logps(model, "policy", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    ref = token_logps(model, "reference", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    batch = [Rollout(pid, 0, a, 0.0, score, o, r)
+             for pid, a, score, o, r in zip(ids, answers, (1.0, -0.5, 0.3, -1.2, 0.8), old, ref, strict=True)]  # fmt: skip
+    values = per_token(model, rows, cfg.data, micro_batch, model.values, "values", quiet=True)
+    targets = [_returns(cfg, r, v, lam=0.95) for r, v in zip(batch, values, strict=True)]
+    ctx = SimpleNamespace(cfg=cfg, model=model, ids=ids)
+    steps = plan_steps(len(batch), cfg.ppo, 3)
+    records: list[dict] = []
+    train_policy(ctx, batch, [a for a, _ in targets], steps, records.append)
+    train_value(ctx, batch, values, [r for _, r in targets], steps, clip=0.15, name="value", on_step=records.append)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps({"records": records}))
+    if dist.is_main():
+        model.save_adapter("policy", out / "policy")
+        model.save_value(out / "value")
+    dist.barrier()
+    dist.finish()
+
+
 if __name__ == "__main__":
     mode, where, *rest = sys.argv[1:]
     if mode == "loop":
@@ -145,5 +193,5 @@ if __name__ == "__main__":
         from lite_rlhf.cli import main
 
         sys.exit(main(rest))
-    step = {"dpo-step": dpo_step, "grpo-step": grpo_step}[mode]
+    step = {"dpo-step": dpo_step, "grpo-step": grpo_step, "ppo-step": ppo_step}[mode]
     step(Path(where), rest[0], int(rest[1]), int(rest[2]))

@@ -65,6 +65,25 @@ def test_a_dpo_step_on_two_ranks_equals_the_single_process_step(tmp_path, micro_
         assert rec2 == pytest.approx(rec1, rel=1e-5, abs=1e-6)
 
 
+def test_a_ppo_update_on_two_ranks_equals_the_single_process_update(tmp_path):
+    """The old values are computed in shares; the policy's and the value's steps divide by the whole step's tokens."""
+    model = make_tiny_model(tmp_path / "tiny")
+    for ranks in (1, 2):
+        out = launch(ranks, "ppo-step", str(tmp_path / f"ranks{ranks}"), str(model), "1", "5")
+        assert out.returncode == 0, out.stderr[-3000:]
+    for part in ("policy/adapter_model.safetensors", "value/adapter_model.safetensors", "value/head.safetensors"):
+        one, two = load_file(tmp_path / "ranks1" / part), load_file(tmp_path / "ranks2" / part)
+        diff = max((one[k] - two[k]).abs().max().item() for k in one)
+        print(f"max abs difference of {part}, 2 ranks against 1: {diff:.2e}")
+        assert one.keys() == two.keys() and diff <= 1e-5, part
+    single = json.loads((tmp_path / "ranks1" / "rank0.json").read_text())["records"]
+    rank0 = json.loads((tmp_path / "ranks2" / "rank0.json").read_text())["records"]
+    assert [r["part"] for r in single] == [r["part"] for r in rank0] == ["policy", "value"]
+    for rec1, rec2 in zip(single, rank0, strict=True):
+        figures = lambda rec: {k: v for k, v in rec.items() if k != "part"}
+        assert figures(rec2) == pytest.approx(figures(rec1), rel=1e-5, abs=1e-6)
+
+
 def test_a_grpo_step_on_two_ranks_equals_the_single_process_step(tmp_path):
     """Token aggregation divides by the tokens of the whole step, whichever rank holds them."""
     model = make_tiny_model(tmp_path / "tiny")
