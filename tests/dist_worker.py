@@ -168,8 +168,9 @@ def ppo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> No
     rows = [(ids[pid], a) for pid, a in zip(ids, answers, strict=True)]
     old = token_logps(model, "policy", rows, cfg.data, micro_batch, 0.7, quiet=True)
     ref = token_logps(model, "reference", rows, cfg.data, micro_batch, 0.7, quiet=True)
+    scores = (1.0, -0.5, 0.3, -1.2, 0.8)
     batch = [Rollout(pid, 0, a, 0.0, score, o, r)
-             for pid, a, score, o, r in zip(ids, answers, (1.0, -0.5, 0.3, -1.2, 0.8), old, ref, strict=True)]  # fmt: skip
+             for pid, a, score, o, r in zip(ids, answers, scores, old, ref, strict=True)]  # fmt: skip
     values = per_token(model, rows, cfg.data, micro_batch, model.values, "values", quiet=True)
     targets = [_returns(cfg, r, v, lam=0.95) for r, v in zip(batch, values, strict=True)]
     ctx = SimpleNamespace(cfg=cfg, model=model, ids=ids)
