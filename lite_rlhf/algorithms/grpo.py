@@ -76,17 +76,9 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     name, path = f"iter_{t:03d}/rollouts", ctx.rd.iter_dir(t) / "rollouts.jsonl"
     if ctx.rd.done(name):
         return [Rollout(**row) for row in read_jsonl(path)]
-    cfg, d = ctx.cfg, ctx.cfg.data
-    sec, temperature, quiet = section(cfg), cfg.generation.temperature, cfg.run.quiet
-    dropped = Counter(unscored=sum(r is None for r in rewards))
+    cfg, sec = ctx.cfg, section(ctx.cfg)
+    kept, old, ref, dropped = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch, with_ref=bool(sec.beta))
     scored = [(s, r) for s, r in zip(samples, rewards, strict=True) if r is not None]
-    kept = [(s, r) for s, r in scored if fits([(ctx.ids[s.prompt_id], s.token_ids)], d.max_length, d.truncation)]
-    dropped["too_long"] = len(scored) - len(kept)
-    rows = [(ctx.ids[s.prompt_id], s.token_ids) for s, _ in kept]
-    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")  # the policy that sampled them
-    kill_point(f"{name}:logps")
-    old = token_logps(ctx.model, "policy", rows, d, sec.micro_batch, temperature, quiet=quiet)
-    ref = token_logps(ctx.model, "reference", rows, d, sec.micro_batch, temperature, quiet=quiet) if sec.beta else None
     made = [Rollout(s.prompt_id, s.index, s.token_ids, r, 0.0, old[i], ref[i] if ref else None)
             for i, (s, r) in enumerate(kept)]  # fmt: skip
     made, groups, with_signal = with_advantages(made, cfg)
@@ -106,6 +98,24 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     ctx.say(f"iteration {t}: {len(made)} answers to train on; {len(with_signal)} of {groups} groups with signal, "
             f"dropped {dict(dropped)}")  # fmt: skip
     return made
+
+
+def scored_with_logps(ctx: Context, t: int, samples: list[Sample], rewards: list[float | None], micro_batch: int,
+                      *, with_ref: bool) -> tuple[list[tuple[Sample, float]], list, list | None, Counter]:  # fmt: skip
+    """The scored answers that fit data.max_length, with the per-token log-probs of the policy that sampled them
+    (policy_{t-1}) and of π0 (`with_ref`), at the sampling temperature, computed once by the trainer; and the drops
+    counted (unscored, too long). The rollouts stage of GRPO, RLOO and PPO."""
+    d, temperature, quiet = ctx.cfg.data, ctx.cfg.generation.temperature, ctx.cfg.run.quiet
+    dropped = Counter(unscored=sum(r is None for r in rewards))
+    scored = [(s, r) for s, r in zip(samples, rewards, strict=True) if r is not None]
+    kept = [(s, r) for s, r in scored if fits([(ctx.ids[s.prompt_id], s.token_ids)], d.max_length, d.truncation)]
+    dropped["too_long"] = len(scored) - len(kept)
+    rows = [(ctx.ids[s.prompt_id], s.token_ids) for s, _ in kept]
+    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")  # the policy that sampled them
+    kill_point(f"iter_{t:03d}/rollouts:logps")
+    old = token_logps(ctx.model, "policy", rows, d, micro_batch, temperature, quiet=quiet)
+    ref = token_logps(ctx.model, "reference", rows, d, micro_batch, temperature, quiet=quiet) if with_ref else None
+    return kept, old, ref, dropped
 
 
 def with_advantages(made: list[Rollout], cfg: Config) -> tuple[list[Rollout], int, set[str]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,9 +37,9 @@ from lite_rlhf.algorithms.actor_critic import (
     token_rewards,
     whiten,
 )
-from lite_rlhf.algorithms.grpo import Figures, per_token, scatter, token_logps
+from lite_rlhf.algorithms.grpo import Figures, per_token, scatter, scored_with_logps
 from lite_rlhf.algorithms.policy_gradient import clipped_policy_loss, k3_kl
-from lite_rlhf.batching import IGNORE, Row, fits, make_batch
+from lite_rlhf.batching import IGNORE, Row, make_batch
 from lite_rlhf.config import Config, PPOConfig
 from lite_rlhf.context import Context, derive_seed, update_policy
 from lite_rlhf.data import DataError
@@ -105,17 +104,8 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     name, path = f"iter_{t:03d}/rollouts", ctx.rd.iter_dir(t) / "rollouts.jsonl"
     if ctx.rd.done(name):
         return [Rollout(**row) for row in read_jsonl(path)]
-    cfg, d, sec = ctx.cfg, ctx.cfg.data, ctx.cfg.ppo
-    dropped = Counter(unscored=sum(r is None for r in rewards))
-    scored = [(s, r) for s, r in zip(samples, rewards, strict=True) if r is not None]
-    kept = [(s, r) for s, r in scored if fits([(ctx.ids[s.prompt_id], s.token_ids)], d.max_length, d.truncation)]
-    dropped["too_long"] = len(scored) - len(kept)
-    rows = [(ctx.ids[s.prompt_id], s.token_ids) for s, _ in kept]
-    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")  # the policy that sampled them
-    kill_point(f"{name}:logps")
-    temperature, quiet = cfg.generation.temperature, cfg.run.quiet
-    old = token_logps(ctx.model, "policy", rows, d, sec.micro_batch, temperature, quiet=quiet)
-    ref = token_logps(ctx.model, "reference", rows, d, sec.micro_batch, temperature, quiet=quiet)
+    sec = ctx.cfg.ppo
+    kept, old, ref, dropped = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch, with_ref=True)
     moments = RunningMoments(**read_json(ctx.rd.iter_dir(t - 1) / "reward_norm.json")) if t > 1 else RunningMoments()
     scores = [r for _, r in kept]
     moments.update(scores)
