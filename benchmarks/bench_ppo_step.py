@@ -74,13 +74,12 @@ def config(spec: dict):
 
 def targets(cfg, samples, old, ref, values, scores):
     """Per answer: (advantages, returns) by GAE on the per-token rewards, the score normalised by the batch mean."""
-    from lite_rlhf.algorithms.ppo import Rollout, _returns
+    from lite_rlhf.algorithms.ppo import Rollout, returns
 
     mean = statistics.fmean(scores)
     rollouts = [Rollout(s["prompt_id"], 0, s["answer_ids"], sc, sc - mean, o, r)
                 for s, sc, o, r in zip(samples, scores, old, ref, strict=True)]  # fmt: skip
-    pairs = [_returns(cfg, r, v, lam=cfg.ppo.lam) for r, v in zip(rollouts, values, strict=True)]
-    return rollouts, [a for a, _ in pairs], [r for _, r in pairs]
+    return rollouts, *returns(cfg, rollouts, values, lam=cfg.ppo.lam)
 
 
 def padded(samples: list[dict], pad: int):
@@ -177,7 +176,8 @@ def run_four(spec: dict) -> dict:
     reward_head = load_file(tmp / "reward" / "head.safetensors")
     # our heads are `weight` [1, H] and a bias; transformers' score head has no bias: one more parameter for the
     # value's (it trains, as ours does), a constant for the reward's
-    state = load_file(tmp / "value" / "adapter_model.safetensors") | {"base_model.model.score.weight": value_head["weight"]}
+    state = load_file(tmp / "value" / "adapter_model.safetensors")
+    state["base_model.model.score.weight"] = value_head["weight"]
     set_peft_model_state_dict(value, state)
     with torch.no_grad():
         reward.score.weight.copy_(reward_head["weight"])

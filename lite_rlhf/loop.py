@@ -134,8 +134,14 @@ def check_inputs(cfg: Config):
     d = cfg.data
     conversations = load_conversations(data_path(d, "sft"), d.skip_invalid, data_fields(d)) if d.sft else None
     dpo_loss_fn(cfg.dpo, "cuda" if torch.cuda.is_available() else "cpu")  # dpo.kernel fits this machine
-    if d.ptx and not Path(d.ptx).is_file():
-        raise ConfigError(f"config key 'data.ptx': '{d.ptx}' is not a file (plain text for ppo.ptx_coef)")
+    if d.ptx:
+        try:
+            text = Path(d.ptx).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config key 'data.ptx': '{d.ptx}' is not a readable UTF-8 text file "
+                              f"({type(err).__name__})") from None  # fmt: skip
+        if not text.strip():
+            raise ConfigError(f"config key 'data.ptx': '{d.ptx}' is empty (plain text for ppo.ptx_coef)")
     if cfg.reward.kind == "preference":
         check_format(cfg)  # the labels are one token each
     if cfg.reward.adapter:

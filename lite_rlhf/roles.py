@@ -458,36 +458,33 @@ class SharedModel:
 
     def save_reward(self, directory: str | Path) -> Path:
         """The reward adapter (peft format) plus the score head in `head.safetensors`, into a fresh `directory`."""
+        return self._save_with_head("reward", self.head, directory)
+
+    def _save_with_head(self, name: str, head: nn.Linear, directory: str | Path) -> Path:
         from safetensors.torch import save_file
 
-        directory = self.save_adapter("reward", directory)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
+        directory = self.save_adapter(name, directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(directory / HEAD_FILE), metadata={"format": "pt"})
         return directory
+
+    def _load_head(self, head: nn.Linear, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            head.load_state_dict(load_file(str(directory / HEAD_FILE), device=str(self.device)))
 
     def save_value(self, directory: str | Path) -> Path:
         """The value adapter (peft format) plus its head in `head.safetensors`, into a fresh `directory`."""
-        from safetensors.torch import save_file
-
-        directory = self.save_adapter("value", directory)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE), metadata={"format": "pt"})
-        return directory
+        return self._save_with_head("value", self.value_head, directory)
 
     def load_value(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
         self.load_adapter("value", directory)
-        with torch.no_grad():
-            self.value_head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE), device=str(self.device)))
+        self._load_head(self.value_head, Path(directory))
 
     def load_reward(self, directory: str | Path) -> None:
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
             raise ConfigError(f"reward directory '{directory}' has no {HEAD_FILE} (train it with `lite-rlhf train-rm`)")
         self.load_adapter("reward", directory)
-        state = load_file(str(directory / HEAD_FILE), device=str(self.device))
-        with torch.no_grad():
-            self.head.load_state_dict(state)
+        self._load_head(self.head, directory)

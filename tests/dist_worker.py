@@ -147,7 +147,7 @@ def ppo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> No
 
     from lite_rlhf import dist
     from lite_rlhf.algorithms.grpo import per_token, token_logps
-    from lite_rlhf.algorithms.ppo import Rollout, _returns, train_policy, train_value
+    from lite_rlhf.algorithms.ppo import Rollout, returns, train_policy, train_value
     from lite_rlhf.config import load_config
     from lite_rlhf.data import prompt_ids, response_ids
     from lite_rlhf.roles import SharedModel
@@ -172,12 +172,12 @@ def ppo_step(out: Path, model_dir: str, micro_batch: int, grad_accum: int) -> No
     batch = [Rollout(pid, 0, a, 0.0, score, o, r)
              for pid, a, score, o, r in zip(ids, answers, scores, old, ref, strict=True)]  # fmt: skip
     values = per_token(model, rows, cfg.data, micro_batch, model.values, "values", quiet=True)
-    targets = [_returns(cfg, r, v, lam=0.95) for r, v in zip(batch, values, strict=True)]
+    advantages, targets = returns(cfg, batch, values, lam=0.95)
     ctx = SimpleNamespace(cfg=cfg, model=model, ids=ids)
     steps = plan_steps(len(batch), cfg.ppo, 3)
     records: list[dict] = []
-    train_policy(ctx, batch, [a for a, _ in targets], steps, records.append)
-    train_value(ctx, batch, values, [r for _, r in targets], steps, clip=0.15, name="value", on_step=records.append)
+    train_policy(ctx, batch, advantages, steps, records.append)
+    train_value(ctx, batch, values, targets, steps, clip=0.15, name="value", on_step=records.append)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.rank()}.json").write_text(json.dumps({"records": records}))
     if dist.is_main():

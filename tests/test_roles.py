@@ -474,3 +474,17 @@ def test_ppo_ptx_adds_the_policys_nll_on_windows_of_the_text(tiny, tmp_path):
             nll = -logits[:, :-1].log_softmax(-1).gather(-1, seq[:, 1:, None]).mean()
             assert records[0]["ptx_nll"] == pytest.approx(float(nll), rel=1e-5)
     assert not torch.equal(adapters[0.0], adapters[1.0])
+
+
+def test_a_ptx_file_that_is_missing_empty_or_not_text_stops_before_any_model_loads(tmp_path):
+    from lite_rlhf.config import ConfigError
+    from lite_rlhf.loop import check_inputs
+
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    for path, why in ((tmp_path / "missing.txt", "not a readable UTF-8"), (empty, "is empty"),
+                      (binary, "not a readable UTF-8")):  # fmt: skip
+        cfg = load_config(None, ["loop.algorithm=ppo", "ppo.ptx_coef=0.1", f"data.ptx={path}"])
+        with pytest.raises(ConfigError, match=f"config key 'data.ptx': '{path}' .*{why}"):
+            check_inputs(cfg)

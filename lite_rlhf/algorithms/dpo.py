@@ -84,7 +84,12 @@ def dpo_loss_fn(dpo: DPOConfig, device: torch.device | str) -> Callable:
             "config key 'dpo.kernel': triton runs on CUDA or under TRITON_INTERPRET=1 (Triton's CPU interpreter); "
             "here it would be the chunked torch path: set dpo.kernel=auto or chunked"
         )
-    return functools.partial(fused_dpo_loss, path="chunked-torch" if dpo.kernel == "chunked" else default)
+    return functools.partial(fused_dpo_loss, path=dpo_path(dpo, device))
+
+
+def dpo_path(dpo: DPOConfig, device: torch.device | str) -> str:
+    """The log-prob path `dpo.kernel` runs on `device` (reference: torch, on the full logits)."""
+    return kernel_path(device) if dpo.kernel in ("auto", "triton") else "chunked-torch"
 
 
 def train_dpo(
@@ -241,8 +246,7 @@ def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> 
 
 def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
     """DPO on all pairs so far, from the previous policy, reference π0."""
-    path = kernel_path(ctx.model.device) if ctx.cfg.dpo.kernel in ("auto", "triton") else "chunked-torch"
-    loss = reductions(ctx.cfg.dpo.loss_type, path)  # which reduction each loss runs: Triton or torch
+    loss = reductions(ctx.cfg.dpo.loss_type, dpo_path(ctx.cfg.dpo, ctx.model.device))  # Triton or torch, per loss
     update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs (loss {loss})", len(history), lambda on_step: train_dpo(
         ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
         quiet=ctx.cfg.run.quiet, on_step=on_step,

@@ -142,7 +142,7 @@ def value_warmup(ctx: Context, batch: list[Rollout]) -> None:
         per_step = sec.micro_batch * sec.grad_accum
         cycles = dataclasses.replace(sec, epochs=float(math.ceil(sec.value_warmup_steps * per_step / len(batch))))
         steps = plan_steps(len(batch), cycles, derive_seed(ctx.cfg, 1, "value"))[: sec.value_warmup_steps]
-        targets = [_returns(ctx.cfg, r, [0.0] * len(r.old_logps), lam=1.0)[1] for r in batch]
+        targets = returns(ctx.cfg, batch, [[0.0] * len(r.old_logps) for r in batch], lam=1.0)[1]
         ctx.say(f"value warm-up: {len(steps)} steps on {len(batch)} answers; the policy does not move")
         ctx.engine.sleep()
         train_value(ctx, batch, None, targets, steps, clip=None, name="value warm-up", on_step=lambda rec: (
@@ -152,14 +152,12 @@ def value_warmup(ctx: Context, batch: list[Rollout]) -> None:
 
 
 def train_ppo(ctx: Context, t: int, batch: list[Rollout], *, seed: int, on_step) -> None:
-    """policy_t and value_t (in place) from policy_{t-1} (loaded by the caller) and the value before t."""
+    """policy_t and value_t (in place) from policy_{t-1} and the value before t (both loaded by the caller)."""
     cfg, sec, model = ctx.cfg, ctx.cfg.ppo, ctx.model
-    model.load_value(value_before(ctx, t))
     rows = [(ctx.ids[r.prompt_id], r.response_ids) for r in batch]
     old_values = per_token(model, rows, cfg.data, sec.micro_batch, model.values, "values", quiet=cfg.run.quiet)
-    pairs = [_returns(cfg, r, v, lam=sec.lam) for r, v in zip(batch, old_values, strict=True)]
-    advantages, returns = [a for a, _ in pairs], [r for _, r in pairs]
-    flat_v, flat_r = torch.tensor([x for v in old_values for x in v]), torch.tensor([x for v in returns for x in v])
+    advantages, targets = returns(cfg, batch, old_values, lam=sec.lam)
+    flat_v, flat_r = torch.tensor([x for v in old_values for x in v]), torch.tensor([x for v in targets for x in v])
     ones = torch.ones_like(flat_v, dtype=torch.bool)
     if sec.whiten_advantages:
         flat_a = whiten(torch.tensor([x for a in advantages for x in a]), ones)
@@ -169,8 +167,8 @@ def train_ppo(ctx: Context, t: int, batch: list[Rollout], *, seed: int, on_step)
     lengths = [min(cfg.data.max_length, len(ctx.ids[r.prompt_id]) + len(r.response_ids)) for r in batch]
     steps = group_by_length(plan_steps(len(batch), sec, seed), lengths)
     model.fit_checkpointing("ppo", longest_micro_batch(steps, lengths), quiet=cfg.run.quiet)
-    train_policy(ctx, batch, list(advantages), steps, on_step)
-    train_value(ctx, batch, old_values, list(returns), steps, clip=sec.value_clip or None, name="ppo value",
+    train_policy(ctx, batch, advantages, steps, on_step)
+    train_value(ctx, batch, old_values, targets, steps, clip=sec.value_clip or None, name="ppo value",
                 on_step=on_step)  # fmt: skip
 
 
@@ -211,7 +209,7 @@ def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float
     model.eval()
 
 
-def train_value(ctx: Context, batch, old_values, returns, steps: Steps, *, clip, name: str, on_step) -> None:
+def train_value(ctx: Context, batch, old_values, targets, steps: Steps, *, clip, name: str, on_step) -> None:
     """The value adapter and head (in place) on the clipped value loss (`clip` None: plain squared error, and no
     old values needed), at ppo.value_lr."""
     cfg, model = ctx.cfg, ctx.model
@@ -221,7 +219,7 @@ def train_value(ctx: Context, batch, old_values, returns, steps: Steps, *, clip,
         b, mask = _batch(ctx, [batch[i] for i in indices])
         values = model.values(b)
         old = scatter([old_values[i] for i in indices], mask) if old_values is not None else values.detach()
-        loss, figures = clipped_value_loss(values, old, scatter([returns[i] for i in indices], mask), mask, clip)
+        loss, figures = clipped_value_loss(values, old, scatter([targets[i] for i in indices], mask), mask, clip)
         tokens = int(mask.sum())
         sums["value_loss"] += loss.item() * tokens
         sums["value_clip_fraction"] += figures["value_clip_fraction"] * tokens
@@ -245,15 +243,22 @@ def train_value(ctx: Context, batch, old_values, returns, steps: Steps, *, clip,
 # --------------------------------------------------------------------------- helpers
 
 
-def _returns(cfg: Config, r: Rollout, values: list[float], lam: float) -> tuple[list[float], list[float]]:
-    """One answer's (advantages, returns) by GAE on its per-token rewards (`actor_critic`)."""
+def returns(cfg: Config, batch: list[Rollout], values: list[list[float]], lam: float):
+    """Each answer's (advantages, returns) per token by GAE on its per-token rewards (`actor_critic`), all answers
+    in one `[answers, longest]` pass."""
     sec: PPOConfig = cfg.ppo
-    as_row = lambda xs: torch.tensor([xs], dtype=torch.float64)
-    mask = torch.ones(1, len(values), dtype=torch.bool)
-    score = torch.tensor([r.reward], dtype=torch.float64)
-    rewards = token_rewards(score, as_row(r.old_logps), as_row(r.ref_logps), mask, sec.kl_coef)
-    adv, ret = gae(rewards, as_row(values), mask, sec.gamma, lam)
-    return adv[0].tolist(), ret[0].tolist()
+    if not batch:
+        return [], []
+    lengths = [len(v) for v in values]
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]  # each answer's tokens, left-aligned
+    dense = lambda rows: torch.zeros(mask.shape, dtype=torch.float64).masked_scatter(  # noqa: E731
+        mask, torch.tensor([x for row in rows for x in row], dtype=torch.float64))
+    scores = torch.tensor([r.reward for r in batch], dtype=torch.float64)
+    rewards = token_rewards(scores, dense([r.old_logps for r in batch]), dense([r.ref_logps for r in batch]), mask,
+                            sec.kl_coef)  # fmt: skip
+    adv, ret = gae(rewards, dense(values), mask, sec.gamma, lam)
+    return [a[:n].tolist() for a, n in zip(adv, lengths, strict=True)], [
+        r[:n].tolist() for r, n in zip(ret, lengths, strict=True)]  # fmt: skip
 
 
 def ptx_windows(ctx: Context) -> list[list[int]]:
