@@ -4,8 +4,8 @@ Every variant trains SmolLM2-135M-Instruct (the embedded model, ``resolve_model(
 in fp32 on the CPU, on the same token sequences in the same order, with the same pairs per step:
 
 - ``a``:  lite-rlhf with its defaults (``model.gradient_checkpointing=auto`` with the default budget, 75% of the
-  available RAM: the row says how many layers that checkpointed): ``SharedModel`` (LoRA adapter "policy"; also the
-  "reward" adapter and
+  available RAM, and on CPU at least a quarter of the layers: the row says how many layers that checkpointed):
+  ``SharedModel`` (LoRA adapter "policy"; also the "reward" adapter and
   head it always carries), reference log-probs stored with each pair by ``lite_rlhf.algorithms.dpo.add_reference_logps``
   (computed once, before training; a step never runs the reference), loss through the fused kernels by
   ``lite_rlhf.algorithms.dpo.train_dpo`` itself. The config is ``configs/demo.yaml`` (LoRA rank, alpha and targets from
@@ -13,6 +13,8 @@ in fp32 on the CPU, on the same token sequences in the same order, with the same
   one epoch and a ``data.max_length`` that truncates nothing set on top.
 - ``a_budget``: ``a`` with ``model.memory_budget`` set to ``c2``'s measured peak in the same run (so ``c2`` runs
   first): auto then checkpoints the fewest layers whose estimated training peak fits it.
+- ``a_none``: ``a`` with no layer checkpointed (``model.gradient_checkpointing=0``), what auto chose on CPU before
+  its floor of a quarter of the layers (``lite_rlhf.plan.default_checkpointed``): the time that floor costs.
 - ``a_gc`` (only when asked for with ``--variants``): ``a`` with ``model.gradient_checkpointing=true``, the
   library's own switch, for comparison with ``c2``.
 - ``b``:  TRL 1.16 ``DPOTrainer``, full fine-tuning, a separate reference model, ``gradient_checkpointing=False``.
@@ -122,6 +124,7 @@ VARIANTS = {
     "a": "lite-rlhf defaults: SharedModel LoRA, stored ref log-probs, fused kernels, checkpointing auto",
     "a_budget": "a with model.memory_budget = (c2)'s measured peak",
     "a_gc": "a with model.gradient_checkpointing=true (every layer)",
+    "a_none": "a with model.gradient_checkpointing=0 (no layer: the CPU default before the quarter floor)",
     "b": "TRL full fine-tuning, separate reference model",
     "b2": "TRL full fine-tuning, precompute_ref_log_probs=True",
     "c": "TRL + peft LoRA, reference = adapter disabled",
@@ -129,8 +132,10 @@ VARIANTS = {
     "c_pf": "c with padding_free=True",
     "c_liger": "c with use_liger_kernel=True",
 }
-LITE_VARIANTS = {"a": [], "a_budget": [], "a_gc": ["model.gradient_checkpointing=true"]}  # extra overrides
-DEFAULT_VARIANTS = ["a", "c", "c2", "a_budget", "c_pf", "c_liger"]  # a_budget after c2: its budget is c2's peak
+LITE_VARIANTS = {"a": [], "a_budget": [], "a_gc": ["model.gradient_checkpointing=true"],
+                 "a_none": ["model.gradient_checkpointing=0"]}  # extra overrides  # fmt: skip
+# a_budget after c2: its budget is c2's peak
+DEFAULT_VARIANTS = ["a", "a_none", "c", "c2", "a_budget", "c_pf", "c_liger"]
 TRL_SETTINGS = {  # variant -> (LoRA, precompute_ref_log_probs, gradient_checkpointing, extra DPOConfig settings)
     "b": (False, False, False, {}),
     "b2": (False, True, False, {}),
@@ -585,12 +590,24 @@ def check_sequences(rows: list[dict]) -> list[str]:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """Issue targets, MET or MISSED by how much: with memory_budget = (c2)'s peak, (a_budget)'s peak <= (c2)'s
-    and its step <= 0.8 x (c)'s (moonshot 0.7 x); the plan's training-phase estimate within 25% of each lite
-    variant's measured training peak."""
+    """Issue targets, MET or MISSED by how much: at the defaults, (a)'s peak <= TRL's leanest (c2) and its step
+    <= 0.7 x TRL's fastest; with memory_budget = (c2)'s peak, (a_budget)'s peak <= (c2)'s and its step <= 0.8 x
+    (c)'s (moonshot 0.7 x); the plan's training-phase estimate within 25% of each lite variant's measured training
+    peak."""
     by = {(r["shape"], r["variant"]): r for r in rows}
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
+        a, trl = by.get((shape, "a")), [r for r in rows if r["shape"] == shape and r["variant"] in TRL_SETTINGS]
+        if a and trl:
+            lean, fast = min(trl, key=lambda r: r["peak_mib"]), min(trl, key=lambda r: r["s_per_step"])
+            x, y = a["peak_mib"], lean["peak_mib"]
+            out.append(f"- {'MET' if x <= y else 'MISSED'}: {shape}, (a) defaults' peak <= TRL's leanest "
+                       f"({lean['variant']}): {x:,.0f} vs {y:,.0f} MiB ({x / y:.2f}x, {x - y:+,.0f} MiB); "
+                       f"{a['checkpointed_layers']} layers checkpointed")  # fmt: skip
+            x, y = a["s_per_step"], fast["s_per_step"]
+            out.append(f"- {'MET' if x <= 0.7 * y else 'MISSED'}: {shape}, (a) defaults' s/step <= 0.7 x TRL's "
+                       f"fastest ({fast['variant']}): {x:.2f} vs {y:.2f} s ({x / y:.2f}x; {0.7 * y:.2f} allowed, "
+                       f"{x - 0.7 * y:+.2f})")  # fmt: skip
         mine, c, c2 = by.get((shape, "a_budget")), by.get((shape, "c")), by.get((shape, "c2"))
         if mine and c2:
             x, y = mine["peak_mib"], c2["peak_mib"]

@@ -37,7 +37,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     quantization: Literal["none", "nf4"] = "none"  # nf4: 4-bit base through bitsandbytes (QLoRA)
     # Recompute activations in backward (less memory, more time): false, true (every decoder layer), a number of
-    # layers, or auto: the fewest layers whose estimated training peak fits memory_budget (`lite_rlhf.plan`).
+    # layers, or auto: the fewest layers whose estimated training peak fits memory_budget (`lite_rlhf.plan`);
+    # on CPU without a memory_budget at least a quarter of them (`plan.default_checkpointed` says why).
     gradient_checkpointing: bool | int | Literal["auto"] = "auto"
     memory_budget: str | None = None  # e.g. 2GiB; default: free CUDA memory less a margin, or 75% of available RAM
     sft_adapter: str | None = None  # π0 = base + this frozen adapter (the policy starts as a copy)

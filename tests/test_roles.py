@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from lite_rlhf.batching import make_batch
 from lite_rlhf.config import load_config
 from lite_rlhf.data import prompt_ids, response_ids
+from lite_rlhf.models import make_tiny_model
 from lite_rlhf.roles import SharedModel, keep_nf4_layout
 
 QA = [
@@ -302,7 +303,8 @@ def layer_calls(model, b) -> list[int]:
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     """false, true and a number of layers: the checkpointed layers (the first k) run twice, the others once,
-    and the gradients are the same."""
+    and the gradients are the same to the bit (on CPU auto checkpoints a quarter of the layers by default: the
+    figures of a run must not depend on it)."""
     grads = []
     for flag, calls in (("false", [1, 1]), ("true", [2, 2]), ("1", [2, 1])):
         model = make(tiny, f"model.gradient_checkpointing={flag}")
@@ -310,10 +312,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
         assert layer_calls(model, batch(model)[3]) == calls, flag
         grads.append(policy_grads(model, batch(model)[3]))
     for g in grads[1:]:
-        assert_close(g, grads[0], atol=1e-6, rtol=1e-5, msg=lambda m: f"checkpointing changed grads: {m}")
+        assert torch.equal(g, grads[0]), f"checkpointing changed grads: {(g - grads[0]).abs().max()}"
 
 
-def test_auto_checkpointing_fits_the_budget_and_says_so(tiny, capsys):
+def test_auto_checkpointing_fits_the_budget_and_says_so(tiny, capsys, tmp_path):
     """auto: no layer under a budget that holds everything, every layer (and a warning) under one that holds
     nothing; the choice is printed unless quiet, and it can change from stage to stage."""
     model = make(tiny, "model.memory_budget=4GiB")  # the default is auto
@@ -332,7 +334,11 @@ def test_auto_checkpointing_fits_the_budget_and_says_so(tiny, capsys):
 
     default = make(tiny)  # no budget given: 75% of the available RAM, plenty for a tiny model
     assert default.memory_budget()[1] == "75% of available RAM"
-    assert default.fit_checkpointing("dpo", 1200, quiet=True) == 0
+    assert default.fit_checkpointing("dpo", 1200, quiet=True) == 0  # a quarter of 2 layers: none
+    four = make(make_tiny_model(tmp_path / "four", layers=4))  # on CPU without a budget: a quarter of the layers
+    assert four.fit_checkpointing("dpo", 1200, quiet=False) == 1 and layer_calls(four, batch(four)[3]) == [2, 1, 1, 1]
+    out = capsys.readouterr().out
+    assert "within the budget" in out and "(at least 1 on CPU without model.memory_budget)" in out
     fixed = make(tiny, "model.gradient_checkpointing=1", "model.memory_budget=1MiB")
     assert fixed.checkpointed_layers == 1 and fixed.fit_checkpointing("dpo", 1200, quiet=False) == 1
     assert capsys.readouterr().out == ""  # a fixed setting is not a choice: nothing to say
