@@ -31,6 +31,7 @@ much of the block's peak it could hide.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -166,3 +167,37 @@ def git_revision(cwd: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
+
+
+def step_bench_main(script: Path, name: str, variants: tuple[str, ...], fields: list[str], worker, report) -> None:
+    """``main()`` of the one-update benchmarks (bench_grpo_step.py, bench_ppo_step.py): the same arguments, each
+    variant in a fresh worker process (`run_worker`), the rows appended to RESULTS/<name>.csv and `report(rows,
+    args)` written to RESULTS/<name>.md and printed. ``--worker`` runs `worker(spec)` in the child."""
+    ap = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or name).split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--answers", type=int, default=8, help="answers per step (two prompts, half each)")
+    ap.add_argument("--length", type=int, default=128, help="tokens per answer")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant (at least 2)")
+    ap.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
+    ap.add_argument("--results", type=Path, default=script.parent / "results", help="CSV and markdown go here")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    if unknown := [v for v in args.variants.split(",") if v not in variants]:
+        ap.error(f"unknown variant {', '.join(unknown)}; valid: {', '.join(variants)}")
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            spec = {"variant": variant, "answers": args.answers, "length": args.length, "steps": args.steps, "tmp": tmp}
+            row = run_worker(script, spec) | {"revision": git_revision(script.parent.parent),
+                                              "machine": machine_description()}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.results.mkdir(parents=True, exist_ok=True)
+    append_csv(args.results / f"{name}.csv", fields, rows)
+    text = report(rows, args)
+    (args.results / f"{name}.md").write_text(text)
+    print(text)

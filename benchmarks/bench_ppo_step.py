@@ -31,7 +31,6 @@ the table with the ratios lite / four to ``bench_ppo_step.md``. Run it on an idl
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -41,13 +40,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _memory import (  # noqa: E402
-    append_csv,
     current_rss_mib,
-    git_revision,
-    machine_description,
     peak_mib,
     reset_peak,
-    run_worker,
+    step_bench_main,
 )
 from bench_grpo_step import build_samples  # noqa: E402
 
@@ -275,33 +271,7 @@ def report(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--answers", type=int, default=8, help="answers per step (two prompts, half each)")
-    ap.add_argument("--length", type=int, default=128, help="tokens per answer")
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps of each part (at least 2)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="CSV and markdown go here")
-    args = ap.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
-        return
-    import tempfile
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants.split(","):
-            if variant not in VARIANTS:
-                raise SystemExit(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-            spec = {"variant": variant, "answers": args.answers, "length": args.length, "steps": args.steps, "tmp": tmp}
-            row = run_worker(Path(__file__), spec) | {"revision": git_revision(ROOT), "machine": machine_description()}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    args.results.mkdir(parents=True, exist_ok=True)
-    append_csv(args.results / "bench_ppo_step.csv", FIELDS, rows)
-    text = report(rows, args)
-    (args.results / "bench_ppo_step.md").write_text(text)
-    print(text)
+    step_bench_main(Path(__file__).resolve(), "bench_ppo_step", VARIANTS, FIELDS, worker, report)
 
 
 if __name__ == "__main__":
