@@ -913,7 +913,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]
             "WARNING: no --reward-adapter: an untrained reward model ranks the answers; the figures exercise the "
             "code paths but are not the demo's (train one with `lite-rlhf run`, then pass runs/demo/reward)"
         )
-    overrides = [*(TINY_SET if args.tiny else []), *args.set, "run.quiet=true"]
+    # lite-rlhf at the library's default checkpointing (configs/demo.yaml pins 0 to reproduce its own figures)
+    overrides = [*(TINY_SET if args.tiny else []), "model.gradient_checkpointing=auto", *args.set, "run.quiet=true"]
     prompts = min(args.prompts, TINY_PROMPTS) if args.tiny else args.prompts
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline-") as tmp:

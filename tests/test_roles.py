@@ -303,8 +303,8 @@ def layer_calls(model, b) -> list[int]:
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     """false, true and a number of layers: the checkpointed layers (the first k) run twice, the others once,
-    and the gradients are the same to the bit (on CPU auto checkpoints a quarter of the layers by default: the
-    figures of a run must not depend on it)."""
+    and the gradients are the same, to the bit on this tiny model (on SmolLM2 the recomputed layers round
+    differently: configs/demo.yaml pins 0 to reproduce its figures)."""
     grads = []
     for flag, calls in (("false", [1, 1]), ("true", [2, 2]), ("1", [2, 1])):
         model = make(tiny, f"model.gradient_checkpointing={flag}")
