@@ -164,6 +164,12 @@ def default_checkpointed(layers: int, *, cuda: bool) -> int:
     return 0 if cuda else layers // 4
 
 
+def checkpoint_floor(cfg: Config, layers: int, *, cuda: bool) -> int:
+    """The fewest layers auto may checkpoint: `default_checkpointed` unless `model.memory_budget` is set (then the
+    budget alone decides)."""
+    return 0 if cfg.model.memory_budget else default_checkpointed(layers, cuda=cuda)
+
+
 def choose_checkpointing(
     cfg: Config, s: Shape, tokens: int, budget: float, *, cuda: bool, at_least: int = 0
 ) -> tuple[int, float]:

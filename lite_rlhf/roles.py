@@ -36,7 +36,7 @@ from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import Config, ConfigError, parse_size
 from lite_rlhf.kernels import linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
-from lite_rlhf.plan import checkpoint_setting, choose_checkpointing, default_checkpointed, model_shape
+from lite_rlhf.plan import checkpoint_floor, checkpoint_setting, choose_checkpointing, model_shape
 
 ROLES = ("policy", "reference", "reward", "preference", "value")
 TRAINED = ("policy", "reward", "preference", "value")  # the roles with trainable parameters
@@ -255,14 +255,14 @@ class SharedModel:
         """Checkpoint the layers `model.gradient_checkpointing` asks for, for a stage whose longest
         micro-batch holds `tokens` tokens (rows x padded width); auto: the fewest layers whose estimated
         training peak (`lite_rlhf.plan.train_terms`) fits `memory_budget()`, at least
-        `plan.default_checkpointed` of them without `model.memory_budget`. Says the choice (unless
+        `plan.checkpoint_floor` of them. Says the choice (unless
         quiet) and returns it."""
         shape = model_shape(str(self.base_dir))
         layers = checkpoint_setting(self._cfg, shape.layers)
         if layers is None:
             budget, source = self.memory_budget()
             cuda = self.device.type == "cuda"
-            floor = 0 if self._cfg.model.memory_budget else default_checkpointed(shape.layers, cuda=cuda)
+            floor = checkpoint_floor(self._cfg, shape.layers, cuda=cuda)
             layers, peak = choose_checkpointing(self._cfg, shape, tokens, budget, cuda=cuda, at_least=floor)
             if not quiet:
                 verdict = "within" if peak <= budget else "OVER"
