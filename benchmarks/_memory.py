@@ -72,11 +72,26 @@ def peak_mib() -> float:
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append `rows` to the CSV at `path` (keys outside `fields` are dropped); a header when it is new."""
+    """Append `rows` to the CSV at `path` (keys outside `fields` are dropped); a header when it is new. When `fields`
+    names columns the file's header lacks (a script that gained a figure), the file is first rewritten under the
+    wider header, its earlier rows blank in the new columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    header = list(fields)
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            old, kept = reader.fieldnames or [], list(reader)
+        header = old + [f for f in fields if f not in old]
+        if header != old:
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("w", newline="") as fh:
+                out = csv.DictWriter(fh, fieldnames=header, restval="")
+                out.writeheader()
+                out.writerows(kept)
+            os.replace(tmp, path)
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        out = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
         if new:
             out.writeheader()
         out.writerows(rows)

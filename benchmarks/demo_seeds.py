@@ -36,6 +36,9 @@ INFO = ["study", "seed", "revision", "cpu", "date", "overrides"]
 FIGURES = ["rm_accuracy", "rm_accuracy_chosen_longer", "best_iteration", "gold_pi0", "gold_best", "gold_gain",
            "gain_ci_lo", "gain_ci_hi", "gain_excludes_zero", *(f"{k}_{w}" for k in PAIRED for w in ("pi0", "best")),
            "kl_best", "gold_noise", "wall_seconds", "process_seconds", "peak_rss_mib"]  # fmt: skip
+# The alignment-tax panel (the test topics asked without their instruction), π0 and best: added later, so last
+TAX = ("tax_on_topic", "tax_no_repetition", "tax_real_answer", "tax_words")
+FIGURES += [f"{k}_{w}" for k in TAX for w in ("pi0", "best")]
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,7 +63,7 @@ def seed_row(run: Path) -> dict:
            "best_iteration": best, "gain_ci_lo": lo, "gain_ci_hi": hi,
            "gain_excludes_zero": None if lo is None else int(lo > 0 or hi < 0), "kl_best": top.get("kl")}  # fmt: skip
     row |= {k: s.get(k) for k in ("gold_pi0", "gold_best", "gold_gain", "gold_noise", "wall_seconds")}
-    return row | {f"{k}_{w}": e.get(k) for k in PAIRED for w, e in (("pi0", pi0), ("best", top))}
+    return row | {f"{k}_{w}": e.get(k) for k in PAIRED + TAX for w, e in (("pi0", pi0), ("best", top))}
 
 
 def run_seed(cmd: list[str], log: Path) -> tuple[int, float, float]:
@@ -116,6 +119,13 @@ def table(name: str, rows: list[dict], head: str) -> str:
     spread = f"{statistics.fmean(gains):+.3f} ± {sd} (min {min(gains):+.3f}, max {max(gains):+.3f})" if gains else "–"
     out.append(f"| **all {len(rows)}** | | | | | **{spread}** | **{above} of {len(rows)} above 0** | | keyword and "
                f"on topic ≥ π0 − noise: **{kept} of {len(held)}** | | | | | | | |")  # fmt: skip
+    taxed = [r for r in rows if r.get("tax_on_topic_pi0") not in (None, "")]
+    if taxed:  # the alignment tax: what the training did to answers without an instruction (π0 → best)
+        out += ["", "Alignment-tax panel (the test topics asked without their instruction), π0 → best:", "",
+                "| seed | on topic | no repetition | real answer | words |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in taxed:
+            cells = [pair(r, k) for k in TAX[:3]] + [pair(r, "tax_words", ".1f")]
+            out.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

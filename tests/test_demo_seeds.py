@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
 SEEDS = ["3", "4"]
 PAIRED = ("gold_max_words", "gold_keyword", "gold_on_topic", "gold_real_answer", "length_chars")
+TAX = ("tax_on_topic", "tax_no_repetition", "tax_real_answer", "tax_words")  # the alignment-tax panel
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,13 @@ def study(tmp_path_factory):
     return root, cmd, env, out
 
 
-def rows(results: Path) -> list[dict]:
-    with (results / "demo_seeds.csv").open(newline="") as fh:
+def rows_of(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def rows(results: Path) -> list[dict]:
+    return rows_of(results / "demo_seeds.csv")
 
 
 def same(cell: str, value) -> bool:
@@ -72,7 +77,7 @@ def test_one_row_per_seed_with_its_own_figures(study):
                 "gain_ci_hi": summary["gold_gain_ci95"][1], "gold_noise": summary["gold_noise"],
                 "wall_seconds": summary["wall_seconds"], "kl_best": top["kl"], "rm_accuracy": oracle["eval_accuracy"],
                 "rm_accuracy_chosen_longer": oracle["eval_accuracy_chosen_longer"],
-                **{f"{k}_{w}": e[k] for k in PAIRED for w, e in (("pi0", pi0), ("best", top))}}  # fmt: skip
+                **{f"{k}_{w}": e[k] for k in PAIRED + TAX for w, e in (("pi0", pi0), ("best", top))}}  # fmt: skip
         assert {k: r[k] for k in want if not same(r[k], want[k])} == {}
         assert (
             r["study"] and r["revision"] not in ("", "unknown") and r["cpu"] and r["overrides"] == "eval.max_prompts=4"
@@ -87,6 +92,21 @@ def test_markdown_has_every_seed_and_the_aggregate(study):
     lines = md.read_text().splitlines()
     assert [line.split("|")[1].strip() for line in lines if line.startswith("| ") and line[2].isdigit()] == SEEDS
     assert any(line.startswith("| **all 2** |") and "of 2 above 0" in line for line in lines)
+    panel = lines[lines.index("| seed | on topic | no repetition | real answer | words |") + 2 :]
+    assert [line.split("|")[1].strip() for line in panel] == SEEDS and all(" → " in line for line in panel)
+
+
+def test_a_csv_with_fewer_columns_is_widened_not_misaligned(tmp_path):
+    """A study's CSV written before the script gained a figure: its rows keep their cells, blank in the new column."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _memory import append_csv
+
+    path = tmp_path / "rows.csv"
+    append_csv(path, ["seed", "gain"], [{"seed": 0, "gain": 0.1}])
+    append_csv(path, ["seed", "gain", "tax"], [{"seed": 1, "gain": 0.2, "tax": 0.9}])
+    append_csv(path, ["seed", "gain"], [{"seed": 2, "gain": 0.3}])
+    assert rows_of(path) == [{"seed": "0", "gain": "0.1", "tax": ""}, {"seed": "1", "gain": "0.2", "tax": "0.9"},
+                             {"seed": "2", "gain": "0.3", "tax": ""}]  # fmt: skip
 
 
 def test_the_same_command_again_reruns_nothing(study):
@@ -127,7 +147,7 @@ def test_the_aggregate_line_counts_what_it_says():
                     "gold_on_topic_best": "0.47"},
             base | {"seed": "1", "gold_gain": "0.3", "gain_ci_lo": "-0.01", "gain_ci_hi": "0.5",
                     "gold_keyword_best": "0.4"}]  # fmt: skip
-    last = table("made-up", rows, "head").splitlines()[-1]
+    (last,) = [line for line in table("made-up", rows, "head").splitlines() if line.startswith("| **all")]
     assert "+0.200 ± 0.141 (min +0.100, max +0.300)" in last and "1 of 2 above 0" in last and "**1 of 2**" in last
 
 
