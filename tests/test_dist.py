@@ -8,6 +8,9 @@ tiny DPO setup of test_loop.py.
   an iteration is trained on by exactly one rank; resuming with another number of ranks is refused.
 - Rank 1 killed inside DPO, or rank 0 after writing a stage's files but before marking it, the same command
   restarted: every artifact equals the uninterrupted 2-rank run's.
+- A whole GRPO run and a whole PPO run on 2 ranks (a reward function as the oracle): every training prompt
+  sampled by one rank; rank 1 killed inside the GRPO update or the value's warm-up, the run resumed: every
+  artifact equals the uninterrupted 2-rank run's.
 
 Collectives time out after LITE_RLHF_DIST_TIMEOUT seconds, so a dead rank fails a test instead of hanging it."""
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from test_loop import artifacts, data, differences  # noqa: F401  (data: the module-scoped fixture)
+from test_loop import artifacts, data, differences, pg_config  # noqa: F401  (data: the module-scoped fixture)
 
 from lite_rlhf.models import make_tiny_model
 from lite_rlhf.runstate import read_jsonl
@@ -183,6 +186,42 @@ def test_a_killed_rank_resumes_to_the_same_artifacts(two_ranks, point, rank, don
     resumed = launch(2, *args)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert differences(artifacts(clean), artifacts(out)) == []
+
+
+@pytest.mark.parametrize(
+    "algorithm, section, point",
+    [("grpo", {"lr": 2e-2, "micro_batch": 2, "grad_accum": 2, "epochs": 2.0}, "iter_002/policy:step"),
+     ("ppo", {"lr": 2e-2, "value_lr": 1e-2, "micro_batch": 2, "grad_accum": 1, "value_warmup_steps": 2},
+      "iter_001/value_warmup:step")],
+    ids=["grpo-inside-update", "ppo-inside-warm-up"],
+)  # fmt: skip
+def test_a_whole_run_on_two_ranks_killed_in_its_update_resumes(data, algorithm, section, point):  # noqa: F811
+    root, _, base = data
+    path = root / f"dist-{algorithm}.yaml"
+    path.write_text(f"# tiny {algorithm} loop on 2 ranks\n" + yaml.safe_dump(pg_config(root, base, algorithm, section)))
+    runs = {}
+    for name, env in (("clean", None), ("killed", {"LITE_RLHF_KILL_AT": point, "LITE_RLHF_KILL_RANK": "1"})):
+        spy = root / f"spy-{algorithm}-{name}"
+        spy.mkdir()
+        out = root / "dist" / f"{algorithm}-{name}" / "run"  # the same name: report.md starts with it
+        done = launch(2, "loop", str(spy), "run", str(path), f"run.out_dir={out}", env=env)
+        runs[name] = (spy, out)
+        assert (done.returncode != 0) == (env is not None), done.stderr[-4000:]
+    spy, clean = runs["clean"]
+    state = json.loads((clean / "state.json").read_text())
+    assert state["world_size"] == 2 and (clean / "summary.json").is_file()
+    sampled = collections.Counter()
+    for r in (0, 1):
+        mine = [i for e in read_jsonl(spy / f"rank{r}.jsonl") if e["what"] == "generate" for i in e["ids"]]
+        assert mine, f"rank {r} sampled nothing"
+        sampled.update(mine)
+    train = {row["prompt_id"] for t in (1, 2) for row in read_jsonl(clean / f"iter_{t:03d}" / "rollouts.jsonl")}
+    assert train and all(sampled[i] == 1 for i in train)  # every trained prompt sampled by exactly one rank, once
+    _, killed = runs["killed"]
+    assert point.split(":")[0] not in json.loads((killed / "state.json").read_text())["done"]
+    resumed = launch(2, "loop", str(root / f"spy-{algorithm}-killed"), "run", str(path), f"run.out_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert differences(artifacts(clean), artifacts(killed)) == []
 
 
 def test_a_preference_run_on_two_ranks_ranks_by_knockout(two_ranks):
