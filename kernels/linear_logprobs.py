@@ -269,6 +269,45 @@ def linear_logprobs(
     return out.view(lead_shape)
 
 
+def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of ``softmax(hidden @ weight.T)`` in fp32 (0 where ``mask`` is False), without the
+    ``[tokens, vocab]`` logits and without gradient: a figure for the log (the policy's entropy on its answers).
+
+    One walk over vocabulary blocks per chunk of rows, as the log-probs' forward, keeping the running max ``m``,
+    ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``. A block with a higher max ``m'`` rescales both by
+    ``a = exp(m - m')``: ``s' = a s``, ``u' = a (u + (m - m') s)``; at the end ``H = log s - u / s`` (with
+    ``p = exp(z - m) / s``, ``-sum p log p = log s - u / s``). Torch ops on every device: the Triton kernels
+    compute log-probs only, and this costs one more no-gradient matmul per scored token, like their forward.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or tuple(mask.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"linear_entropy: hidden [..., H], weight [V, H] and mask [...] disagree: hidden "
+                         f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, mask {tuple(mask.shape)}")  # fmt: skip
+    x = hidden.reshape(-1, hidden.shape[-1])
+    scored = mask.reshape(-1).to(x.device).nonzero().squeeze(1)
+    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    n, vocab = scored.numel(), weight.shape[0]
+    rows, block = _chunk_shape(max(1, n), vocab)
+    z_buffer = _block_buffer(max(1, n), vocab, rows, block, x.device)
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            xs = x[scored[r0 : r0 + rows]].float()  # [R, H]
+            m = torch.full((xs.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
+            s, u = torch.zeros_like(m), torch.zeros_like(m)
+            for v0 in range(0, vocab, block):
+                w = weight[v0 : v0 + block].float()  # [Vb, H]
+                z = torch.mm(xs, w.t(), out=_block_view(z_buffer, xs.shape[0], w.shape[0]))  # [R, Vb] logits
+                m_new = torch.maximum(m, z.amax(dim=1))
+                shift = torch.where(s > 0, m - m_new, 0.0)  # 0 before the first block (m = -inf, s = 0)
+                a = shift.exp()
+                z.sub_(m_new[:, None])  # z - m'
+                e = z.exp()
+                u = a * (u + shift * s) + (e * z).sum(dim=1)
+                s = a * s + e.sum(dim=1)
+                m = m_new
+            out[scored[r0 : r0 + rows]] = s.log() - u / s
+    return out.view(mask.shape)
+
+
 def sequence_logps(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ _COLUMNS = [
     ("rollouts_kept", "answers trained", "{:d}"),
     ("rollout_reward", "sample reward", "{:.3f}"),
     ("rollout_tokens", "sample tokens", "{:.1f}"),
+    ("rollout_entropy", "entropy/token", "{:.3f}"),
     ("signal_share", "groups with signal", "{:.2f}"),
     ("rollout_reward_normalized", "normalised reward", "{:.3f}"),
     ("clip_fraction", "clip fraction", "{:.3f}"),

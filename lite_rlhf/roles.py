@@ -34,7 +34,7 @@ from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import Config, ConfigError, parse_size
-from lite_rlhf.kernels import linear_logprobs
+from lite_rlhf.kernels import linear_entropy, linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_floor, checkpoint_setting, choose_checkpointing, model_shape
 
@@ -330,14 +330,17 @@ class SharedModel:
         differentiable when grad is on (the reference role turns it off)."""
         return self.token_logps(batch).sum(dim=-1), (batch.targets != IGNORE).sum(dim=-1).to(self.device)
 
-    def token_logps(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    def token_logps(self, batch: Batch, temperature: float = 1.0, *, entropy: bool = False):
         """Per-token log-probs `[B, T]` (fp32; 0 off the response tokens) of the active role with its logits
         divided by `temperature` (the hidden states are: the LM head is linear), through the fused kernel: the
-        policy-gradient path (GRPO, RLOO). Differentiable when grad is on."""
+        policy-gradient path (GRPO, RLOO, PPO). Differentiable when grad is on. With `entropy`, (log-probs, the
+        per-token entropy `[B, T]` of the same distribution, without gradient) from the same hidden states."""
         hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
         if temperature != 1.0:
             hidden = hidden / temperature
-        return linear_logprobs(hidden, self.lm_head_weight, batch.targets.to(self.device), ignore_index=IGNORE)
+        targets = batch.targets.to(self.device)
+        logp = linear_logprobs(hidden, self.lm_head_weight, targets, ignore_index=IGNORE)
+        return (logp, linear_entropy(hidden, self.lm_head_weight, targets != IGNORE)) if entropy else logp
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""

@@ -477,6 +477,7 @@ def test_grpo_trains_on_every_scored_answer_with_group_advantages(grpo_setup):
         record = next(m for m in a["metrics.jsonl"] if m["stage"] == "rollouts" and m["iteration"] == t)
         assert record["rollouts_kept"] == len(rolled) and record["signal_share"] == len(
             {k[0] for k in rolled}) / len(groups)  # fmt: skip
+        assert 0 < record["rollout_entropy"] <= math.log(512)  # per token, at most log V (the tiny vocabulary)
         n_steps = math.ceil(math.ceil(2 * len(rolled) / 4) / 2)  # μ = 2 passes, 4 answers x 2 per step
         assert [m["step"] for m in steps if m["iteration"] == t] == list(range(1, n_steps + 1))
     drift = [(k, r) for k, r in pg_rollouts(a, 2).items() if r["old_logps"] != pytest.approx(r["ref_logps"], abs=1e-5)]
@@ -485,7 +486,8 @@ def test_grpo_trains_on_every_scored_answer_with_group_advantages(grpo_setup):
     assert all(m["kl"] >= 0 for m in steps) and any(m["kl"] > 0 for m in steps)
     assert a["iter_001/policy/adapter_model.safetensors"] != a["iter_000/policy/adapter_model.safetensors"]
     report = a["report.md"]
-    for column in ("answers trained", "groups with signal", "clip fraction", "KL to π0 (update)", "sample reward"):
+    for column in ("answers trained", "groups with signal", "clip fraction", "KL to π0 (update)", "sample reward",
+                   "entropy/token"):  # fmt: skip
         assert column in report, column
     for inside in ("iter_001/rollouts:logps", "iter_001/rollouts", "iter_002/policy:step"):
         assert inside in points, inside
@@ -533,7 +535,8 @@ def test_ppo_runs_with_the_value_as_a_copy_of_the_reward_model_and_a_running_nor
         n_steps = math.ceil(2 * len(a[f"iter_{t:03d}/rollouts.jsonl"]) / 4)
         assert parts == ["advantages"] + ["policy"] * n_steps + ["value"] * n_steps, parts
     assert any(m.get("value_clip_fraction", 0) > 0 for m in metrics if m["stage"] == "ppo")
-    for column in ("normalised reward", "value loss", "explained variance", "clip fraction", "KL to π0 (update)"):
+    for column in ("normalised reward", "value loss", "explained variance", "clip fraction", "KL to π0 (update)",
+                   "entropy/token"):  # fmt: skip
         assert column in a["report.md"], column
     for inside in ("iter_000/value", "iter_001/rollouts:logps", "iter_001/value_warmup:step", "iter_001/policy:step"):
         assert inside in points, inside

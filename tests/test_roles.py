@@ -113,6 +113,12 @@ def test_token_logps_are_peft_forwards_logits_over_the_temperature(tiny):
         scored = (torch.arange(1, ids.shape[1])[None] >= lens[:, None]) & mask[:, 1:].bool()
         assert_close(got[:, :-1], want * scored, atol=1e-5, rtol=1e-6)
         assert (got[:, -1] == 0).all() and (got[:, :-1][~scored] == 0).all()
+        with model.role("policy"), torch.no_grad():  # the entropy beside them: of the same softmax, peft's logits
+            again, entropy = model.token_logps(b, temperature, entropy=True)
+        logp = (logits[:, :-1] / temperature).log_softmax(-1)
+        assert torch.equal(again, got)
+        assert_close(entropy[:, :-1], -(logp.exp() * logp).sum(-1) * scored, atol=1e-5, rtol=1e-5)
+        assert (entropy[:, -1] == 0).all() and entropy[:, :-1][scored].min() > 0
     with model.role("policy"):
         model.token_logps(b, 0.7).sum().backward()
     grads = [p.grad for n, p in model.peft.named_parameters() if ".policy." in n and "lora_B" in n]

@@ -77,7 +77,8 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     if ctx.rd.done(name):
         return [Rollout(**row) for row in read_jsonl(path)]
     cfg, sec = ctx.cfg, section(ctx.cfg)
-    kept, old, ref, dropped = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch, with_ref=bool(sec.beta))
+    kept, old, ref, dropped, entropy = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch,
+                                                         with_ref=bool(sec.beta))  # fmt: skip
     scored = [(s, r) for s, r in zip(samples, rewards, strict=True) if r is not None]
     made = [Rollout(s.prompt_id, s.index, s.token_ids, r, 0.0, old[i], ref[i] if ref else None)
             for i, (s, r) in enumerate(kept)]  # fmt: skip
@@ -93,6 +94,7 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
         "rollout_reward": sum(r for _, r in scored) / len(scored) if scored else 0.0,
         "rollout_tokens": sum(len(s.token_ids) for s, _ in scored) / len(scored) if scored else 0.0,
         "signal_share": len(with_signal) / groups if groups else 0.0,
+        "rollout_entropy": entropy,
     }
     ctx.rd.commit(name, {path: [dataclasses.asdict(m) for m in made]}, [record])
     ctx.say(f"iteration {t}: {len(made)} answers to train on; {len(with_signal)} of {groups} groups with signal, "
@@ -100,11 +102,13 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     return made
 
 
-def scored_with_logps(ctx: Context, t: int, samples: list[Sample], rewards: list[float | None], micro_batch: int,
-                      *, with_ref: bool) -> tuple[list[tuple[Sample, float]], list, list | None, Counter]:  # fmt: skip
+def scored_with_logps(
+    ctx: Context, t: int, samples: list[Sample], rewards: list[float | None], micro_batch: int, *, with_ref: bool
+) -> tuple[list[tuple[Sample, float]], list, list | None, Counter, float]:
     """The scored answers that fit data.max_length, with the per-token log-probs of the policy that sampled them
-    (policy_{t-1}) and of π0 (`with_ref`), at the sampling temperature, computed once by the trainer; and the drops
-    counted (unscored, too long). The rollouts stage of GRPO, RLOO and PPO."""
+    (policy_{t-1}) and of π0 (`with_ref`), at the sampling temperature, computed once by the trainer; the drops
+    counted (unscored, too long); and the sampling policy's mean entropy per token on these answers (from the
+    same forward passes as its log-probs). The rollouts stage of GRPO, RLOO and PPO."""
     d, temperature, quiet = ctx.cfg.data, ctx.cfg.generation.temperature, ctx.cfg.run.quiet
     dropped = Counter(unscored=sum(r is None for r in rewards))
     scored = [(s, r) for s, r in zip(samples, rewards, strict=True) if r is not None]
@@ -113,9 +117,10 @@ def scored_with_logps(ctx: Context, t: int, samples: list[Sample], rewards: list
     rows = [(ctx.ids[s.prompt_id], s.token_ids) for s, _ in kept]
     ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")  # the policy that sampled them
     kill_point(f"iter_{t:03d}/rollouts:logps")
-    old = token_logps(ctx.model, "policy", rows, d, micro_batch, temperature, quiet=quiet)
+    old, ent = token_logps(ctx.model, "policy", rows, d, micro_batch, temperature, quiet=quiet, entropy=True)
     ref = token_logps(ctx.model, "reference", rows, d, micro_batch, temperature, quiet=quiet) if with_ref else None
-    return kept, old, ref, dropped
+    tokens = sum(map(len, ent))
+    return kept, old, ref, dropped, sum(map(sum, ent)) / tokens if tokens else 0.0
 
 
 def with_advantages(made: list[Rollout], cfg: Config) -> tuple[list[Rollout], int, set[str]]:
@@ -138,16 +143,22 @@ def with_advantages(made: list[Rollout], cfg: Config) -> tuple[list[Rollout], in
 
 
 def token_logps(
-    model, role: str, rows: list[Row], d: DataConfig, micro_batch: int, temperature: float, *, quiet: bool
-) -> list[list[float]]:
+    model, role: str, rows: list[Row], d: DataConfig, micro_batch: int, temperature: float, *, quiet: bool,
+    entropy: bool = False,
+):  # fmt: skip
     """Each row's per-response-token log-probs under `role` at `temperature`, without gradient, in batches of
-    similar length; returned in the order given. Under torchrun each rank computes its share."""
+    similar length; returned in the order given. Under torchrun each rank computes its share. With `entropy`,
+    (log-probs, per-token entropies of the same distributions), from the same forward passes."""
 
     def logps(batch):
         with model.role(role):
-            return model.token_logps(batch, temperature)
+            return torch.stack(model.token_logps(batch, temperature, entropy=True), -1) if entropy else (
+                model.token_logps(batch, temperature))  # fmt: skip
 
-    return per_token(model, rows, d, micro_batch, logps, f"{role} log-probs", quiet=quiet)
+    out = per_token(model, rows, d, micro_batch, logps, f"{role} log-probs", quiet=quiet)
+    if not entropy:
+        return out
+    return [[lp for lp, _ in row] for row in out], [[h for _, h in row] for row in out]
 
 
 def per_token(model, rows: list[Row], d: DataConfig, micro_batch: int, fn, desc: str, *, quiet: bool):

@@ -105,7 +105,7 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
     if ctx.rd.done(name):
         return [Rollout(**row) for row in read_jsonl(path)]
     sec = ctx.cfg.ppo
-    kept, old, ref, dropped = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch, with_ref=True)
+    kept, old, ref, dropped, entropy = scored_with_logps(ctx, t, samples, rewards, sec.micro_batch, with_ref=True)
     moments = RunningMoments(**read_json(ctx.rd.iter_dir(t - 1) / "reward_norm.json")) if t > 1 else RunningMoments()
     scores = [r for _, r in kept]
     moments.update(scores)
@@ -120,6 +120,7 @@ def rollouts(ctx: Context, t: int, samples: list[Sample], rewards: list[float | 
         "rollout_reward": sum(scores) / len(scores) if scores else 0.0,
         "rollout_reward_normalized": sum(normed) / len(normed) if normed else 0.0,
         "rollout_tokens": sum(len(s.token_ids) for s, _ in kept) / len(kept) if kept else 0.0,
+        "rollout_entropy": entropy,
     }
     files = {path: [dataclasses.asdict(m) for m in made], ctx.rd.iter_dir(t) / "reward_norm.json": vars(moments)}
     ctx.rd.commit(name, files, [record])

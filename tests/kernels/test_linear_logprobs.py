@@ -9,6 +9,7 @@ from kernel_checks import (
     CASES,
     DTYPES,
     GRAD_TOL,
+    IGNORE,
     LOGP_TOL,
     REAL_SIZE_LOGP_TOL,
     Case,
@@ -17,7 +18,7 @@ from kernel_checks import (
     llp_module,
     make_inputs,
 )
-from lite_rlhf.kernels import kernel_path, linear_logprobs, linear_logprobs_reference, sequence_logps
+from lite_rlhf.kernels import kernel_path, linear_entropy, linear_logprobs, linear_logprobs_reference, sequence_logps
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -178,3 +179,31 @@ def test_triton_real_sizes_on_gpu(dtype):
     out = linear_logprobs(hidden, weight, targets)
     ref = linear_logprobs_reference(hidden.detach(), weight, targets)
     assert_close(out, ref, **REAL_SIZE_LOGP_TOL, msg=lambda m: f"GPU log-probs {dtype}: {m}")
+
+
+@pytest.mark.parametrize("chunks", ["default", "small"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_entropy_matches_the_full_softmax(case, dtype, chunks, monkeypatch):
+    """linear_entropy against -sum p log p of the full logits in fp64 (plain torch), 0 where masked; with small
+    chunks several row chunks and vocabulary blocks rescale the running sums (the peaked case moves the max)."""
+    if chunks == "small":
+        monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
+    hidden, weight, targets = make_inputs(case, dtype)
+    mask = targets != IGNORE
+    logp = torch.log_softmax(hidden.double() @ weight.double().t(), dim=-1)
+    want = torch.where(mask, -(logp.exp() * logp).sum(dim=-1), 0.0).float()
+    got = linear_entropy(hidden, weight, mask)
+    assert got.dtype == torch.float32 and got.shape == mask.shape
+    assert_close(got, want, **LOGP_TOL)
+    if mask.any():  # not trivially 0 (the peaked case's rows go near 0, the others near log V)
+        assert got[mask].max() > 0.1
+
+
+def test_entropy_never_holds_the_logits():
+    case = Case("big", (2, 1024), 16, 8192)
+    hidden, weight, targets = make_inputs(case, torch.float32)
+    mode = _LargestTensor()
+    with mode:
+        linear_entropy(hidden, weight, targets != IGNORE)
+    assert mode.largest <= llp_module._BLOCK_ELEMENTS, f"largest tensor {mode.largest} > one block"
