@@ -219,8 +219,8 @@ class PolicyGradientConfig(TrainerConfig):
     """What GRPO and RLOO share (lite_rlhf/algorithms/grpo.py): each iteration's n answers per prompt are a group,
     trained on from the policy that sampled them, with π0 (the base, adapters off) as the KL anchor."""
 
-    # peak learning rate (LoRA; TRL's GRPO default 1e-6 is full weights); the demo's 135M model takes 5e-4 (chosen
-    # over 1e-4, 5e-4, 1e-3, 2e-3: docs/performance.md)
+    # peak learning rate (LoRA; TRL's GRPO default 1e-6 is full weights); the demo's 135M model: 5e-4 (GRPO's, chosen
+    # over 1e-4, 5e-4, 1e-3, 2e-3 on seed 0; RLOO runs at it too: docs/performance.md)
     lr: float = _f(1e-5, lo=0, hi=1, lo_open=True)
     epochs: float = _f(1.0, lo=0, lo_open=True)  # μ: passes over each iteration's samples (1: on-policy, as published)
     micro_batch: int = _f(8, lo=1)  # answers per forward pass
