@@ -287,7 +287,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     n, vocab = scored.numel(), weight.shape[0]
     rows, block = _chunk_shape(max(1, n), vocab)
-    z_buffer = _block_buffer(max(1, n), vocab, rows, block, x.device)
+    z_buffer, e_buffer = (_block_buffer(max(1, n), vocab, rows, block, x.device) for _ in range(2))
     with torch.no_grad():
         for r0 in range(0, n, rows):
             xs = x[scored[r0 : r0 + rows]].float()  # [R, H]
@@ -300,8 +300,8 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
                 shift = torch.where(s > 0, m - m_new, 0.0)  # 0 before the first block (m = -inf, s = 0)
                 a = shift.exp()
                 z.sub_(m_new[:, None])  # z - m'
-                e = z.exp()
-                u = a * (u + shift * s) + (e * z).sum(dim=1)
+                e = torch.exp(z, out=_block_view(e_buffer, *z.shape))
+                u = a * (u + shift * s) + z.mul_(e).sum(dim=1)  # z no longer needed: (z - m') exp(z - m') in place
                 s = a * s + e.sum(dim=1)
                 m = m_new
             out[scored[r0 : r0 + rows]] = s.log() - u / s
