@@ -10,8 +10,10 @@ beta 0.04 (a π0 pass per answer), token-mean aggregation (TRL: loss_type "bnpo"
 per optimizer step holding every answer, the same learning rate. Each variant runs in a fresh process:
 
 - ``lite``: ``SharedModel`` and the loop's own functions: ``grpo.token_logps`` for the old policy's and π0's
-  per-token log-probs (once per answer, before the steps: the rollouts stage), then ``grpo.train_pg``, whose
-  forward goes through the fused log-prob kernel (no ``[tokens, vocab]`` logits).
+  per-token log-probs (once per answer, before the steps: the rollouts stage, the old policy's pass with its
+  entropy per token as the loop computes it), then ``grpo.train_pg``, whose forward goes through the fused
+  log-prob kernel (no ``[tokens, vocab]`` logits). The entropy's price: the old policy's pass again without it and
+  with it (both warm), the difference.
 - ``trl``: TRL 1.16 ``GRPOTrainer`` built with a peft ``LoraConfig`` (no gradient checkpointing); the old policy's
   and π0's (adapter disabled) per-token log-probs through TRL's own ``_get_per_token_logps_and_entropies``, as its
   generation phase computes them when it reuses a batch (``num_iterations`` > 1; with 1 it takes the detached
@@ -52,7 +54,7 @@ RESULTS = HERE / "results"
 VARIANTS = ("lite", "trl", "trl_gc")
 LR, BETA = 1e-4, 0.04
 FIELDS = ["revision", "machine", "variant", "answers", "length", "steps", "logps_s", "s_per_step", "peak_mib",
-          "setup_peak_mib", "train_peak_mib", "baseline_mib", "loss_step2"]  # fmt: skip
+          "setup_peak_mib", "train_peak_mib", "baseline_mib", "loss_step2", "old_pass_s", "entropy_s"]  # fmt: skip
 
 
 def build_samples(tokenizer, answers: int, length: int) -> list[dict]:
@@ -101,9 +103,15 @@ def run_lite(spec: dict, t0: float) -> dict:
     ids = {s["prompt_id"]: s["prompt_ids"] for s in samples}
     rows = [(s["prompt_ids"], s["answer_ids"]) for s in samples]
     start = time.perf_counter()
-    old = token_logps(model, "policy", rows, cfg.data, n, 1.0, quiet=True)
+    old, _ = token_logps(model, "policy", rows, cfg.data, n, 1.0, quiet=True, entropy=True)  # as the rollouts stage
     ref = token_logps(model, "reference", rows, cfg.data, n, 1.0, quiet=True)
     logps_s = time.perf_counter() - start
+    start = time.perf_counter()
+    token_logps(model, "policy", rows, cfg.data, n, 1.0, quiet=True)  # the old policy's pass without the entropy
+    plain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    token_logps(model, "policy", rows, cfg.data, n, 1.0, quiet=True, entropy=True)
+    entropy_s = time.perf_counter() - start - plain_s  # what the entropy adds to that pass (both warm)
     batch = [Rollout(s["prompt_id"], 0, s["answer_ids"], 0.0, s["advantage"], o, r)
              for s, o, r in zip(samples, old, ref, strict=True)]  # fmt: skip
     model.save_adapter("policy", Path(spec["tmp"]) / "lora_init")  # TRL's variants start from the same LoRA
@@ -112,7 +120,8 @@ def run_lite(spec: dict, t0: float) -> dict:
     ends, records = [time.perf_counter()], []
     train_pg(model, batch, ids, cfg, seed=0, quiet=True,
              on_step=lambda rec: (records.append(rec), ends.append(time.perf_counter())))  # fmt: skip
-    return {"logps_s": logps_s, "ends": ends, "setup_hwm": setup_hwm, "loss_step2": records[1]["loss"]}
+    return {"logps_s": logps_s, "plain_s": plain_s, "entropy_s": entropy_s, "ends": ends, "setup_hwm": setup_hwm,
+            "loss_step2": records[1]["loss"]}
 
 
 def run_trl(spec: dict, t0: float) -> dict:
@@ -195,7 +204,8 @@ def worker(spec: dict) -> None:
         "logps_s": round(got["logps_s"], 3), "s_per_step": round(statistics.mean(steps[1:] or steps), 3),
         "setup_peak_mib": round(got["setup_hwm"] - baseline), "train_peak_mib": round(train_hwm - baseline),
         "peak_mib": round(max(got["setup_hwm"], train_hwm) - baseline), "baseline_mib": round(baseline),
-        "loss_step2": got["loss_step2"],
+        "loss_step2": got["loss_step2"], "old_pass_s": round(got["plain_s"], 3) if "plain_s" in got else "",
+        "entropy_s": round(got["entropy_s"], 3) if "entropy_s" in got else "",
     }))  # fmt: skip
 
 
@@ -210,7 +220,10 @@ def report(rows: list[dict], args) -> str:
         lines.append(f"| {r['variant']} | {r['logps_s']:.2f} | {r['s_per_step']:.2f} | {r['peak_mib']} | "
                      f"{r['setup_peak_mib']} | {r['train_peak_mib']} | {r['loss_step2']:.6f} |")  # fmt: skip
     if "lite" in by:
-        lines.append("")
+        a = by["lite"]
+        lines += ["", f"- lite's rollouts pass computes the sampling policy's entropy per token with its log-probs (as "
+                  f"TRL's does): +{a['entropy_s']:.2f} s over the same pass without it ({a['old_pass_s']:.2f} s, "
+                  f"+{100 * a['entropy_s'] / a['old_pass_s']:.0f}%; both warm)"]  # fmt: skip
         for other in ("trl", "trl_gc"):
             if other in by:
                 a, b = by["lite"], by[other]
