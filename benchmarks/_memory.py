@@ -167,14 +167,18 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+BENCHMARKED = ("kernels", "benchmarks", ":(exclude)benchmarks/results")  # the code a benchmark's figures depend on
+
+
 def git_revision(cwd: Path) -> str:
-    """Short git revision of the working tree, '+dirty' when benchmarked files differ from it."""
+    """Short git revision of the working tree, '+dirty' when benchmarked files differ from it (the results they
+    write do not count)."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "kernels", "benchmarks"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *BENCHMARKED],
             cwd=cwd,
             capture_output=True,
             text=True,
