@@ -11,7 +11,8 @@ per optimizer step holding every answer, the same learning rate. Each variant ru
 
 - ``lite``: ``SharedModel`` and the loop's own functions: ``grpo.token_logps`` for the old policy's and π0's
   per-token log-probs (once per answer, before the steps: the rollouts stage, the old policy's pass with its
-  entropy per token as the loop computes it), then ``grpo.train_pg``, whose forward goes through the fused
+  entropy per token as the loop computes it; TRL's variants compute theirs in each step's forward, not in
+  this pass), then ``grpo.train_pg``, whose forward goes through the fused
   log-prob kernel (no ``[tokens, vocab]`` logits). The entropy's price: the old policy's pass again without it and
   with it, warm, three times each alternated, the difference of the medians.
 - ``trl``: TRL 1.16 ``GRPOTrainer`` built with a peft ``LoraConfig`` (no gradient checkpointing); the old policy's
@@ -223,9 +224,10 @@ def report(rows: list[dict], args) -> str:
                      f"{r['setup_peak_mib']} | {r['train_peak_mib']} | {r['loss_step2']:.6f} |")  # fmt: skip
     if "lite" in by:
         a = by["lite"]
-        lines += ["", f"- lite's rollouts pass computes the sampling policy's entropy per token with its log-probs (as "
-                  f"TRL's does): +{a['entropy_s']:.2f} s over the same pass without it ({a['old_pass_s']:.2f} s, "
-                  f"+{100 * a['entropy_s'] / a['old_pass_s']:.0f}%; medians of 3 warm passes each)"]  # fmt: skip
+        lines += ["", "- lite's rollouts pass computes the sampling policy's entropy per token with its log-probs "
+                  f"(TRL computes it in each step's forward instead): +{a['entropy_s']:.2f} s over the same pass "
+                  f"without it ({a['old_pass_s']:.2f} s, +{100 * a['entropy_s'] / a['old_pass_s']:.0f}%; medians of 3 "
+                  "warm passes each)"]  # fmt: skip
         for other in ("trl", "trl_gc"):
             if other in by:
                 a, b = by["lite"], by[other]
