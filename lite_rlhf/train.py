@@ -18,7 +18,7 @@ before clipping, so the step is the single-process step; the step's record combi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -91,7 +91,7 @@ def optimize(
     params: list[torch.nn.Parameter],
     sec: TrainSection,
     steps: Steps,
-    micro_loss: Callable[[list[int]], torch.Tensor],
+    micro_loss: Callable[[list[int]], torch.Tensor | Iterator[torch.Tensor]],
     step_stats: Callable[[], dict],
     *,
     name: str,
@@ -102,7 +102,9 @@ def optimize(
     """Run `steps`: `micro_loss(indices)` returns the summed loss of a micro-batch (and may keep its own
     statistics); `step_stats()` returns and resets them once per step; `on_step(record)` receives
     `{step, **stats, lr, grad_norm}` (lr: the rate the step used). The summed losses of a step are
-    divided by the sum of `weight(micro-batch)` over the step: its examples (default) or tokens."""
+    divided by the sum of `weight(micro-batch)` over the step: its examples (default) or tokens. A `micro_loss`
+    that yields its loss in parts (a generator) has each part backpropagated before it computes the next, so the
+    parts' graphs never sit in memory together (PPO-ptx: the policy's, then the pretraining windows')."""
     opt = torch.optim.AdamW(params, lr=sec.lr, weight_decay=sec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(math.ceil(sec.warmup_ratio * len(steps)), len(steps)))
     clip = sec.max_grad_norm if sec.max_grad_norm > 0 else float("inf")
@@ -111,10 +113,11 @@ def optimize(
             n = sum(weight(mb) for mb in step)
             mine = dist.my_part(step)
             for mb in mine:
-                loss = micro_loss(mb)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {k}")
-                (loss / n).backward()
+                losses = micro_loss(mb)
+                for loss in [losses] if isinstance(losses, torch.Tensor) else losses:
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"{name} loss is {loss.item()} at step {k}")
+                    (loss / n).backward()
             dist.sum_gradients(params)
             stats = combine(dist.all_gather((step_stats() if mine else {}, sum(weight(mb) for mb in mine))))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)

@@ -46,6 +46,29 @@ def test_accumulated_gradient_is_the_step_mean_over_uneven_micro_batches():
     assert_close(records[0]["grad_norm"], want, rtol=1e-6, atol=0)
 
 
+def test_a_loss_yielded_in_parts_is_their_sum_each_part_backpropagated_before_the_next_is_computed():
+    """PPO-ptx yields the policy's loss, then the pretraining windows' in parts: the step's gradient is the sum's,
+    and when a part is computed the one before it has already left its gradient (its graph is gone)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randn(6)
+    w = torch.nn.Parameter(torch.randn(4))
+    want = torch.autograd.grad(((x @ w - y) ** 2).sum() / 6 + (x @ w).abs().sum() / 6, w)[0].norm().item()
+    grads_seen = []
+
+    def parts(idx):
+        grads_seen.append(w.grad is not None)
+        yield ((x[idx] @ w - y[idx]) ** 2).sum()
+        for i in idx:
+            grads_seen.append(w.grad is not None)
+            yield (x[i] @ w).abs()
+
+    records = []
+    optimize([w], Section(micro_batch=3, grad_accum=2), [[[0, 1, 2], [3, 4, 5]]], parts, lambda: {}, name="t",
+             quiet=True, on_step=records.append)  # fmt: skip
+    assert_close(records[0]["grad_norm"], want, rtol=1e-6, atol=0)
+    assert grads_seen == [False] + [True] * 7
+
+
 def test_non_finite_loss_stops_training():
     w = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(NonFiniteLoss, match="at step 1"):

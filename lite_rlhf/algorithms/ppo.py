@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -175,12 +176,15 @@ def train_ppo(ctx: Context, t: int, batch: list[Rollout], *, seed: int, on_step)
 
 def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float]], steps: Steps, on_step) -> None:
     """The policy adapter (in place) on the clipped objective, plus ptx_coef x the mean NLL per token of windows of
-    data.ptx (PPO-ptx: a micro-batch starting at rollout i reads windows i, i+1, ... of the text, cyclically)."""
+    data.ptx (PPO-ptx: a micro-batch starting at rollout i reads windows i, i+1, ... of the text, cyclically, one
+    per rollout). The windows' term is backpropagated after the policy's and in parts no larger than the policy
+    micro-batch (rows x padded width; one window at least): the peak stays the policy micro-batch's, the one
+    gradient checkpointing was sized for."""
     cfg, sec, model = ctx.cfg, ctx.cfg.ppo, ctx.model
     stats, ptx = Figures(), {"nll": 0.0, "n": 0}
     windows = ptx_windows(ctx) if sec.ptx_coef else []
 
-    def micro_loss(indices: list[int]) -> torch.Tensor:
+    def micro_loss(indices: list[int]) -> Iterator[torch.Tensor]:
         b, mask = _batch(ctx, [batch[i] for i in indices])
         logp = model.token_logps(b, cfg.generation.temperature)
         old = scatter([batch[i].old_logps for i in indices], mask)
@@ -190,11 +194,16 @@ def train_policy(ctx: Context, batch: list[Rollout], advantages: list[list[float
         figures["kl"] = k3_kl(logp.detach(), scatter([batch[i].ref_logps for i in indices], mask), mask)
         tokens = int(mask.sum())
         stats.add(loss.item() * tokens, tokens, figures, len(indices), tokens, True)
+        yield loss * tokens  # the micro-batch's sum over tokens; the helper divides by the step's
         if windows:
-            nll = pretraining_nll(ctx, [windows[(indices[0] + j) % len(windows)] for j in range(len(indices))])
-            ptx["nll"], ptx["n"] = ptx["nll"] + nll.item(), ptx["n"] + 1
-            loss = loss + sec.ptx_coef * nll
-        return loss * tokens  # the micro-batch's sum over tokens; the helper divides by the step's
+            mine = [windows[(indices[0] + j) % len(windows)] for j in range(len(indices))]
+            targets, per_part = sum(len(w) - 1 for w in mine), max(1, b.input_ids.numel() // max(map(len, mine)))
+            nll = 0.0
+            for k in range(0, len(mine), per_part):
+                part = pretraining_nll(ctx, mine[k : k + per_part])
+                nll += part.item()
+                yield sec.ptx_coef * tokens * part / targets
+            ptx["nll"], ptx["n"] = ptx["nll"] + nll / targets, ptx["n"] + 1
 
     def flush() -> dict:
         out = {"part": "policy", **stats.flush()}
@@ -275,12 +284,11 @@ def ptx_windows(ctx: Context) -> list[list[int]]:
 
 
 def pretraining_nll(ctx: Context, windows: list[list[int]]) -> torch.Tensor:
-    """The active role's mean NLL per token over `windows` (every token after each window's first), through the
-    fused log-prob kernel."""
+    """The active role's summed NLL over `windows` (every token after each window's first), through the fused
+    log-prob kernel."""
     rows: list[Row] = [(w[:1], w[1:]) for w in windows]
     b = make_batch(rows, ctx.model.pad_id, ctx.cfg.data.max_length, ctx.cfg.data.truncation)
-    logp = ctx.model.token_logps(b)
-    return -logp.sum() / (b.targets != IGNORE).sum().clamp(min=1)
+    return -ctx.model.token_logps(b).sum()
 
 
 def _split(flat: list[float], like) -> list[list[float]]:
