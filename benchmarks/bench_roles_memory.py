@@ -10,7 +10,7 @@ memory on CPU") and reports the resident set after the imports, after loading, a
                 the second and third are copied out of the file mapping, as separate checkpoints would be;
 - base_nf4 / shared_nf4: the same with the 4-bit NF4 base.
 
-    /work/main/.venv/bin/python benchmarks/bench_roles_memory.py [--model NAME] [--variants base shared ...]
+    .venv/bin/python benchmarks/bench_roles_memory.py [--model NAME] [--variants base shared ...]
 
 Reading the figures: transformers maps an fp32 safetensors file into memory, so fp32 weights show up as
 file-backed RSS (the "file" column, ~170 MiB of which are shared libraries), the adapters, the 4-bit weights
