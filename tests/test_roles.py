@@ -486,18 +486,26 @@ def test_ppo_ptx_adds_the_policys_nll_on_windows_of_the_text(tiny, tmp_path):
             nll = -logits[:, :-1].log_softmax(-1).gather(-1, seq[:, 1:, None]).mean()
             assert records[0]["ptx_nll"] == pytest.approx(float(nll), rel=1e-5)
     assert not torch.equal(adapters[0.0], adapters[1.0])
-    # advantages 0: the step's whole gradient is the ptx term's, summed over its parts (each window one part here:
-    # the policy micro-batch is narrower than a window); against the mean NLL's gradient from peft's full logits
-    records = []
-    model = make(tiny, *common, "ppo.ptx_coef=0.5", f"data.ptx={text}")
-    train_policy(SimpleNamespace(cfg=model._cfg, model=model, ids=ids), batch_, [[0.0] * len(r) for _, r in rows],
-                 [[[0, 1]]], records.append)  # fmt: skip
+    # advantages 0: the step's whole gradient is the ptx term's, summed over its parts, against the mean NLL's
+    # gradient from peft's full logits; the long text: each window one part (a window is wider than the policy
+    # micro-batch); a short one: its one window read twice, both in one part
+    short = tmp_path / "short.txt"
+    short.write_text("the sun is a star.")
     fresh = make(tiny, *common)
-    with fresh.role("policy"):
-        logits = fresh.peft(input_ids=seq).logits.float()
-        nll = -logits[:, :-1].log_softmax(-1).gather(-1, seq[:, 1:, None]).mean()
-        grads = torch.autograd.grad(0.5 * nll, fresh.parameters("policy"))
-    assert records[0]["grad_norm"] == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-4)
+    for path in (text, short):
+        records = []
+        model = make(tiny, *common, "ppo.ptx_coef=0.5", f"data.ptx={path}")
+        ctx = SimpleNamespace(cfg=model._cfg, model=model, ids=ids)
+        train_policy(ctx, batch_, [[0.0] * len(r) for _, r in rows], [[[0, 1]]], records.append)
+        windows = ptx_windows(ctx)
+        seq = torch.tensor([windows[0], windows[1 % len(windows)]])
+        assert (len(windows) == 1) == (path == short)
+        with fresh.role("policy"):
+            logits = fresh.peft(input_ids=seq).logits.float()
+            nll = -logits[:, :-1].log_softmax(-1).gather(-1, seq[:, 1:, None]).mean()
+            grads = torch.autograd.grad(0.5 * nll, fresh.parameters("policy"))
+        norm = float(torch.cat([g.flatten() for g in grads]).norm())
+        assert records[0]["grad_norm"] == pytest.approx(norm, rel=1e-4), path
 
 
 def test_a_ptx_file_that_is_missing_empty_or_not_text_stops_before_any_model_loads(tmp_path):
