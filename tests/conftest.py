@@ -1,9 +1,34 @@
-"""Fixtures shared by the test modules that build tiny models in-process."""
+"""Fixtures shared by the test modules that build tiny models in-process, and the two test tiers.
+
+Tiers (docs/development.md): a plain `pytest` runs the quick tier, every test not marked `slow`;
+`RUN_SLOW=1 pytest` runs the whole suite (CI's run). A marker expression that names `slow` (`-m slow`)
+is obeyed as written."""
 
 import pytest
 import torch
+from tier import RUN_SLOW
 
 from lite_rlhf.models import make_tiny_model
+
+
+def _marker_expression_names_slow(config) -> bool:
+    return "slow" in (config.option.markexpr or "")
+
+
+def pytest_report_header(config):
+    if RUN_SLOW or _marker_expression_names_slow(config):
+        return "tier: whole suite (RUN_SLOW=1, or a marker expression naming 'slow')"
+    return "tier: quick (tests marked slow are deselected; RUN_SLOW=1 runs the whole suite)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The quick tier: tests marked slow are deselected (counted in pytest's 'deselected' line)."""
+    if RUN_SLOW or _marker_expression_names_slow(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="module")

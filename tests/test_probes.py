@@ -1,29 +1,45 @@
 """Bad input and faults as a new user meets them: each probe runs the command line and expects an exit
 code and the words of a one-line message naming the place (file:line, config key or path), with no
 traceback. `LITE_RLHF_PROBE_SOURCE=<checkout>` runs the probes against another checkout's code (the
-before/after table of the closing note)."""
+before/after table of the closing note).
+
+Two ways to run the command line, one set of probes: the quick tier calls `lite_rlhf.cli.main` in this
+process (the imports are paid once, not once per probe; output captured, an escaping exception printed as
+the interpreter would, environment, working directory and signal handler restored after each call); the
+whole suite (`RUN_SLOW=1`, CI) runs each command as its own process, exactly as a user's shell does.
+`LITE_RLHF_PROBE_PROCESS=1` asks for processes in any tier. Probes about processes themselves (SIGTERM,
+a dropped capability) start one in every tier."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from tier import RUN_SLOW
 
 from lite_rlhf.models import make_tiny_model
 
-pytestmark = pytest.mark.slow
 SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
+IN_PROCESS = not (SOURCE or RUN_SLOW or os.environ.get("LITE_RLHF_PROBE_PROCESS"))
 
 
 def cli(*args, cwd=None):
+    if IN_PROCESS:
+        return cli_in_process(*args, cwd=cwd)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL") and k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
     if SOURCE:  # `python -m` puts the working directory first on the path: run from there too
@@ -36,6 +52,43 @@ def cli(*args, cwd=None):
 
 
 PROBE_SECONDS = 180
+
+
+def cli_in_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`lite-rlhf ARGS` run by `lite_rlhf.cli.main` in this process, as `cli` runs it in a new one: the same
+    environment (no kill points, no Triton interpreter, warnings off), its stdout and stderr captured, an
+    exception that escapes `main` printed as the interpreter prints it (exit 1), `SystemExit` taken as the exit
+    code. What a command changes in the process (environment, working directory, SIGTERM's handler, torch's
+    threads, the run directories it locked: a process's end releases those) is put back."""
+    from lite_rlhf import cli as lite_cli
+    from lite_rlhf import runstate
+
+    env, where, held = dict(os.environ), os.getcwd(), set(runstate._HELD)
+    handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for name in [k for k in os.environ if k.startswith("LITE_RLHF_KILL") or k == "TRITON_INTERPRET"]:
+            del os.environ[name]
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = lite_cli.main([str(a) for a in args])
+            except SystemExit as stop:  # argparse, and anything that calls sys.exit
+                code = stop.code if isinstance(stop.code, int) else (print(stop.code, file=sys.stderr) or 1)
+            except BaseException:  # noqa: BLE001 - what the interpreter does with an exception nobody catches
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(where)
+        os.environ.clear()
+        os.environ.update(env)
+        signal.signal(signal.SIGTERM, handler)
+        torch.set_num_threads(threads)
+        for root in set(runstate._HELD) - held:
+            os.close(runstate._HELD.pop(root))
+    return subprocess.CompletedProcess(["lite-rlhf", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def _text(out) -> str:
