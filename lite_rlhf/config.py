@@ -488,6 +488,9 @@ def _check_consistency(cfg: Config) -> None:
     if bool(cfg.ppo.ptx_coef) != bool(cfg.data.ptx) or (cfg.data.ptx and algorithm != "ppo"):
         raise ConfigError("config keys 'ppo.ptx_coef' and 'data.ptx' go together: the pretraining gradient of "
                           "loop.algorithm=ppo needs a weight > 0 and a plain-text file")  # fmt: skip
+    if cfg.generation.temperature == 0 and cfg.generation.n > 1:  # vLLM refuses it, and the n answers would tie
+        raise ConfigError(f"config key 'generation.temperature': 0 is greedy, so the {cfg.generation.n} answers of a "
+                          "prompt would all be the same: set generation.n=1, or a temperature > 0")  # fmt: skip
     if algorithm == "ppo" and cfg.generation.temperature == 0:
         raise ConfigError("config key 'generation.temperature': loop.algorithm=ppo trains on sampled answers "
                           "(temperature > 0)")  # fmt: skip

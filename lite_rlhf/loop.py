@@ -170,6 +170,10 @@ def check_inputs(cfg: Config):
         check_brought_oracle(cfg)
     if cfg.model.sft_adapter:
         check_sft_adapter(cfg.model.sft_adapter)
+    if cfg.generation.temperature == 0 and cfg.eval.samples_per_prompt > 1:  # vLLM refuses n > 1 when greedy
+        raise ConfigError(f"config key 'eval.samples_per_prompt': generation.temperature=0 is greedy, so the "
+                          f"{cfg.eval.samples_per_prompt} answers per held-out prompt would all be the same: set "
+                          "eval.samples_per_prompt=1")  # fmt: skip
     return task, conversations, unused
 
 

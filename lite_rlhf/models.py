@@ -52,13 +52,22 @@ def _json_file(directory: Path, name: str, what: str, hint: str = "") -> dict:
     return data
 
 
+def _check_safetensors(weights: Path, what: str) -> None:
+    """A .safetensors file whose header parses and covers the file (read without loading any tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ModelNotFound(f"{what} '{weights}' is damaged ({weights.stat().st_size} bytes: {err})") from None
+
+
 def check_adapter(adapter: str | Path) -> Path:
     """`adapter` as a resolved path, once it is known to load: a directory with adapter_config.json (JSON) and
     adapter_model.safetensors, each of its .safetensors files (a reward or value head beside the adapter) with a
     header that parses and covers the file (never peft's fallback to a pickled .bin); inside a run directory, its
     files are also the ones the run committed (size and SHA-256)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ModelNotFound(f"adapter directory '{path}' does not exist")
@@ -66,11 +75,7 @@ def check_adapter(adapter: str | Path) -> Path:
     if not (path / "adapter_model.safetensors").is_file():
         raise ModelNotFound(f"adapter directory '{path}' has no adapter_model.safetensors")
     for weights in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(weights), "pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise ModelNotFound(f"adapter '{weights}' is damaged ({weights.stat().st_size} bytes: {err})") from None
+        _check_safetensors(weights, "adapter")
     path = path.resolve()
     for root in (path.parent, path.parent.parent):  # <run>/sft, <run>/iter_001/policy
         state = root / "state.json"
@@ -240,6 +245,8 @@ def check_model_dir(path: Path) -> Path:
     for name in MODEL_JSON_FILES:  # read by the tokenizer and the engine: a broken one is said here, in one line
         if (path / name).is_file():
             _json_file(path, name, "model directory")
+    for weights in sorted(path.glob("*.safetensors")):  # headers only: a damaged file is named before any load
+        _check_safetensors(weights, "model")
     if "auto_map" in config:
         raise ModelNotFound(f"model '{path}' needs its own code (config.json auto_map), which lite-rlhf never runs: "
                             "use a model of an architecture transformers ships")  # fmt: skip

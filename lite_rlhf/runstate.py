@@ -17,8 +17,9 @@ done after the barrier that ends the commit.
 
 Nothing lite-rlhf did not write is replaced or cut: a directory that holds anything but a run is refused
 at the start, and a commit replaces only paths this run committed (`state.json` `files`) or was writing
-when it was cut off (`writing`), and a committed directory only while every file in it is one of those. One process at a time: the writer holds an exclusive lock on `LOCK_NAME`
-for its whole life; the OS drops it when the process dies, so a SIGKILLed run resumes with the same command.
+when it was cut off (`writing`), and a committed directory only while every file in it is one of those.
+One process at a time: the writer holds an exclusive lock on `LOCK_NAME` for its whole life; the OS drops it
+when the process dies, so a SIGKILLed run resumes with the same command.
 Committed means intact: each committed file's size and SHA-256 are in `state.json`, and a stage whose files
 no longer match is said in one line and runs again instead of being skipped.
 """

@@ -47,6 +47,7 @@ def test_precedence_file_then_overrides(tmp_path):
         (["model.gradient_checkpointing=-2"], "config key 'model.gradient_checkpointing' must be true, false, auto"),
         (["model.memory_budget=lots"], "config key 'model.memory_budget': 'lots' is not a size such as 24GB"),
         (["model.memory_budget=0GiB"], "config key 'model.memory_budget': '0GiB' must be a positive size"),
+        (["generation.temperature=0"], "config key 'generation.temperature': 0 is greedy, so the 8 answers"),
         (["generation.n=16385"], "config key 'generation.n' must be in [1, 16384], got 16385"),
         (["dpo.beta=0"], "config key 'dpo.beta' must be in (0, inf), got 0"),  # an open end at infinity: never inf]
         (["pairs.length_penalty=-1"], "config key 'pairs.length_penalty' must be in [0, inf), got -1"),

@@ -554,8 +554,9 @@ def probe_reward_function_scores_nothing(w, tmp):
 def probe_reward_function_blocks(w, tmp):
     (tmp / "fns.py").write_text(REWARD_FUNCTIONS)
     p = jsonl(tmp / "p.jsonl", [{"id": "sea", "prompt": "Describe the sea."}])
+    v = jsonl(tmp / "v.jsonl", [{"id": "cat", "prompt": "Describe a cat."}])  # π0's evaluation scores it first
     out = cli("run", *w["loop"], "reward.kind=functions", f"reward.functions=[{tmp / 'fns.py'}:blocks]",
-              "reward.function_timeout=2", f"data.prompts={p}", f"data.val_prompts={p}", f"data.test_prompts={p}",
+              "reward.function_timeout=2", f"data.prompts={p}", f"data.val_prompts={v}", f"data.test_prompts={v}",
               f"run.out_dir={tmp / 'r'}")  # fmt: skip
     assert "stage 'iter_000/policy'" not in out.stderr  # nothing committed was lost
     assert (tmp / "r" / "iter_000" / "policy" / "adapter_model.safetensors").is_file()
@@ -594,6 +595,18 @@ def probe_hub_name_offline_not_cached(w, tmp):
 def probe_hub_layout_with_another_prompt_column(w, tmp):
     jsonl((tmp / "set").mkdir() or tmp / "set" / "train.jsonl", [{"question": "Describe the sea."}])
     return generate_cmd(w, f"data.prompts={tmp / 'set'}", f"generation.output={tmp}/o.jsonl")
+
+
+def probe_model_weights_damaged(w, tmp):
+    def edit(m):
+        weights = m / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+    return cli(*w["rm"], f"model.name={edited_model(w, tmp, edit)}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_greedy_with_several_answers(w, tmp):
+    return cli("run", "--dry-run", "generation.temperature=0", "generation.n=4")
 
 
 def probe_run_help_names_every_algorithm(w, tmp):
@@ -667,14 +680,14 @@ PROBES = [
     (probe_plan_gpu_mem_zero, 2, ["--gpu-mem '0GB' must be a positive size"], True),
     (probe_plan_gpu_mem_negative, 2, ["--gpu-mem '-5GB' must be a positive size"], True),
     (probe_tokenizer_config_not_json, 2, ["tokenizer_config.json is not valid JSON"], True),
-    (probe_reward_function_scores_nothing, 2, ["no iteration trained", "returned None"], False),
-    (probe_reward_function_blocks, 2, ["'blocks'", "reward.function_timeout=2", "prompt 'sea'"], True),
     (probe_files_keep_the_umask, 0, ["held-out accuracy"], False),
     (probe_export_before_best_exists, 2, ["best", "--adapter"], True),
     (probe_range_open_at_infinity, 2, ["'dpo.beta' must be in (0, inf), got 0"], True),
     (probe_hub_name_offline_not_cached, 2, ["nobody-here/no-such-set", "HF_HUB_OFFLINE"], True),
     (probe_hub_layout_with_another_prompt_column, 2, ["'prompt'", "data.prompt_field"], True),
     (probe_run_help_names_every_algorithm, 0, ["grpo"], False),
+    (probe_model_weights_damaged, 2, ["model.safetensors' is damaged"], True),
+    (probe_greedy_with_several_answers, 2, ["'generation.temperature': 0 is greedy", "generation.n=1"], True),
 ]
 
 
@@ -691,3 +704,16 @@ def test_probe(w, tmp_path, probe, code, words, one_line):
     if one_line:  # the message is the last line, and the only one of ours (libraries may log above it)
         ours = [x for x in out.stderr.strip().splitlines() if x.startswith("lite-rlhf:")]
         assert len(ours) == 1 and out.stderr.strip().splitlines()[-1] == ours[0], out.stderr
+
+
+# Probes that run the loop itself (past the model's loading, into its stages): the slow tier.
+SLOW_PROBES = [
+    (probe_reward_function_scores_nothing, 2, ["no iteration trained", "returned None"], False),
+    (probe_reward_function_blocks, 2, ["'blocks'", "reward.function_timeout=2", "prompt 'cat'"], True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe, code, words, one_line", SLOW_PROBES, ids=[p[0].__name__[6:] for p in SLOW_PROBES])
+def test_slow_probe(w, tmp_path, probe, code, words, one_line):
+    test_probe(w, tmp_path, probe, code, words, one_line)
