@@ -109,6 +109,7 @@ class SharedModel:
         self.dtype = resolve_dtype(mcfg.dtype, self.device)
         self.base_dir = Path(model_dir) if model_dir is not None else resolve_model(mcfg.name)
         self.has_sft = mcfg.sft_adapter is not None
+        sft_dir = check_sft_adapter(mcfg.sft_adapter) if self.has_sft else None  # before the base loads
         torch.manual_seed(cfg.run.seed)  # LoRA A matrices and the head are drawn at random
 
         self.tokenizer = load_tokenizer(self.base_dir)
@@ -139,7 +140,6 @@ class SharedModel:
             task_type="CAUSAL_LM",
         )
         if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
-            sft_dir = check_sft_adapter(mcfg.sft_adapter)
             policy_cfg = copy.deepcopy(PeftConfig.from_pretrained(str(sft_dir)))
             policy_cfg.inference_mode = False
         else:
