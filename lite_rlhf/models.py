@@ -43,29 +43,39 @@ def _json_file(directory: Path, name: str, what: str, hint: str = "") -> dict:
     if not (directory / name).is_file():
         raise ModelNotFound(f"{what} '{directory}' has no {name}{hint}")
     try:
-        return json.loads((directory / name).read_text(encoding="utf-8"))
+        data = json.loads((directory / name).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ModelNotFound(f"{what} '{directory}': {name} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ModelNotFound(f"{what} '{directory}': {name} is not valid JSON here (a {type(data).__name__}, not an "
+                            "object)")  # fmt: skip
+    return data
 
 
-def check_adapter(adapter: str | Path) -> Path:
-    """`adapter` as a resolved path, once it is known to load: a directory with adapter_config.json (JSON) and
-    adapter_model.safetensors whose header parses and covers the file (never peft's fallback to a pickled
-    .bin); inside a run directory, its files are also the ones the run committed (size and SHA-256)."""
+def _check_safetensors(weights: Path, what: str) -> None:
+    """A .safetensors file whose header parses and covers the file (read without loading any tensor)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(adapter)
-    if not path.is_dir():
-        raise ModelNotFound(f"adapter directory '{path}' does not exist")
-    _json_file(path, "adapter_config.json", "adapter directory", " (save it with peft)")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ModelNotFound(f"adapter directory '{path}' has no adapter_model.safetensors")
     try:
         with safe_open(str(weights), "pt"):
             pass
     except (SafetensorError, OSError) as err:
-        raise ModelNotFound(f"adapter '{weights}' is damaged ({weights.stat().st_size} bytes: {err})") from None
+        raise ModelNotFound(f"{what} '{weights}' is damaged ({weights.stat().st_size} bytes: {err})") from None
+
+
+def check_adapter(adapter: str | Path) -> Path:
+    """`adapter` as a resolved path, once it is known to load: a directory with adapter_config.json (JSON) and
+    adapter_model.safetensors, each of its .safetensors files (a reward or value head beside the adapter) with a
+    header that parses and covers the file (never peft's fallback to a pickled .bin); inside a run directory, its
+    files are also the ones the run committed (size and SHA-256)."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(f"adapter directory '{path}' does not exist")
+    _json_file(path, "adapter_config.json", "adapter directory", " (save it with peft)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ModelNotFound(f"adapter directory '{path}' has no adapter_model.safetensors")
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights, "adapter")
     path = path.resolve()
     for root in (path.parent, path.parent.parent):  # <run>/sft, <run>/iter_001/policy
         state = root / "state.json"
@@ -221,12 +231,22 @@ def resolve_model(name: str) -> Path:
     return check_model_dir(fetched)
 
 
+# the JSON files beside config.json that transformers or vLLM read when they load a model directory
+MODEL_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "generation_config.json",
+                    "chat_template.json", "model.safetensors.index.json")  # fmt: skip
+
+
 def check_model_dir(path: Path) -> Path:
     """What would otherwise fail after minutes of work: an architecture transformers does not know, one that
     needs the model's own code (never run here), a tokenizer without the chat template every prompt goes through."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _json_file(path, "config.json", "model directory")
+    for name in MODEL_JSON_FILES:  # read by the tokenizer and the engine: a broken one is said here, in one line
+        if (path / name).is_file():
+            _json_file(path, name, "model directory")
+    for weights in sorted(path.glob("*.safetensors")):  # headers only: a damaged file is named before any load
+        _check_safetensors(weights, "model")
     if "auto_map" in config:
         raise ModelNotFound(f"model '{path}' needs its own code (config.json auto_map), which lite-rlhf never runs: "
                             "use a model of an architecture transformers ships")  # fmt: skip
@@ -236,7 +256,7 @@ def check_model_dir(path: Path) -> Path:
     tok = path / "tokenizer_config.json"
     has_template = (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file()
     if not has_template and tok.is_file():
-        has_template = bool(json.loads(tok.read_text(encoding="utf-8")).get("chat_template"))
+        has_template = bool(_json_file(path, tok.name, "model directory").get("chat_template"))
     if not has_template:
         raise ModelNotFound(f"model '{path}' has no chat template (tokenizer_config.json chat_template): every "
                             "prompt is written with it; use an instruct model or add a template")  # fmt: skip

@@ -35,7 +35,7 @@ from torch import nn
 from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import Config, ConfigError, parse_size
 from lite_rlhf.kernels import linear_entropy, linear_logprobs
-from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
+from lite_rlhf.models import ModelNotFound, check_adapter, load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_floor, checkpoint_setting, choose_checkpointing, model_shape
 
 ROLES = ("policy", "reference", "reward", "preference", "value")
@@ -88,6 +88,14 @@ def label_logits(last: torch.Tensor, lm_head: torch.Tensor, labels: list[int]) -
     return last.float() @ lm_head[labels].float().T
 
 
+def check_sft_adapter(adapter: str) -> Path:
+    """`model.sft_adapter` checked as every adapter a run reads (`models.check_adapter`), the key named."""
+    try:
+        return check_adapter(adapter)
+    except ModelNotFound as err:
+        raise ConfigError(f"config key 'model.sft_adapter': {err}") from None
+
+
 class SharedModel:
     """The base model loaded once, with the policy / reference / reward roles on top of it."""
 
@@ -101,6 +109,7 @@ class SharedModel:
         self.dtype = resolve_dtype(mcfg.dtype, self.device)
         self.base_dir = Path(model_dir) if model_dir is not None else resolve_model(mcfg.name)
         self.has_sft = mcfg.sft_adapter is not None
+        sft_dir = check_sft_adapter(mcfg.sft_adapter) if self.has_sft else None  # before the base loads
         torch.manual_seed(cfg.run.seed)  # LoRA A matrices and the head are drawn at random
 
         self.tokenizer = load_tokenizer(self.base_dir)
@@ -131,10 +140,6 @@ class SharedModel:
             task_type="CAUSAL_LM",
         )
         if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
-            sft_dir = Path(mcfg.sft_adapter).expanduser()
-            missing = [f for f in ADAPTER_FILES if not (sft_dir / f).is_file()]  # safetensors only, never .bin
-            if missing:
-                raise ConfigError(f"config key 'model.sft_adapter': '{sft_dir}' has no {missing[0]} (a peft adapter)")
             policy_cfg = copy.deepcopy(PeftConfig.from_pretrained(str(sft_dir)))
             policy_cfg.inference_mode = False
         else:

@@ -17,8 +17,9 @@ done after the barrier that ends the commit.
 
 Nothing lite-rlhf did not write is replaced or cut: a directory that holds anything but a run is refused
 at the start, and a commit replaces only paths this run committed (`state.json` `files`) or was writing
-when it was cut off (`writing`). One process at a time: the writer holds an exclusive lock on `LOCK_NAME`
-for its whole life; the OS drops it when the process dies, so a SIGKILLed run resumes with the same command.
+when it was cut off (`writing`), and a committed directory only while every file in it is one of those.
+One process at a time: the writer holds an exclusive lock on `LOCK_NAME` for its whole life; the OS drops it
+when the process dies, so a SIGKILLed run resumes with the same command.
 Committed means intact: each committed file's size and SHA-256 are in `state.json`, and a stage whose files
 no longer match is said in one line and runs again instead of being skipped.
 """
@@ -111,12 +112,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory under a temporary name with `fill(tmp)`, then rename it into place."""
+    """Build a directory under a temporary name with `fill(tmp)`, then rename it into place. Whatever wrote the
+    files (safetensors writes 0600, mkdtemp makes 0700), they get the user's usual modes, as every file of ours."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
+    mask = _umask()
     try:
         fill(tmp)
+        for f in [tmp, *tmp.rglob("*")]:
+            if not f.is_symlink():
+                f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.exists():
@@ -336,6 +341,35 @@ class RunDir:
         written = [r for files in self.state["files"].values() for r in files] + self.state.get("writing", [])
         return any(r == rel or r.startswith(rel + "/") for r in written)
 
+    def _check_in_the_way(self, stage: str, files: dict[Path, Content]) -> None:
+        """Refuse, before anything is written, a commit that would replace a path this run did not write, or a
+        committed directory that now holds a file of the user's."""
+        for path in files:
+            if (path.exists() or path.is_symlink()) and not self._owned(path):
+                raise RunStateError(f"'{path}' was not written by this run and is left as it is: move it away and "
+                                    "repeat the command")  # fmt: skip
+            if foreign := self._foreign_inside(path):
+                more = f", nor {len(foreign) - 1} more there," if len(foreign) > 1 else ""
+                raise RunStateError(f"'{foreign[0]}'{more} was not written by this run and is left as it is: "
+                                    f"stage '{stage}' replaces '{path}' whole; move it away and repeat the "
+                                    "command")  # fmt: skip
+
+    def _foreign_inside(self, path: Path) -> list[Path]:
+        """What inside the directory `path` (files, links, empty directories) this run did not commit and was not
+        writing: a user's file put into a committed directory."""
+        if self.state["files"] is None or path.is_symlink() or not path.is_dir():
+            return []
+        recorded = {r for files in self.state["files"].values() for r in files}
+        writing = self.state.get("writing", [])
+        found = []
+        for f in sorted(path.rglob("*")):
+            if f.is_dir() and not f.is_symlink() and any(f.iterdir()):
+                continue
+            rel = str(f.relative_to(self.root))
+            if rel not in recorded and not any(rel.startswith(w + "/") for w in writing):
+                found.append(f)
+        return found
+
     def commit(self, stage: str, files: dict[Path, Content] | None = None, metrics: list[dict] = ()) -> None:
         """Write the stage's outputs, append its metrics lines, mark it done: in that order. Under torchrun
         rank 0 does so; every rank leaves at the barrier after it, with the stage marked done."""
@@ -347,10 +381,7 @@ class RunDir:
         files = dict(files or {})
         if not self.state["done"]:  # the first commit pins the run's identity
             files = {self.root / "config.yaml": self.config_text, **files}
-        for path in files:
-            if (path.exists() or path.is_symlink()) and not self._owned(path):
-                raise RunStateError(f"'{path}' was not written by this run and is left as it is: move it away and "
-                                    "repeat the command")  # fmt: skip
+        self._check_in_the_way(stage, files)
         rels = [str(p.relative_to(self.root)) for p in files]
         if files:  # said before any is written: a stage cut off in between may replace them when it runs again
             self.state["writing"] = sorted(set(self.state.get("writing", [])) | set(rels))

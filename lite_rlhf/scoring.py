@@ -39,7 +39,7 @@ def make_terms(cfg: Config, model) -> list[tuple[str, float, Scorer]]:
         terms.append((LEARNED, r.oracle_weight, lambda prompts, samples: score_texts(
             model, [p.messages for p in prompts], [s.token_ids for s in samples], r.score_batch, cfg.data.max_length,
             cfg.run.quiet)))  # fmt: skip
-    for f in load_functions(r.functions, r.weights, "reward.functions"):
+    for f in load_functions(r.functions, r.weights, "reward.functions", r.function_timeout):
         terms.append((f.name, f.weight, lambda prompts, samples, f=f: call(
             f, prompts, [s.text for s in samples], [s.token_ids for s in samples])))  # fmt: skip
     return terms
@@ -53,7 +53,7 @@ class Oracle:
         self.cfg = cfg
         self.reward: Scorer | None = None
         self.judge: Judge | None = None
-        self.eval_functions = load_functions(cfg.eval.functions, (), "eval.functions")
+        self.eval_functions = load_functions(cfg.eval.functions, (), "eval.functions", cfg.reward.function_timeout)
         if cfg.reward.kind in ("bt", "functions"):
             self.terms = make_terms(cfg, model)
             self.reward = lambda prompts, samples: combine(list(self.scored_terms(prompts, samples).values()))

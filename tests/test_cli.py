@@ -37,7 +37,7 @@ def test_dry_run_prints_the_resolved_demo_config():
     [
         (["run", "--dry-run", "dpo.bta=0.2"], "did you mean 'dpo.beta'"),
         (["train-rm", "--dry-run", "reward.lr=fast"], "'reward.lr' must be float"),
-        (["generate", "--dry-run", "generation.n=-1"], "'generation.n' must be in [1, inf]"),
+        (["generate", "--dry-run", "generation.n=-1"], "'generation.n' must be in [1, 16384]"),
         (["run", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     ],
 )

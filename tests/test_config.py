@@ -37,7 +37,7 @@ def test_precedence_file_then_overrides(tmp_path):
         (["loop.algorithm=ppo", "ppo.ptx_coef=0.1"], "config keys 'ppo.ptx_coef' and 'data.ptx' go together"),
         (["loop.algorithm=ppo", "reward.kind=functions", "reward.functions=m:f", "ppo.value_init=reward"],
          "config key 'ppo.value_init': reward copies our reward adapter"),
-        (["generation.n=0"], "config key 'generation.n' must be in [1, inf], got 0"),
+        (["generation.n=0"], "config key 'generation.n' must be in [1, 16384], got 0"),
         (["generation.top_p=1.5"], "config key 'generation.top_p' must be in (0, 1], got 1.5"),
         (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "applies to loss_type sigmoid, robust, exo_pair"),
         (["dpo.loss_type=exo_pair"], "config key 'dpo.label_smoothing' must be > 0 with loss_type exo_pair"),
@@ -46,6 +46,11 @@ def test_precedence_file_then_overrides(tmp_path):
                                                      "or one of 'auto', got 'sometimes'"),
         (["model.gradient_checkpointing=-2"], "config key 'model.gradient_checkpointing' must be true, false, auto"),
         (["model.memory_budget=lots"], "config key 'model.memory_budget': 'lots' is not a size such as 24GB"),
+        (["model.memory_budget=0GiB"], "config key 'model.memory_budget': '0GiB' must be a positive size"),
+        (["generation.temperature=0"], "config key 'generation.temperature': 0 is greedy, so the 8 answers"),
+        (["generation.n=16385"], "config key 'generation.n' must be in [1, 16384], got 16385"),
+        (["dpo.beta=0"], "config key 'dpo.beta' must be in (0, inf), got 0"),  # an open end at infinity: never inf]
+        (["pairs.length_penalty=-1"], "config key 'pairs.length_penalty' must be in [0, inf), got -1"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
@@ -133,3 +138,31 @@ def test_the_algorithm_key_lists_the_algorithm_modules():
     for name in algorithms.NAMES:
         module = algorithms.get(name)
         assert callable(module.start) and callable(module.iteration), name
+
+
+def test_generation_n_is_bounded_by_the_installed_vllms_limit():
+    """The bound is vLLM's default VLLM_MAX_N_SEQUENCES, read from the installed package's source (importing vllm
+    takes seconds) so that a new vllm with another limit fails here."""
+    import dataclasses
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from lite_rlhf.config import GenerationConfig
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
+        pytest.skip("vllm is not installed")
+    source = (Path(spec.submodule_search_locations[0]) / "envs.py").read_text()
+    limit = int(re.search(r'"VLLM_MAX_N_SEQUENCES", "(\d+)"', source).group(1))
+    assert {f.name: f for f in dataclasses.fields(GenerationConfig)}["n"].metadata["hi"] == limit
+
+
+def test_identity_leaves_out_keys_that_change_no_artifact():
+    from lite_rlhf.config import identity
+
+    plain = identity(load_config(None, []))
+    fixed = ["generation.kv_cache_gib=3", "generation.gpu_memory_utilization=0.8", "reward.function_timeout=600",
+             "run.quiet=true", "reward.allow_weak=true"]  # fmt: skip
+    assert identity(load_config(None, fixed)) == plain
+    assert identity(load_config(None, ["generation.max_new_tokens=7"])) != plain  # one that changes the samples

@@ -106,3 +106,22 @@ def test_a_file_that_fails_to_import_is_one_line(tmp_path):
 def test_numpy_and_torch_numbers_are_numbers(tmp_path):
     f = broken(tmp_path, "import numpy, torch\nreturn [numpy.float32(0.5), torch.tensor(2)]")
     assert call(f, [PLAIN, PLAIN], ["a", "b"], [[1], [2]]) == [0.5, 2.0]
+
+
+def test_a_call_past_its_time_limit_names_the_function_and_the_prompt(tmp_path):
+    import time
+
+    path = tmp_path / "slow.py"
+    path.write_text("import time\n\ndef stuck(prompts, completions, **kwargs):\n    time.sleep(30)\n")
+    (f,) = load_functions([f"{path}:stuck"], (), "reward.functions", timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(RewardFunctionError) as info:
+        call(f, [PLAIN, PLAIN], ["red", "blue"], [[1], [2]])
+    assert time.monotonic() - start < 5  # stopped at the limit, not when the call ends
+    message = str(info.value)
+    assert "reward function 'stuck'" in message and "reward.function_timeout=0.3 s on prompt 'p1'" in message
+    assert "nothing committed was lost" in message and "\n" not in message
+    path.write_text("def quick(prompts, completions, **kwargs):\n    raise KeyError('answer')\n")
+    (quick,) = load_functions([f"{path}:quick"], (), "reward.functions", timeout=5)
+    with pytest.raises(RewardFunctionError, match="raised KeyError: 'answer' \\(on prompt 'p1'"):
+        call(quick, [PLAIN], ["red"], [[1]])  # its own error comes through the limit unchanged

@@ -382,3 +382,24 @@ def test_vllm_bfloat16_eager_known_answer(real_dir):
     line = [x for x in out.stdout.splitlines() if x.startswith("ANSWER")]
     assert line, out.stderr[-3000:]
     assert "bfloat16" in line[0] and "Paris" in line[0].split("|", 1)[1], line[0]
+
+
+def test_engine_context_is_the_runs_own_and_the_kv_cache_is_checked_against_it(tiny_dir, monkeypatch):
+    """vLLM's max_model_len is the longest prompt + max_new_tokens, not the model's context; the KV cache it needs
+    for one such sequence, by hand for the tiny model (2 layers, 2 KV heads of 128 / 4 = 32 dims, fp32): keys and
+    values 2 * 2 * 2 * 32 * 4 = 1,024 bytes a token, in blocks of 128 tokens plus the one vLLM holds back."""
+    from lite_rlhf import generate
+
+    gen = GenerationConfig(backend="vllm", max_new_tokens=7, dtype="float32")
+    ids = {"a": [1] * 10, "b": [1] * 25}
+    assert generate.engine_length(ids, tiny_dir, gen) == 32
+    assert generate.engine_length({"a": [1] * 10}, tiny_dir, GenerationConfig(max_new_tokens=10**6)) == 512  # context
+    need = (1 + 1) * 128 * 1024
+    assert generate.kv_cache_bytes(tiny_dir, 32, "float32") == need
+    assert generate.kv_cache_bytes(tiny_dir, 129, "bfloat16") == (2 + 1) * 128 * 512
+    monkeypatch.setattr(generate, "_cuda", lambda: False)
+    generate.check_kv_cache(tiny_dir, GenerationConfig(backend="vllm", max_new_tokens=7, kv_cache_gib=need / 2**30), 32)
+    with pytest.raises(GenerationError) as info:
+        generate.check_kv_cache(tiny_dir, GenerationConfig(backend="vllm", kv_cache_gib=(need - 1) / 2**30), 32)
+    assert "generation.kv_cache_gib=0.00024414 is too small: the engine needs at least 0.001 GiB" in str(info.value)
+    generate.check_kv_cache(tiny_dir, GenerationConfig(backend="hf", kv_cache_gib=1e-9), 32)  # no cache to size

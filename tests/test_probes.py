@@ -484,6 +484,197 @@ def probe_out_dir_holds_the_users_files(w, tmp):
     return out
 
 
+# ---------------------------------------------------------------- round two: an output that is an input, a file
+# the user put in a committed directory or an earlier export, and the last tracebacks
+
+
+def generate_cmd(w, *args):
+    return cli("generate", f"model.name={w['model']}", "generation.backend=hf", "generation.max_new_tokens=4", *args)
+
+
+def probe_generate_output_is_its_prompts(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe the sea."}])
+    before = p.read_bytes()
+    out = generate_cmd(w, f"data.prompts={p}", f"generation.output={tmp}/./p.jsonl")
+    assert p.read_bytes() == before
+    return out
+
+
+def probe_generate_output_is_its_config(w, tmp):
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe the sea."}])
+    config = tmp / "c.yaml"
+    config.write_text(yaml.safe_dump({"generation": {"output": str(config), "backend": "hf", "max_new_tokens": 4}}))
+    before = config.read_bytes()
+    out = cli("generate", config, f"model.name={w['model']}", f"data.prompts={p}")
+    assert config.read_bytes() == before
+    return out
+
+
+def probe_generate_output_is_an_adapter_file(w, tmp):
+    shutil.copytree(w["adapter"], tmp / "adapter")
+    target = tmp / "adapter" / "adapter_config.json"
+    before = target.read_bytes()
+    p = jsonl(tmp / "p.jsonl", [{"prompt": "Describe the sea."}])
+    out = generate_cmd(w, f"data.prompts={p}", f"generation.adapter={tmp / 'adapter'}", f"generation.output={target}")
+    assert target.read_bytes() == before
+    return out
+
+
+def probe_export_again_keeps_a_file_added_since(w, tmp):
+    first = export(w, "--adapter", w["adapter"], "--out", tmp / "merged")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp / "merged" / "NOTES.md").write_bytes(b"what I changed\n")
+    out = export(w, "--adapter", w["adapter"], "--out", tmp / "merged")
+    assert (tmp / "merged" / "NOTES.md").read_bytes() == b"what I changed\n"
+    return out
+
+
+def probe_rerun_stage_keeps_a_users_file(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'r'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp / "r" / "reward" / "NOTES.md").write_bytes(b"my notes\n")
+    with (tmp / "r" / "reward" / "metrics.json").open("a") as fh:  # a committed file changed: the stage runs again
+        fh.write(" ")
+    out = cli(*w["rm"], f"run.out_dir={tmp / 'r'}")
+    assert (tmp / "r" / "reward" / "NOTES.md").read_bytes() == b"my notes\n"
+    return out
+
+
+def probe_n_above_the_engines_limit(w, tmp):
+    return cli("run", "--dry-run", "generation.n=16385")
+
+
+def probe_kv_cache_too_small(w, tmp):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
+    out = cli("run", *w["loop"], "generation.backend=vllm", "generation.kv_cache_gib=1e-6", f"run.out_dir={tmp / 'r'}")
+    assert not (tmp / "r" / "reward").exists()  # said before the reward model trains
+    return out
+
+
+def probe_kv_cache_is_not_identity(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp}/r", "generation.kv_cache_gib=0.5", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return cli(*w["rm"], f"run.out_dir={tmp}/r", "generation.kv_cache_gib=2")
+
+
+def probe_sft_adapter_damaged(w, tmp):
+    shutil.copytree(w["adapter"], tmp / "sft")
+    weights = tmp / "sft" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return cli("run", *w["loop"], f"model.sft_adapter={tmp / 'sft'}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_reward_head_damaged(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'rm'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    shutil.copytree(tmp / "rm" / "reward", tmp / "reward")
+    head = tmp / "reward" / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-10])
+    return cli("run", *w["loop"], f"reward.adapter={tmp / 'reward'}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_plan_gpu_mem_zero(w, tmp):
+    return cli("plan", "--gpu-mem", "0GB")
+
+
+def probe_plan_gpu_mem_negative(w, tmp):
+    return cli("plan", "--gpu-mem", "-5GB")
+
+
+def probe_tokenizer_config_not_json(w, tmp):
+    model = edited_model(w, tmp, lambda m: (m / "tokenizer_config.json").write_text("{broken"))
+    return cli(*w["rm"], f"model.name={model}", f"run.out_dir={tmp / 'r'}")
+
+
+REWARD_FUNCTIONS = """
+import time
+
+def nothing(prompts, completions, **kwargs):
+    return [None] * len(completions)
+
+def blocks(prompts, completions, **kwargs):
+    time.sleep(3600)
+"""
+
+
+def probe_reward_function_scores_nothing(w, tmp):
+    (tmp / "fns.py").write_text(REWARD_FUNCTIONS)
+    return cli("run", *w["loop"], "reward.kind=functions", f"reward.functions=[{tmp / 'fns.py'}:nothing]",
+               f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+
+def probe_reward_function_blocks(w, tmp):
+    (tmp / "fns.py").write_text(REWARD_FUNCTIONS)
+    p = jsonl(tmp / "p.jsonl", [{"id": "sea", "prompt": "Describe the sea."}])
+    v = jsonl(tmp / "v.jsonl", [{"id": "cat", "prompt": "Describe a cat."}])  # π0's evaluation scores it first
+    t = jsonl(tmp / "t.jsonl", [{"id": "dog", "prompt": "Describe a dog."}])
+
+    def run(limit):
+        return cli("run", *w["loop"], "reward.kind=functions", f"reward.functions=[{tmp / 'fns.py'}:blocks]",
+                   f"reward.function_timeout={limit}", f"data.prompts={p}", f"data.val_prompts={v}",
+                   f"data.test_prompts={t}", f"run.out_dir={tmp / 'r'}")  # fmt: skip
+
+    first = run(2)
+    assert first.returncode == 2 and "reward.function_timeout=2 s" in first.stderr, first.stderr[-2000:]
+    assert (tmp / "r" / "iter_000" / "policy" / "adapter_model.safetensors").is_file()  # committed, and kept
+    out = run(3)  # the limit is no part of the run's identity: the same run, resumed with a longer one
+    assert "stage 'iter_000/policy'" not in out.stderr  # nothing committed was lost or redone
+    return out
+
+
+def probe_files_keep_the_umask(w, tmp):
+    old = os.umask(0o027)
+    try:
+        out = cli(*w["rm"], f"run.out_dir={tmp / 'r'}", "--quiet")
+    finally:
+        os.umask(old)
+    modes = {str(f.relative_to(tmp)): oct(f.stat().st_mode & 0o777) for f in (tmp / "r").rglob("*") if f.is_file()}
+    assert set(modes.values()) == {oct(0o640)}, modes
+    return out
+
+
+def probe_export_before_best_exists(w, tmp):
+    first = cli(*w["rm"], f"run.out_dir={tmp / 'r'}", "--quiet")
+    assert first.returncode == 0, first.stderr[-2000:]
+    return export(w, f"run.out_dir={tmp / 'r'}")
+
+
+def probe_range_open_at_infinity(w, tmp):
+    return cli("run", "--dry-run", "dpo.beta=0")
+
+
+def probe_hub_name_offline_not_cached(w, tmp):
+    os.environ["HF_HUB_OFFLINE"], old = "1", os.environ.get("HF_HUB_OFFLINE")
+    try:
+        return cli("generate", "data.prompts=nobody-here/no-such-set", f"generation.output={tmp}/o.jsonl")
+    finally:
+        os.environ.pop("HF_HUB_OFFLINE") if old is None else os.environ.__setitem__("HF_HUB_OFFLINE", old)
+
+
+def probe_hub_layout_with_another_prompt_column(w, tmp):
+    jsonl((tmp / "set").mkdir() or tmp / "set" / "train.jsonl", [{"question": "Describe the sea."}])
+    return generate_cmd(w, f"data.prompts={tmp / 'set'}", f"generation.output={tmp}/o.jsonl")
+
+
+def probe_model_weights_damaged(w, tmp):
+    def edit(m):
+        weights = m / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+    return cli(*w["rm"], f"model.name={edited_model(w, tmp, edit)}", f"run.out_dir={tmp / 'r'}")
+
+
+def probe_greedy_with_several_answers(w, tmp):
+    return cli("run", "--dry-run", "generation.temperature=0", "generation.n=4")
+
+
+def probe_run_help_names_every_algorithm(w, tmp):
+    out = cli("run", "--help")
+    assert "DPO (or RAFT)" not in out.stdout
+    return out
+
+
 # (probe, expected exit code, words expected in the output, must the message be one line)
 PROBES = [
     (probe_duplicate_id, 2, ["p.jsonl:3", "prompt id 'a' is already used on line 1"], True),
@@ -536,6 +727,27 @@ PROBES = [
     (probe_export_twice_replaces_its_own_export, 0, ["merged"], False),
     (probe_export_an_empty_adapter_file, 2, ["adapter_model.safetensors' is damaged (0 bytes"], True),
     (probe_out_dir_holds_the_users_files, 2, ["holds files that are not a lite-rlhf run", "nothing was changed"], True),
+    (probe_generate_output_is_its_prompts, 2, ["generation.output", "is data.prompts", "nothing was written"], True),
+    (probe_generate_output_is_its_config, 2, ["generation.output", "is the config file"], True),
+    (probe_generate_output_is_an_adapter_file, 2, ["generation.output", "generation.adapter"], True),
+    (probe_export_again_keeps_a_file_added_since, 2, ["NOTES.md", "lite-rlhf export did not write"], True),
+    (probe_rerun_stage_keeps_a_users_file, 2, ["stage 'reward' runs again", "NOTES.md' was not written"], False),
+    (probe_n_above_the_engines_limit, 2, ["'generation.n' must be in [1, 16384], got 16385"], True),
+    (probe_kv_cache_too_small, 2, ["generation.kv_cache_gib", "needs at least"], True),
+    (probe_kv_cache_is_not_identity, 0, ["held-out accuracy"], False),
+    (probe_sft_adapter_damaged, 2, ["adapter_model.safetensors' is damaged"], True),
+    (probe_reward_head_damaged, 2, ["head.safetensors' is damaged"], True),
+    (probe_plan_gpu_mem_zero, 2, ["--gpu-mem '0GB' must be a positive size"], True),
+    (probe_plan_gpu_mem_negative, 2, ["--gpu-mem '-5GB' must be a positive size"], True),
+    (probe_tokenizer_config_not_json, 2, ["tokenizer_config.json is not valid JSON"], True),
+    (probe_files_keep_the_umask, 0, [], False),
+    (probe_export_before_best_exists, 2, ["best", "--adapter"], True),
+    (probe_range_open_at_infinity, 2, ["'dpo.beta' must be in (0, inf), got 0"], True),
+    (probe_hub_name_offline_not_cached, 2, ["nobody-here/no-such-set", "HF_HUB_OFFLINE"], True),
+    (probe_hub_layout_with_another_prompt_column, 2, ["'prompt'", "data.prompt_field"], True),
+    (probe_run_help_names_every_algorithm, 0, ["grpo"], False),
+    (probe_model_weights_damaged, 2, ["model.safetensors' is damaged"], True),
+    (probe_greedy_with_several_answers, 2, ["'generation.temperature': 0 is greedy", "generation.n=1"], True),
 ]
 
 
@@ -552,3 +764,16 @@ def test_probe(w, tmp_path, probe, code, words, one_line):
     if one_line:  # the message is the last line, and the only one of ours (libraries may log above it)
         ours = [x for x in out.stderr.strip().splitlines() if x.startswith("lite-rlhf:")]
         assert len(ours) == 1 and out.stderr.strip().splitlines()[-1] == ours[0], out.stderr
+
+
+# Probes that run the loop itself (past the model's loading, into its stages): the slow tier.
+SLOW_PROBES = [
+    (probe_reward_function_scores_nothing, 2, ["no iteration trained", "returned None"], False),
+    (probe_reward_function_blocks, 2, ["'blocks'", "reward.function_timeout=3 s on", "prompts 'cat', 'dog'"], True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe, code, words, one_line", SLOW_PROBES, ids=[p[0].__name__[6:] for p in SLOW_PROBES])
+def test_slow_probe(w, tmp_path, probe, code, words, one_line):
+    test_probe(w, tmp_path, probe, code, words, one_line)

@@ -131,3 +131,41 @@ def test_a_run_from_an_older_version_resumes_and_another_config_is_refused(tmp_p
     assert RunDir(cfg).done("a")
     with pytest.raises(RunStateError, match="different config.*dpo.beta"):
         RunDir(load_config(None, [f"run.out_dir={tmp_path / 'run'}", "dpo.beta=0.2"]))
+
+
+def test_files_written_0600_by_a_library_get_the_users_umask(tmp_path):
+    """safetensors creates its files 0600: inside a directory the run writes they get the one rule, 0666 less the
+    umask, as every other file."""
+
+    def fill(d):
+        os.close(os.open(d / "w.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+        (d / "sub").mkdir(mode=0o700)
+        os.close(os.open(d / "sub" / "head.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+
+    old = os.umask(0o027)
+    try:
+        write_dir(tmp_path / "d", fill)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "d", *(tmp_path / "d").rglob("*")]}
+    assert modes == {"d": 0o750, "w.safetensors": 0o640, "sub": 0o750, "head.safetensors": 0o640}, modes
+
+
+def test_a_stage_run_again_leaves_a_users_file_inside_its_directory(tmp_path):
+    """A committed directory is replaced whole when its stage runs again: a file the user put inside it stops the
+    commit, named, byte for byte as it was; without it the stage commits."""
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'run'}"])
+    rd = RunDir(cfg)
+    policy = rd.root / "iter_001" / "policy"
+    rd.commit("iter_001/policy", {policy: lambda d: (d / "adapter.bin").write_text("one")})
+    notes = policy / "NOTES.md"
+    notes.write_bytes(b"mine\n")
+    (policy / "adapter.bin").write_text("changed")  # a committed file changed: the stage runs again
+    resumed = RunDir(cfg)
+    assert not resumed.done("iter_001/policy")
+    with pytest.raises(RunStateError, match="NOTES.md' was not written by this run and is left as it is"):
+        resumed.commit("iter_001/policy", {policy: lambda d: (d / "adapter.bin").write_text("two")})
+    assert notes.read_bytes() == b"mine\n" and (policy / "adapter.bin").read_text() == "changed"
+    notes.unlink()
+    resumed.commit("iter_001/policy", {policy: lambda d: (d / "adapter.bin").write_text("two")})
+    assert (policy / "adapter.bin").read_text() == "two"
