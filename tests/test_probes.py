@@ -8,7 +8,8 @@ process (the imports are paid once, not once per probe; output captured, an esca
 the interpreter would, environment, working directory and signal handler restored after each call); the
 whole suite (`RUN_SLOW=1`, CI) runs each command as its own process, exactly as a user's shell does.
 `LITE_RLHF_PROBE_PROCESS=1` asks for processes in any tier. Probes about processes themselves (SIGTERM,
-a dropped capability) start one in every tier."""
+a dropped capability) and about what a library keeps for a process's life (wandb's settings, which an
+earlier wandb test in the same process would decide) start one in every tier."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
 IN_PROCESS = not (SOURCE or RUN_SLOW or os.environ.get("LITE_RLHF_PROBE_PROCESS"))
 
 
-def cli(*args, cwd=None):
-    if IN_PROCESS:
+def cli(*args, cwd=None, process=False):
+    """`lite-rlhf ARGS`, as its own process where `process` (a probe of what a library keeps for the life of a
+    process: wandb's settings) or where the tier asks for processes, else in this one."""
+    if IN_PROCESS and not process:
         return cli_in_process(*args, cwd=cwd)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LITE_RLHF_KILL") and k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
@@ -382,7 +385,7 @@ def probe_state_json_empty(w, tmp):
 def probe_wandb_without_credentials(w, tmp):
     if importlib.util.find_spec("wandb") is None or os.environ.get("WANDB_API_KEY"):
         pytest.skip("wandb is not installed, or this machine has its credentials")
-    return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp)
+    return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp, process=True)
 
 
 def probe_wandb_out_of_reach(w, tmp):
@@ -391,7 +394,7 @@ def probe_wandb_out_of_reach(w, tmp):
     os.environ["WANDB_API_KEY"], key = "0" * 40, os.environ.get("WANDB_API_KEY")  # a key, and no server to take it
     os.environ["WANDB_BASE_URL"], url = "http://127.0.0.1:9", os.environ.get("WANDB_BASE_URL")  # nothing listens
     try:
-        return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp)
+        return cli("run", *w["loop"], "run.logger=wandb", f"run.out_dir={tmp / 'r'}", cwd=tmp, process=True)
     finally:
         for name, old in (("WANDB_API_KEY", key), ("WANDB_BASE_URL", url)):
             os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
