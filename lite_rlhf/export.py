@@ -21,29 +21,42 @@ from lite_rlhf.runstate import write_dir
 MARKER = ".lite-rlhf-export.json"  # in every exported directory: which adapter, on which base
 
 
-def _written(out: Path) -> set[str] | None:
-    """The files an earlier export wrote in `out` (relative paths, the marker included), as its marker lists them;
-    None for a marker from before the list."""
+def _stamp(path: Path) -> list[int]:
+    """What tells an export's file from one edited since: its size and modification time (no hash: the weights
+    are gigabytes)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _written(out: Path) -> dict[str, list | None] | None:
+    """The files an earlier export wrote in `out` (relative path -> its stamp, None where the marker has none), the
+    marker included, as its marker lists them; None for a marker from before the list."""
     try:
         files = json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {MARKER, *(f for f in files if isinstance(f, str))}
+    listed = files.items() if isinstance(files, dict) else ((f, None) for f in files)
+    return {MARKER: None, **{f: stamp for f, stamp in listed if isinstance(f, str)}}
 
 
-def _foreign(out: Path, written: set[str]) -> list[str]:
-    """What in `out` is not in `written`: files, links and empty directories, as relative paths."""
+def _foreign(out: Path, written: dict[str, list | None]) -> list[str]:
+    """What in `out` is not an export's file as it wrote it: files, links and empty directories it did not write
+    (as relative paths), and its files changed since (said so)."""
     found = []
     for path in sorted(out.rglob("*")):
-        leaf = path.is_symlink() or not path.is_dir() or not any(path.iterdir())
-        if leaf and str(path.relative_to(out)) not in written:
-            found.append(str(path.relative_to(out)))
+        rel = str(path.relative_to(out))
+        if not (path.is_symlink() or not path.is_dir() or not any(path.iterdir())):
+            continue
+        if rel not in written:
+            found.append(rel)
+        elif written[rel] is not None and (path.is_symlink() or _stamp(path) != written[rel]):
+            found.append(f"{rel}' (changed since the export wrote it)")
     return found
 
 
-def check_out(out: Path, also: set[str] = frozenset()) -> None:
-    """`out` may be written: absent, an empty directory, or an earlier export and nothing else (`also`: the files
-    this export writes, which it replaces)."""
+def check_out(out: Path, ours: set[str] = frozenset()) -> None:
+    """`out` may be written: absent, an empty directory, or an earlier export and nothing else, its files as it wrote
+    them. `ours`: the files this export writes, taken for an earlier one's where its marker lists none."""
     if out.is_symlink() or out.is_file():
         raise ModelNotFound(f"--out '{out}' is a file; nothing was changed: give a directory to create")
     if not out.is_dir() or not any(out.iterdir()):
@@ -52,12 +65,13 @@ def check_out(out: Path, also: set[str] = frozenset()) -> None:
         raise ModelNotFound(f"--out '{out}' holds files that lite-rlhf export did not write; nothing was changed: "
                             "give a new or empty directory")  # fmt: skip
     written = _written(out)
-    if written is None and not also:  # an export from before the list: checked once this one's files are known
+    if written is None and not ours:  # an export from before the list: checked once this one's files are known
         return
-    foreign = _foreign(out, (written or {MARKER}) | also)
+    foreign = _foreign(out, written if written is not None else dict.fromkeys({MARKER, *ours}))
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise ModelNotFound(f"--out '{out}' holds '{foreign[0]}'{more}, which lite-rlhf export did not write; nothing "
+        first = foreign[0] if foreign[0].endswith(")") else f"{foreign[0]}'"
+        raise ModelNotFound(f"--out '{out}' holds '{first}{more}, which lite-rlhf export did not write; nothing "
                             "was changed: move it away, or give a new or empty directory")  # fmt: skip
 
 
@@ -80,9 +94,9 @@ def export_merged(cfg: Config, adapter: Path, out: Path) -> Path:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(merged_card(adapter, cfg.model.name), encoding="utf-8")
-        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
-        check_out(out, set(files))  # an earlier export's own files, and those this one writes, are replaced
-        marker = {"adapter": str(adapter), "base": str(base_dir), "files": [*files, MARKER]}
+        files = {str(f.relative_to(tmp)): _stamp(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        check_out(out, set(files))  # again, now that this export's files are known
+        marker = {"adapter": str(adapter), "base": str(base_dir), "files": files}
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
 
     write_dir(out, fill)

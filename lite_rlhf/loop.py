@@ -93,7 +93,7 @@ def nothing_trained(cfg: Config) -> str | None:
     else:
         why = ("no prompt's answers differed enough to learn from (ties, pairs.min_margin, or too few answers scored): "
                "raise generation.n or generation.temperature, or check the oracle")  # fmt: skip
-    return f"no iteration trained, so the policy is π0 and best/ is π0: {why} (scores in {root}/iter_001/scores.jsonl)"
+    return f"no iteration trained (every policy is π0's): {why} (scores in {root}/iter_001/scores.jsonl)"
 
 
 def run(cfg: Config) -> int:
