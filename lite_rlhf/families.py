@@ -8,6 +8,8 @@ config, never from a `model_type` branch elsewhere:
   compute `h @ W.T` from the final hidden states, so they must apply the same transform: a scale (Granite
   divides by `logits_scaling`, Cohere multiplies by `logit_scale`), then soft-capping `c * tanh(z / c)`
   (Gemma 2's `final_logit_softcapping`).
+- `attention_implementation(config, setting)`: transformers' sdpa attention drops Gemma 2's attention soft-cap
+  (`attn_logit_softcapping`) without a word; such a family loads with eager attention (or flash-attention).
 - `refusal(config)`: what the code cannot do for a model, one line naming the family and the config key.
 - `TINY`: the families the tests build tiny random models of (`models.make_tiny_model(family=...)`), each
   with the feature flags that make it that family.
@@ -95,6 +97,22 @@ def refusal(config) -> str | None:
                 "do not apply (lite_rlhf/families.py lists the transforms they do)"
             )
     return None
+
+
+def attention_implementation(config, setting: str) -> str:
+    """The attention implementation to load `config`'s model with under `model.attn_implementation=setting`
+    ("auto": transformers' choice). A family that soft-caps its attention scores (Gemma 2's
+    `attn_logit_softcapping`) gets eager attention, as transformers' sdpa path leaves the cap out (flash-attention
+    applies it); asking for sdpa there raises ValueError, one line naming the family and the key."""
+    cap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+    if not cap or setting in ("eager", "flash_attention_2"):
+        return setting
+    if setting == "sdpa":
+        raise ValueError(
+            f"model family '{family_name(config)}' soft-caps its attention scores (attn_logit_softcapping={cap}), "
+            "which transformers' sdpa attention leaves out: use eager or flash_attention_2"
+        )
+    return "eager"
 
 
 # --------------------------------------------------------------------------- tiny models of each family

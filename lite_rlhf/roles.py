@@ -34,7 +34,7 @@ from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch, length_groups
 from lite_rlhf.config import ALL_LINEAR, Config, ConfigError, parse_size
-from lite_rlhf.families import PLAIN_LOGITS, LogitTransform, logit_transform, refusal
+from lite_rlhf.families import PLAIN_LOGITS, LogitTransform, attention_implementation, logit_transform, refusal
 from lite_rlhf.kernels import linear_entropy, linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_floor, checkpoint_setting, choose_checkpointing, model_shape
@@ -119,7 +119,7 @@ class SharedModel:
     def __init__(self, cfg: Config, device: str | torch.device | None = None, model_dir: str | Path | None = None):
         """Load `model_dir` (default: `resolve_model(cfg.model.name)`) on `device` (default: cuda if available)."""
         from peft import LoraConfig, PeftConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         mcfg = cfg.model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -136,8 +136,12 @@ class SharedModel:
         }
         if mcfg.quantization == "nf4":
             kwargs["quantization_config"] = nf4_config(self.dtype)
-        if mcfg.attn_implementation != "auto":
-            kwargs["attn_implementation"] = mcfg.attn_implementation
+        try:
+            attn = attention_implementation(AutoConfig.from_pretrained(self.base_dir), mcfg.attn_implementation)
+        except ValueError as err:
+            raise ConfigError(f"config key 'model.attn_implementation': {err}") from None
+        if attn != "auto":
+            kwargs["attn_implementation"] = attn
         base = AutoModelForCausalLM.from_pretrained(self.base_dir, use_safetensors=True, **kwargs)
         if mcfg.quantization == "nf4":
             keep_nf4_layout(base)

@@ -188,7 +188,11 @@ def test_export_merges_to_base_plus_adapter(model, family, tmp_path):
     out = export_merged(config(m.base_dir), adapter, tmp_path / "merged")
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    attn = m.peft.get_base_model().config._attn_implementation  # Gemma 2: eager, as the trainer's (the sdpa
+    # default leaves its attention soft-cap out: logits 0.016 apart on this tiny model)
+    merged = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, use_safetensors=True, attn_implementation=attn
+    )
     prompt, answer = rows(m.tokenizer)[1]
     with torch.no_grad(), m.role("policy"):
         expected = peft_logits(m, prompt + answer)
@@ -268,3 +272,24 @@ def test_a_refused_transform_stops_at_start(tiny, tmp_path):
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"lm_head_multiplier": 2.0}))
     with pytest.raises(ConfigError, match=r"model.name.*model family 'llama'.*lm_head_multiplier=2.0"):
         SharedModel(config(path), device="cpu")
+
+
+def test_attention_soft_capping_loads_eager_attention(model, tiny):
+    """transformers' sdpa attention leaves Gemma 2's attn_logit_softcapping out: the trainer loads it eager."""
+    assert model("gemma2").peft.get_base_model().config._attn_implementation == "eager"
+    assert model("gemma3").peft.get_base_model().config._attn_implementation == "sdpa"  # no attention cap
+    with pytest.raises(ConfigError, match=r"model.attn_implementation.*'gemma2'.*attn_logit_softcapping=50.0"):
+        SharedModel(config(tiny("gemma2"), "model.attn_implementation=sdpa"), device="cpu")
+
+
+def test_the_model_card_names_the_adapted_layers(model, tmp_path):
+    """The run's card for its chosen adapter says which layers hold LoRA, read from the adapter it describes."""
+    from lite_rlhf.config import to_yaml
+    from lite_rlhf.report import model_card
+
+    m = model("phi3")
+    m.save_adapter("policy", tmp_path / "iter_001" / "policy")
+    (tmp_path / "best").symlink_to("iter_001/policy")
+    (tmp_path / "config.yaml").write_text(to_yaml(config(m.base_dir)))
+    card = model_card(tmp_path, [], "validation reward")
+    assert "LoRA rank 4, alpha 32.0, on down_proj, gate_up_proj, o_proj, qkv_proj." in card
