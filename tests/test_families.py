@@ -293,3 +293,24 @@ def test_the_model_card_names_the_adapted_layers(model, tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(config(m.base_dir)))
     card = model_card(tmp_path, [], "validation reward")
     assert "LoRA rank 4, alpha 32.0, on down_proj, gate_up_proj, o_proj, qkv_proj." in card
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_on_cpu_logprobs_equal_peft_and_every_lora_a_gets_a_gradient(tiny, family):
+    """model.quantization=nf4 (bitsandbytes' CPU backend): the fused log-probs on the 4-bit base equal peft's
+    forward on it, and the gradient reaches every policy LoRA A matrix (B made non-zero)."""
+    pytest.importorskip("bitsandbytes")
+    m = SharedModel(config(tiny(family), "model.quantization=nf4"), device="cpu")
+    with torch.no_grad():
+        for name, p in m.peft.named_parameters():
+            if "lora_B.policy" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    prompt, answer = rows(m.tokenizer)[0]
+    batch = make_batch([(prompt, answer)], m.pad_id, 512, "keep_ends")
+    with m.role("policy"):
+        expected = answer_logps(m, prompt, answer)
+        logp = m.token_logps(batch)[0]
+        logp.sum().backward()
+    torch.testing.assert_close(logp[batch.targets[0] != IGNORE], expected, **TOL)
+    grads = {n: p.grad for n, p in m.peft.named_parameters() if "lora_A.policy" in n}
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), family
