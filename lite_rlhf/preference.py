@@ -33,6 +33,7 @@ from lite_rlhf import dist
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, ConfigError, PreferenceConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair
+from lite_rlhf.families import attention_implementation, logit_transform, refusal
 from lite_rlhf.ranking import win
 from lite_rlhf.reward import length_figures, train_oracle_command
 from lite_rlhf.roles import SharedModel, label_logits, last_token
@@ -206,13 +207,18 @@ class SeparatePreferenceModel:
     loaded beside the base with its own tokenizer and chat template (its own weights in memory)."""
 
     def __init__(self, name: str, *, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from lite_rlhf.models import load_tokenizer, resolve_model
 
         path = resolve_model(name)
         self.tokenizer = load_tokenizer(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+        config = AutoConfig.from_pretrained(path)
+        why = refusal(config)
+        if why:
+            raise ConfigError(f"config key 'reward.preference_model': '{name}': {why}")
+        attn = {} if (a := attention_implementation(config, "auto")) == "auto" else {"attn_implementation": a}
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **attn).to(device)
         self.model.eval()
         self.device = device
 
@@ -226,7 +232,8 @@ class SeparatePreferenceModel:
         def logits(ids, mask):
             mask = mask.to(self.device)
             hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask).last_hidden_state
-            return label_logits(last_token(hidden, mask), self.model.get_output_embeddings().weight, fmt.labels)
+            weight = self.model.get_output_embeddings().weight
+            return label_logits(last_token(hidden, mask), weight, fmt.labels, logit_transform(self.model.config))
 
         return Judge(self.tokenizer, fmt, logits, cfg.data.max_length, cfg.reward.score_batch, cfg.run.quiet)
 
