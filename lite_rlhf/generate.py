@@ -302,6 +302,12 @@ class Engine:
     def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc) -> list[Sample]:
         raise NotImplementedError
 
+    def sampled_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
+        """`samples` with the engine's own log-prob of each sampled token (temperature 1) for `adapter` (`ids`:
+        prompt id -> token ids): those it gave while sampling, or a forward pass of its model; None where the
+        engine has neither."""
+        return samples
+
     def sleep(self) -> None:
         """Free accelerator memory while training runs (CUDA vLLM); a no-op elsewhere."""
 
@@ -673,6 +679,9 @@ class HFEngine(Engine):
         if logprobs:
             samples = self._with_logprobs(samples, {p.id: x for p, x in zip(prompts, ids, strict=True)}, adapter)
         return samples
+
+    def sampled_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
+        return self._with_logprobs(samples, ids, _adapter_dir(adapter))
 
     def _with_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
         """Sampled-token log-probs at temperature 1, recomputed by a teacher-forced forward pass (what
