@@ -120,7 +120,49 @@ def make_engine(
 
 def start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str], None]):
     """Start the engine with `make(share)` and, where `cfg` allows it, make the trainer's base (`model`, a
-    `SharedModel`) views of the engine's weights. Says in one line which it is."""
+    `SharedModel`) views of the engine's weights. Says in one line which it is. The trainer's model is kept out of
+    what the engine does to model classes in this process (`own_decoder_class`), and checked after."""
+    before = own_decoder_class(model.peft)
+    engine = _start_engine(model, cfg, make, say)
+    check_model_classes(model.peft, before)
+    return engine
+
+
+def own_decoder_class(model) -> dict[type, tuple]:
+    """Give the trainer's decoder (`model`: a transformers or peft model) a class of its own whose `__call__` is
+    torch's; return what each module class of `model` runs when called, for `check_model_classes`.
+
+    Why: vLLM's generic Transformers backend (vllm 0.32: the architectures its registry sends there, e.g. Olmo,
+    Olmo2, Phi, GPT-NeoX, Starcoder2, GLM, SmolLM3, and those it has no implementation of, e.g. Ministral;
+    `model_executor/models/transformers/base.py`) decorates the transformers *decoder class* for its
+    torch.compile (`compilation/decorators.py`, `support_torch_compile`): the class gets a new `__init__` and
+    `__call__` and one more base. In-process, the trainer's decoder is an instance of that same class: its next
+    forward ran vLLM's `__call__`, which reads an attribute only vLLM's own instances have (AttributeError
+    'do_not_compile', a traceback inside the trainer's forward). A subclass whose `__call__` is set in its own
+    body is not reached by a change to its parent. The decoder's modules, weights and forward stay the same."""
+    from torch import nn
+
+    decoder = model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
+    cls = type(decoder)
+    if "__call__" not in vars(cls):
+        decoder.__class__ = type(cls.__name__, (cls,), {"__call__": nn.Module.__call__, "__module__": cls.__module__})
+    return {c: (c.__call__, c.forward) for c in {type(m) for m in model.modules()}}
+
+
+def check_model_classes(model, before: dict[type, tuple]) -> None:
+    """One line naming the family and the class where starting the engine changed what a module class of the
+    trainer's model runs (a change `own_decoder_class` does not keep out): refused at start, not a traceback
+    mid-run."""
+    for cls, calls in before.items():
+        if (cls.__call__, cls.forward) != calls:
+            family = getattr(model.config, "model_type", None) or type(model.config).__name__
+            raise GenerationError(
+                f"model family '{family}': starting the vLLM engine in this process changed the model class "
+                f"{cls.__name__} the trainer runs (vLLM's Transformers backend); set generation.backend=hf"
+            )
+
+
+def _start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str], None]):
     from lite_rlhf.share import ShareError, offload_base, reason_not_to_share, restore_base, share_weights, vllm_version
 
     cuda = model.device.type == "cuda"
