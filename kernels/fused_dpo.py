@@ -4,7 +4,8 @@ Math. ``hidden [2B, T, H]`` holds the B chosen rows first, then the B rejected r
 ``B + i`` are one pair); ``targets [2B, T]`` are already shifted (target ``t`` is the token predicted
 from position ``t``) with ``ignore_index`` at prompt and padding positions. Then::
 
-    logp[r, t] = linear_logprobs(hidden, weight, targets)         [2B, T] fp32, 0 where ignored
+    logp[r, t] = linear_logprobs(hidden, weight, targets)         [2B, T] fp32, 0 where ignored (soft-capped
+                                                                  logits when `softcap` is given)
     S_r        = sum_t logp[r, t],   n_r = #{t : target[r, t] != ignore_index}
     p_r        = S_r                 (most losses)
                = S_r / max(n_r, 1)   (ipo, sigmoid_norm, simpo: length-averaged, as TRL and the IPO authors do;
@@ -149,10 +150,11 @@ def fused_dpo_loss_reference(
     rpo_alpha: float = 0.0,
     discopop_tau: float = DISCOPOP_TAU,
     simpo_gamma: float = SIMPO_GAMMA,
+    softcap: float | None = None,
 ) -> DpoOutput:
     """Naive fp32 version of :func:`fused_dpo_loss` (full logits, then the loss): the specification."""
     spec = _spec(beta, loss_type, loss_weights, label_smoothing, rpo_alpha, discopop_tau, simpo_gamma)
-    logp = linear_logprobs_reference(hidden, weight, targets, ignore_index=ignore_index)  # [2B, T]
+    logp = linear_logprobs_reference(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap)  # [2B, T]
     return preference_loss(logp, targets, ref_chosen_logps, ref_rejected_logps, spec, ignore_index)
 
 
@@ -192,6 +194,7 @@ def fused_dpo_loss(
     rpo_alpha: float = 0.0,
     discopop_tau: float = DISCOPOP_TAU,
     simpo_gamma: float = SIMPO_GAMMA,
+    softcap: float | None = None,
     path: KernelPath | None = None,
 ) -> DpoOutput:
     """DPO-family loss of B pairs straight from the final hidden states, without the logits.
@@ -205,6 +208,7 @@ def fused_dpo_loss(
         beta, label_smoothing, discopop_tau, simpo_gamma: see :func:`dpo_loss`.
         loss_type, loss_weights: one loss of ``LOSS_TYPES`` or a list of them, with a weight each (TRL's form).
         rpo_alpha: weight of the chosen answers' mean NLL per token added to the loss (RPO); 0: none.
+        softcap: the model's final logit soft-cap (see :func:`linear_logprobs`), or None.
         path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
@@ -218,7 +222,7 @@ def fused_dpo_loss(
     ref_chosen_logps = ref_chosen_logps.to(device=hidden.device, dtype=torch.float32)
     ref_rejected_logps = ref_rejected_logps.to(device=hidden.device, dtype=torch.float32)
     path = path or kernel_path(hidden.device)
-    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, path=path)  # [2B, T]
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap, path=path)  # [2B, T]
     return preference_loss(logp, targets, ref_chosen_logps, ref_rejected_logps, spec, ignore_index,
                            triton=path != "chunked-torch")  # fmt: skip
 

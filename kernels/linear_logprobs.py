@@ -9,6 +9,16 @@ Math. For a row ``n`` with hidden state ``x_n`` (``[H]``), LM head ``W`` (``[V, 
     dlogp_n / dx_n = W_{t_n} - sum_v p_nv W_v               [H]
     dlogp_n / dW_v = (1[v == t_n] - p_nv) x_n               [V, H]
 
+Soft-capping (Gemma 2's ``final_logit_softcapping``, optional). With a cap ``c`` the logits are
+``y_nv = c tanh(z_nv / c)`` and everything above holds with ``y`` for ``z`` and the chain rule's
+``g_nv = dy/dz = 1 - tanh^2(z_nv / c)`` on every term that reaches ``x`` or ``W``::
+
+    dlogp_n / dx_n = g_{n,t_n} W_{t_n} - sum_v p_nv g_nv W_v
+    dlogp_n / dW_v = (1[v == t_n] - p_nv) g_nv x_n
+
+A linear logit scale (Granite's ``1 / logits_scaling``, a sampling temperature) is not an argument: the caller
+multiplies ``hidden`` by it (under a cap ``c``, ``c tanh(z / c) / T`` is the cap ``c / T`` on ``z / T``).
+
 Online log-sum-exp over vocabulary blocks: with a running max ``m`` and a running sum
 ``s = sum exp(z - m)``, a new block updates ``m' = max(m, max_block z)``,
 ``s' = s * exp(m - m') + sum_block exp(z - m')``. The same rescaling keeps a running
@@ -51,14 +61,40 @@ _MAX_ROWS = 1024  # rows per chunk: bounds the [rows, H] accumulators for very l
 
 
 def linear_logprobs_reference(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Naive fp32 log p(target): full logits, log-softmax, gather. The specification and the test oracle."""
-    logits = hidden.float() @ weight.float().t()  # [..., V]
+    """Naive fp32 log p(target): full logits (soft-capped when `softcap` is set), log-softmax, gather. The
+    specification and the test oracle."""
+    logits = softcap_logits(hidden.float() @ weight.float().t(), softcap)  # [..., V]
     logprobs = torch.log_softmax(logits, dim=-1)
     valid = targets != ignore_index
     picked = logprobs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, 0.0)
+
+
+def softcap_logits(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``c tanh(z / c)`` (the logits unchanged when ``softcap`` is None): the cap as transformers applies it."""
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def _check_softcap(softcap: float | None) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+
+
+def _cap_block(z: torch.Tensor, softcap: float | None, need_slope: bool) -> torch.Tensor | None:
+    """Soft-cap a logits block in place; returns the slope ``1 - tanh^2(z / c)`` when asked (else None)."""
+    if softcap is None:
+        return None
+    z.div_(softcap).tanh_()
+    slope = 1 - z * z if need_slope else None
+    z.mul_(softcap)
+    return slope
 
 
 def _chunk_shape(n_rows: int, vocab: int) -> tuple[int, int]:
@@ -86,6 +122,7 @@ def _chunked_forward(
     need_grad: bool,
     rows: int,
     block: int,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log p(target) [N], lse [N] and (if need_grad) d logp / d hidden [N, H], all fp32."""
     n, h_dim = hidden.shape
@@ -105,10 +142,13 @@ def _chunked_forward(
         for v0 in range(0, vocab, block):
             w = weight[v0 : v0 + block].float()  # [Vb, H]
             z = torch.mm(x, w.t(), out=_block_view(z_buffer, r1 - r0, w.shape[0]))  # [R, Vb] logits block
+            slope = _cap_block(z, softcap, acc is not None)  # [R, Vb] or None
             m_new = torch.maximum(m, z.amax(dim=1))
             alpha = (m - m_new).exp_()  # rescales what was summed under the old max; 0 on the first block
             z.sub_(m_new[:, None]).exp_()  # now exp(z - m_new), in place
             s.mul_(alpha).add_(z.sum(dim=1))
+            if slope is not None:
+                z.mul_(slope)  # the accumulator sums exp(y - m) dy/dz W_v
             if acc is not None and v0 == 0:
                 torch.mm(z, w, out=acc)
             elif acc is not None:
@@ -118,9 +158,12 @@ def _chunked_forward(
         lse_c = m + s.log()
         lse[r0:r1] = lse_c
         ok = valid[r0:r1]
-        logp[r0:r1] = torch.where(ok, (x * w_t).sum(dim=1) - lse_c, 0.0)
+        z_t = (x * w_t).sum(dim=1)  # [R] the target logits
+        slope_t = _cap_block(z_t, softcap, acc is not None)
+        logp[r0:r1] = torch.where(ok, z_t - lse_c, 0.0)
         if acc is not None:
-            # d logp / dx = W_t - a / s, and 0 for ignored rows
+            # d logp / dx = g_t W_t - a / s, and 0 for ignored rows
+            w_t = w_t if slope_t is None else w_t * slope_t[:, None]
             acc.div_(s[:, None]).neg_().add_(w_t).mul_(ok[:, None])
     return logp, lse, dlogp_dh
 
@@ -133,8 +176,10 @@ def _chunked_weight_grad(
     grad: torch.Tensor,  # [N] fp32 upstream gradient, already 0 at ignored rows
     rows: int,
     block: int,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """dL/dW = sum_n grad_n (onehot(t_n) - p_n) x_n, one vocabulary block at a time (logits recomputed)."""
+    """dL/dW = sum_n grad_n (onehot(t_n) - p_n) g_n x_n, one vocabulary block at a time (logits recomputed; g the
+    soft-cap's slope, 1 without a cap)."""
     n = hidden.shape[0]
     vocab = weight.shape[0]
     x_all = hidden.float()  # [N, H]; a view when hidden is fp32
@@ -148,10 +193,16 @@ def _chunked_weight_grad(
         for r0 in range(0, n, rows):
             x = x_all[r0 : r0 + rows]  # [R, H]
             p = torch.mm(x, w.t(), out=_block_view(p_buffer, x.shape[0], w.shape[0]))  # [R, Vb]
+            slope = _cap_block(p, softcap, True)
             p.sub_(lse[r0 : r0 + rows, None]).exp_().mul_(-grad[r0 : r0 + rows, None])  # -grad * softmax
+            if slope is not None:
+                p.mul_(slope)
             dw.addmm_(p.t(), x)
-        hit = valid & (targets >= v0) & (targets < v1)  # the one-hot part: + grad_n x_n on row t_n
-        dw.index_add_(0, targets[hit] - v0, x_all[hit] * grad[hit, None])
+        hit = valid & (targets >= v0) & (targets < v1)  # the one-hot part: + grad_n g_n x_n on row t_n
+        coef = grad[hit]
+        if softcap is not None:
+            coef = coef * (1 - torch.tanh((x_all[hit] * w[targets[hit] - v0]).sum(dim=1) / softcap) ** 2)
+        dw.index_add_(0, targets[hit] - v0, x_all[hit] * coef[:, None])
         grad_weight[v0:v1] = dw
     return grad_weight
 
@@ -160,10 +211,10 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     """Chunked torch path. Saves d logp / d hidden ([N, H] fp32) and, if W trains, only the inputs and lse."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, need_dh, need_dw, rows, block):
-        logp, lse, dlogp_dh = _chunked_forward(hidden, weight, targets, ignore_index, need_dh, rows, block)
+    def forward(ctx, hidden, weight, targets, ignore_index, need_dh, need_dw, rows, block, softcap):
+        logp, lse, dlogp_dh = _chunked_forward(hidden, weight, targets, ignore_index, need_dh, rows, block, softcap)
         ctx.need_dh, ctx.need_dw = need_dh, need_dw
-        ctx.ignore_index, ctx.rows, ctx.block = ignore_index, rows, block
+        ctx.ignore_index, ctx.rows, ctx.block, ctx.softcap = ignore_index, rows, block, softcap
         ctx.hidden_dtype = hidden.dtype
         if need_dw:
             ctx.save_for_backward(dlogp_dh, hidden, weight, targets, lse)
@@ -181,8 +232,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         if ctx.need_dw:
             hidden, weight, targets, lse = rest
             grad = torch.where(targets != ctx.ignore_index, grad_logp, 0.0)
-            grad_weight = _chunked_weight_grad(hidden, weight, targets, lse, grad, ctx.rows, ctx.block)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+            grad_weight = _chunked_weight_grad(hidden, weight, targets, lse, grad, ctx.rows, ctx.block, ctx.softcap)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -227,21 +278,25 @@ def linear_logprobs(
     targets: torch.Tensor,
     *,
     ignore_index: int = -100,
+    softcap: float | None = None,
     path: KernelPath | None = None,
 ) -> torch.Tensor:
-    """Per-token ``log softmax(hidden @ weight.T)[target]`` in fp32, without materializing the logits.
+    """Per-token ``log softmax(hidden @ weight.T)[target]`` in fp32, without materializing the logits; with
+    ``softcap`` c, of the soft-capped logits ``c tanh(hidden @ weight.T / c)``.
 
     Args:
         hidden: ``[..., H]`` final hidden states (fp32, bf16 or fp16).
         weight: ``[V, H]`` LM head weight. It may be frozen (LoRA, 4-bit base) or trainable.
         targets: ``[...]`` token ids; positions equal to ``ignore_index`` give 0 and no gradient.
         ignore_index: the target value of prompt and padding positions.
+        softcap: the model's final logit soft-cap (Gemma 2's ``final_logit_softcapping``), or None.
         path: the implementation (default: :func:`kernel_path` of the device; `dpo.kernel` sets it).
 
     Returns:
         ``[...]`` fp32 log-probabilities. Differentiable with respect to ``hidden`` and ``weight``.
     """
     _check_inputs(hidden, weight, targets)
+    _check_softcap(softcap)
     lead_shape = targets.shape
     h_dim = hidden.shape[-1]
     x = hidden.reshape(-1, h_dim)  # [N, H]
@@ -260,18 +315,21 @@ def linear_logprobs(
     xs, ts = (x[scored], t[scored]) if compact else (x, t)
     if path == "chunked-torch":
         rows, block = _chunk_shape(xs.shape[0], weight.shape[0])
-        out = _ChunkedLinearLogprobs.apply(xs, weight, ts, ignore_index, need_dh, need_dw, rows, block)
+        out = _ChunkedLinearLogprobs.apply(xs, weight, ts, ignore_index, need_dh, need_dw, rows, block, softcap)
     else:
         triton_impl = load_triton_module("linear_logprobs_triton")
-        out = triton_impl.TritonLinearLogprobs.apply(xs, weight, ts, ignore_index, need_dh, need_dw)
+        out = triton_impl.TritonLinearLogprobs.apply(xs, weight, ts, ignore_index, need_dh, need_dw, softcap)
     if compact:
         out = torch.zeros(t.shape, dtype=out.dtype, device=out.device).index_copy(0, scored, out)
     return out.view(lead_shape)
 
 
-def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of ``softmax(hidden @ weight.T)`` in fp32 (0 where ``mask`` is False), without the
-    ``[tokens, vocab]`` logits and without gradient: a figure for the log (the policy's entropy on its answers).
+def linear_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, *, softcap: float | None = None
+) -> torch.Tensor:
+    """Per-token entropy of ``softmax(hidden @ weight.T)`` (the logits soft-capped by ``softcap`` when set) in
+    fp32 (0 where ``mask`` is False), without the ``[tokens, vocab]`` logits and without gradient: a figure for
+    the log (the policy's entropy on its answers).
 
     One walk over vocabulary blocks per chunk of rows, as the log-probs' forward, keeping the running max ``m``,
     ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``. A block with a higher max ``m'`` rescales both by
@@ -282,6 +340,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or tuple(mask.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"linear_entropy: hidden [..., H], weight [V, H] and mask [...] disagree: hidden "
                          f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, mask {tuple(mask.shape)}")  # fmt: skip
+    _check_softcap(softcap)
     x = hidden.reshape(-1, hidden.shape[-1])
     scored = mask.reshape(-1).to(x.device).nonzero().squeeze(1)
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
@@ -296,6 +355,7 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
             for v0 in range(0, vocab, block):
                 w = weight[v0 : v0 + block].float()  # [Vb, H]
                 z = torch.mm(xs, w.t(), out=_block_view(z_buffer, xs.shape[0], w.shape[0]))  # [R, Vb] logits
+                _cap_block(z, softcap, False)
                 m_new = torch.maximum(m, z.amax(dim=1))
                 shift = torch.where(s > 0, m - m_new, 0.0)  # 0 before the first block (m = -inf, s = 0)
                 a = shift.exp()
@@ -309,7 +369,12 @@ def linear_entropy(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
 
 
 def sequence_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of each sequence and its number of scored tokens.
 
@@ -324,5 +389,5 @@ def sequence_logps(
     """
     if hidden.dim() != 3:
         raise ValueError(f"sequence_logps: hidden must be [B, T, H], got {tuple(hidden.shape)}")
-    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index)  # [B, T]
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=ignore_index, softcap=softcap)  # [B, T]
     return logp.sum(dim=-1), (targets != ignore_index).sum(dim=-1)

@@ -13,6 +13,10 @@ Loaded only through :func:`lite_rlhf.kernels.backend.load_triton_module`, on CUD
   recomputes the logits block, forms ``g (onehot - p)`` from the saved ``lse`` and accumulates
   ``dW`` into an fp32 ``[V, H]`` buffer it owns.
 
+Soft-capping (``SOFTCAP``): each logits block becomes ``c tanh(z / c)`` right after its dot, and the slope
+``1 - tanh^2(z / c)`` multiplies the probabilities that reach the gradient dots (``linear_logprobs.py``).
+``tanh(u)`` is computed as ``2 sigmoid(2u) - 1`` (``tl.sigmoid`` runs on the GPU and in the interpreter).
+
 Dot products. The logits dot takes the inputs as they are on a GPU (bf16/fp16 products are exact in
 fp32, accumulated in fp32); under the interpreter ``tl.dot`` on bf16 operands gives wrong numbers, so
 there, and for mixed dtypes, operands are cast to fp32 first (``DOT_FP32``). The two gradient dots
@@ -36,6 +40,11 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)  # how the kernels below were
 
 
 @triton.jit
+def _tanh(u):
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     hidden_ptr,  # [N, H] input dtype; row stride stride_hn, unit stride along H
     weight_ptr,  # [V, H] input dtype; row stride stride_wv, unit stride along H
@@ -50,7 +59,9 @@ def _logprobs_fwd_kernel(
     stride_wv,  # elements between rows of weight
     stride_dn,  # elements between rows of dlogp
     ignore_index,
+    softcap,  # the logit soft-cap c (read only when SOFTCAP)
     COMPUTE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,  # cast dot operands to fp32 (interpreter, mixed dtypes)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
     BLOCK_N: tl.constexpr,
@@ -85,6 +96,10 @@ def _logprobs_fwd_kernel(
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             z = tl.dot(x, tl.trans(w), z, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_V]
+        if SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+            slope = 1.0 - t * t  # d(capped logit) / d(logit)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         target_logit += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -93,6 +108,8 @@ def _logprobs_fwd_kernel(
         s = s * alpha + tl.sum(p, axis=1)
         m = m_new
         if COMPUTE_GRAD:
+            if SOFTCAP:
+                p = p * slope
             for h0 in range(0, H, BLOCK_H):
                 hc = h0 + tl.arange(0, BLOCK_H)
                 h_ok = hc < H
@@ -110,6 +127,9 @@ def _logprobs_fwd_kernel(
     tl.store(logp_ptr + rows, tl.where(valid, target_logit - lse, 0.0), row_ok)
     if COMPUTE_GRAD:
         safe_tgt = tl.where(valid, tgt, 0)
+        slope_t = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+        if SOFTCAP:
+            slope_t = 1.0 - (target_logit / softcap) * (target_logit / softcap)
         for h0 in range(0, H, BLOCK_H):
             hc = h0 + tl.arange(0, BLOCK_H)
             h_ok = hc < H
@@ -117,7 +137,7 @@ def _logprobs_fwd_kernel(
             a_ptrs = dlogp_ptr + rows[:, None] * stride_dn + hc[None, :]
             a_mask = row_ok[:, None] & h_ok[None, :]
             a = tl.load(a_ptrs, a_mask, other=0.0)
-            grad = tl.where(valid[:, None], w_t.to(tl.float32) - a / s[:, None], 0.0)
+            grad = tl.where(valid[:, None], w_t.to(tl.float32) * slope_t[:, None] - a / s[:, None], 0.0)
             tl.store(a_ptrs, grad, a_mask)
 
 
@@ -135,6 +155,8 @@ def _logprobs_dweight_kernel(
     stride_hn,
     stride_wv,
     stride_dv,
+    softcap,  # the logit soft-cap c (read only when SOFTCAP)
+    SOFTCAP: tl.constexpr,
     DOT_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -164,9 +186,14 @@ def _logprobs_dweight_kernel(
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             z = tl.dot(x, tl.trans(w), z, input_precision=DOT_PRECISION)
+        slope = tl.full([BLOCK_N, BLOCK_V], 1.0, dtype=tl.float32)
+        if SOFTCAP:
+            t = _tanh(z / softcap)
+            z = softcap * t
+            slope = 1.0 - t * t
         p = tl.exp(z - lse[:, None])
         onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-        dz = tl.where(col_ok[None, :], g[:, None] * (onehot - p), 0.0)  # [BLOCK_N, BLOCK_V] d loss / d logits
+        dz = tl.where(col_ok[None, :], g[:, None] * (onehot - p) * slope, 0.0)  # [BLOCK_N, BLOCK_V] d loss / d z
         dz_t = tl.trans(dz)  # [BLOCK_V, BLOCK_N]
         for h0 in range(0, H, BLOCK_H):
             hc = h0 + tl.arange(0, BLOCK_H)
@@ -200,6 +227,7 @@ def launch_forward(
     targets: torch.Tensor,  # [N] int64
     ignore_index: int,
     need_grad: bool,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """log p(target) [N], lse [N] and (if need_grad) d logp / d hidden [N, H], all fp32."""
     n, h_dim = hidden.shape
@@ -216,8 +244,8 @@ def launch_forward(
     grid = (triton.cdiv(n, block_n),)
     _logprobs_fwd_kernel[grid](
         hidden, weight, targets, logp, lse, dlogp,
-        n, vocab, h_dim, hidden.stride(0), weight.stride(0), dlogp.stride(0), ignore_index,
-        COMPUTE_GRAD=need_grad, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+        n, vocab, h_dim, hidden.stride(0), weight.stride(0), dlogp.stride(0), ignore_index, softcap or 1.0,
+        COMPUTE_GRAD=need_grad, SOFTCAP=softcap is not None, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     return logp, lse, dlogp if need_grad else None
@@ -229,6 +257,7 @@ def launch_weight_grad(
     targets: torch.Tensor,  # [N] int64
     lse: torch.Tensor,  # [N] fp32
     grad: torch.Tensor,  # [N] fp32, 0 at ignored rows
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """dL/dW [V, H] in weight's dtype."""
     n, h_dim = hidden.shape
@@ -243,7 +272,7 @@ def launch_weight_grad(
         _logprobs_dweight_kernel[grid](
             hidden, weight, targets, lse, grad.contiguous(), dweight,
             n, vocab, h_dim, hidden.stride(0), weight.stride(0), dweight.stride(0),
-            DOT_FP32=dot_fp32, DOT_PRECISION=precision,
+            softcap or 1.0, SOFTCAP=softcap is not None, DOT_FP32=dot_fp32, DOT_PRECISION=precision,
             BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
         )  # fmt: skip
     return dweight.to(weight.dtype)
@@ -253,9 +282,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
     """Triton path. Saves d logp / d hidden ([N, H] fp32) and, if W trains, only the inputs and lse."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, need_dh, need_dw):
-        logp, lse, dlogp_dh = launch_forward(hidden, weight, targets, ignore_index, need_dh)
-        ctx.need_dh, ctx.need_dw, ctx.ignore_index = need_dh, need_dw, ignore_index
+    def forward(ctx, hidden, weight, targets, ignore_index, need_dh, need_dw, softcap):
+        logp, lse, dlogp_dh = launch_forward(hidden, weight, targets, ignore_index, need_dh, softcap)
+        ctx.need_dh, ctx.need_dw, ctx.ignore_index, ctx.softcap = need_dh, need_dw, ignore_index, softcap
         ctx.hidden_dtype = hidden.dtype
         if need_dw:
             ctx.save_for_backward(dlogp_dh, hidden, weight, targets, lse)
@@ -273,5 +302,5 @@ class TritonLinearLogprobs(torch.autograd.Function):
         if ctx.need_dw:
             hidden, weight, targets, lse = rest
             grad = torch.where(targets != ctx.ignore_index, grad_logp, 0.0)
-            grad_weight = launch_weight_grad(hidden, weight, targets, lse, grad)
-        return grad_hidden, grad_weight, None, None, None, None
+            grad_weight = launch_weight_grad(hidden, weight, targets, lse, grad, ctx.softcap)
+        return grad_hidden, grad_weight, None, None, None, None, None

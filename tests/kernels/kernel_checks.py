@@ -39,6 +39,10 @@ CASES = [
     Case("empty", (0, 5), 16, 64, ignore="none"),
 ]
 
+# Soft-capped logits (Gemma 2's final_logit_softcapping is 30): caps at and below the logits' spread, so tanh
+# bends most of them (the peaked case's logits reach ~60, far into the flat part of c tanh(z / c)).
+SOFTCAP_CASES = [(CASES[0], 3.0), (CASES[2], 5.0), (CASES[4], 30.0), (CASES[4], 4.0)]
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Forward: both sides compute in fp32 from the very same input values (the reference upcasts the
@@ -103,20 +107,22 @@ def check_logprobs(
     seed: int = 0,
     device: str | torch.device = "cpu",
     logp_tol: dict | None = None,
+    softcap: float | None = None,
 ) -> dict[str, float]:
-    """Forward and backward of `fn` against linear_logprobs_reference on one case; returns the largest
-    absolute difference of each compared quantity. `logp_tol` replaces LOGP_TOL (real sizes on a GPU)."""
+    """Forward and backward of `fn` against linear_logprobs_reference on one case (with the logits soft-capped at
+    `softcap` when given); returns the largest absolute difference of each compared quantity. `logp_tol`
+    replaces LOGP_TOL (real sizes on a GPU)."""
     hidden, weight, targets = make_inputs(case, dtype, seed, device)
     upstream = torch.randn(case.lead, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     results = []
     for impl in (fn, linear_logprobs_reference):
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(train_weight)
-        out = impl(h, w, targets, ignore_index=IGNORE)
+        out = impl(h, w, targets, ignore_index=IGNORE, **({"softcap": softcap} if softcap else {}))
         (out * upstream).sum().backward()
         results.append((out, h.grad, w.grad))
     (out, gh, gw), (ref, ref_gh, ref_gw) = results
-    label = f"{case} {dtype} train_weight={train_weight}"
+    label = f"{case} {dtype} train_weight={train_weight} softcap={softcap}"
     assert out.dtype == torch.float32 and out.shape == targets.shape, label
     assert_close(out, ref, **(logp_tol or LOGP_TOL), msg=_msg(f"log-probs, {label}"))
     assert bool((out[targets == IGNORE] == 0).all()), f"ignored positions must give 0: {label}"
@@ -184,12 +190,14 @@ def check_fused_dpo(
     fn=fused_dpo_loss,
     device: str | torch.device = "cpu",
     rpo_alpha: float = 0.0,
+    softcap: float | None = None,
 ) -> dict[str, float]:
-    """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss");
-    returns the largest absolute difference of each compared quantity."""
+    """Value, rewards and gradients of `fn` against fused_dpo_loss_reference ("log-probs, then loss"), on
+    soft-capped logits when `softcap` is given; returns the largest absolute difference of each compared
+    quantity."""
     hidden, weight, targets, ref_c, ref_r = make_dpo_inputs(n_pairs, seq, h_dim, vocab, dtype, device=device)
     kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing, "ignore_index": IGNORE,
-              "rpo_alpha": rpo_alpha}  # fmt: skip
+              "rpo_alpha": rpo_alpha} | ({"softcap": softcap} if softcap else {})  # fmt: skip
     results = []
     for impl in (fn, fused_dpo_loss_reference):
         h = hidden.clone().requires_grad_(True)
@@ -197,7 +205,8 @@ def check_fused_dpo(
         loss, chosen_rewards, rejected_rewards, *_ = impl(h, w, targets, ref_c, ref_r, **kwargs)
         loss.backward()
         results.append((loss, chosen_rewards, rejected_rewards, h.grad, w.grad))
-    label = f"{loss_type} eps={label_smoothing} rpo={rpo_alpha} B={n_pairs} T={seq} {dtype} train_weight={train_weight}"
+    label = (f"{loss_type} eps={label_smoothing} rpo={rpo_alpha} B={n_pairs} T={seq} {dtype} "
+             f"train_weight={train_weight} softcap={softcap}")  # fmt: skip
     (loss, cr, rr, gh, gw), (ref_loss, ref_cr, ref_rr, ref_gh, ref_gw) = results
     assert loss.dtype == torch.float32 and loss.dim() == 0, label
     assert not cr.requires_grad and not rr.requires_grad, label

@@ -34,6 +34,12 @@ def test_matches_logprobs_then_loss(case, loss_type, beta, eps, dtype, train_wei
     check_fused_dpo(n_pairs, seq, h_dim, vocab, loss_type, beta, eps, dtype, train_weight)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_softcap(loss_type):
+    """Soft-capped logits (cap 3 on logits of spread ~2) reach the DPO loss and its gradients."""
+    check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, softcap=3.0)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_rpo_term_matches_logprobs_then_loss(loss_type):
     check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, rpo_alpha=0.5)

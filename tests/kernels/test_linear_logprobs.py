@@ -12,6 +12,7 @@ from kernel_checks import (
     IGNORE,
     LOGP_TOL,
     REAL_SIZE_LOGP_TOL,
+    SOFTCAP_CASES,
     Case,
     check_logprobs,
     check_mixed_dtypes,
@@ -43,6 +44,30 @@ def test_matches_reference_with_small_chunks(case, dtype, train_weight, monkeypa
     # so the online log-sum-exp rescaling and the block-wise weight gradient are exercised.
     monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
     check_logprobs(case, dtype, train_weight)
+
+
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozen-W", "trainable-W"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case, softcap", SOFTCAP_CASES, ids=lambda v: str(v))
+def test_softcap_matches_reference(case, softcap, dtype, train_weight, monkeypatch):
+    """Gemma 2's c tanh(z / c) on the logits, forward and both gradients, in blocks of 16 rows x 128 entries."""
+    monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
+    check_logprobs(case, dtype, train_weight, softcap=softcap)
+
+
+@pytest.mark.parametrize("case, softcap", SOFTCAP_CASES, ids=lambda v: str(v))
+def test_softcap_entropy_matches_full_logits(case, softcap):
+    hidden, weight, targets = make_inputs(case, torch.float32)
+    mask = targets != IGNORE
+    logits = softcap * torch.tanh(hidden @ weight.t() / softcap)
+    ref = torch.where(mask, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1), 0.0)
+    assert_close(linear_entropy(hidden, weight, mask, softcap=softcap), ref, **LOGP_TOL)
+
+
+def test_softcap_must_be_positive():
+    hidden, weight, targets = make_inputs(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="softcap"):
+        linear_logprobs(hidden, weight, targets, softcap=0.0)
 
 
 def test_mixed_dtypes():

@@ -21,6 +21,7 @@ from kernel_checks import (  # noqa: E402
     DPO_CASES,
     DPO_LOSS_SETTINGS,
     DTYPES,
+    SOFTCAP_CASES,
     Case,
     check_fused_dpo,
     check_logprobs,
@@ -101,8 +102,23 @@ def test_fused_dpo_matches_logprobs_then_loss(case, loss_type, beta, eps, dtype,
     assert spy.apply.call_count == 1, "fused_dpo_loss did not use the Triton loss kernel"
 
 
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozen-W", "trainable-W"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case, softcap", SOFTCAP_CASES, ids=lambda v: str(v))
+def test_softcap_matches_reference(case, softcap, dtype, train_weight, monkeypatch):
+    """Gemma 2's c tanh(z / c) in both kernels, forward and both gradients, with small blocks (tails in each)."""
+    monkeypatch.setattr(triton_llp, "_block_sizes", lambda h_dim: (16, 32, 16, 1))
+    check_logprobs(case, dtype, train_weight, softcap=softcap)
+
+
 def test_mixed_dtypes():
     check_mixed_dtypes()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_softcap_on_the_triton_path(loss_type):
+    """Soft-capped logits (cap 3 on logits of spread ~2) reach the DPO loss and its gradients."""
+    check_fused_dpo(2, 37, 64, 1000, loss_type, 0.1, 0.0, torch.float32, True, softcap=3.0)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
