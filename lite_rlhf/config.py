@@ -45,13 +45,17 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: transformers picks
 
 
+ALL_LINEAR = "all-linear"  # lora.target_modules: every linear layer of the decoder (peft's shorthand)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     r: int = _f(16, lo=1)  # LoRA rank of every adapter (policy, reward)
     alpha: float = _f(32.0, lo=0, lo_open=True)  # LoRA scale alpha / r
     dropout: float = _f(0.0, lo=0, hi=1)  # LoRA dropout (0: a resumed run trains bit for bit the same)
-    # the linear layers that get LoRA (every projection of a Llama block)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # the linear layers that get LoRA: all-linear, every one of the decoder (a Llama's q/k/v/o and gate/up/down
+    # projections, a Phi-3's packed qkv_proj and gate_up_proj), or a list of names (a layer kind left out is said)
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)
 
 
 @dataclass(frozen=True)
@@ -466,6 +470,10 @@ def _check_consistency(cfg: Config) -> None:
                           f"layers >= 0, got {gc}")  # fmt: skip
     if cfg.model.memory_budget is not None:
         parse_size(cfg.model.memory_budget, "config key 'model.memory_budget':")
+    targets = cfg.lora.target_modules
+    if not targets or (ALL_LINEAR in targets and len(targets) > 1):
+        raise ConfigError(f"config key 'lora.target_modules': {ALL_LINEAR} alone, or a list of linear layer names "
+                          f"(e.g. q_proj,v_proj); got {','.join(targets) or 'nothing'}")  # fmt: skip
     if not cfg.run.out_dir.strip():
         raise ConfigError("config key 'run.out_dir' is empty; give a directory for the run (e.g. runs/my-run)")
     _check_dpo_losses(cfg.dpo)

@@ -20,8 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Config keys a family may use to transform its logits that no code here applies: refused at start.
-UNSUPPORTED_LOGIT_KEYS = ("output_multiplier_scale", "logit_multiplier")
+# Linear layers a family packs into one (what cannot be read from its config): model_type -> packed layer -> the
+# layers it holds, in row order. vLLM packs q/k/v and gate/up of every family this way; these are packed on disk.
+PACKED: dict[str, dict[str, tuple[str, ...]]] = {
+    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+# Logit scales by config key: the families (model_type prefixes) whose modeling file applies it as written here,
+# and the power of the value that multiplies the logits (Granite divides by logits_scaling, Cohere multiplies by
+# logit_scale). The same key in another family may mean something else (HyperCLOVA X multiplies by
+# logits_scaling): refused there, as is every key of `REFUSED_LOGIT_KEYS`.
+LOGIT_SCALES = {"logits_scaling": (("granite",), -1), "logit_scale": (("cohere",), 1)}
+REFUSED_LOGIT_KEYS = ("lm_head_multiplier", "output_multiplier")  # Falcon-H1's, MuseGlimmer's: not applied here
 
 
 @dataclass(frozen=True)
@@ -46,19 +56,28 @@ class LogitTransform:
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap is not None else logits
 
 
+PLAIN_LOGITS = LogitTransform()  # h @ W.T as it is (Llama, Qwen, Mistral, Phi-3, Gemma 3)
+
+
 def family_name(config) -> str:
     return getattr(config, "model_type", None) or type(config).__name__
 
 
+def _set(config, key: str):
+    """`config.key` when it changes the logits (present, not None, not 1), else None."""
+    value = getattr(config, key, None)
+    return None if value is None or value == 1 else value
+
+
 def logit_transform(config) -> LogitTransform:
     """The transform `config`'s model applies to its LM head's output (transformers' modeling files:
-    Granite `logits / logits_scaling`, Cohere `logits * logit_scale`, Gemma 2 `final_logit_softcapping`)."""
+    Granite `logits / logits_scaling`, Cohere `logits * logit_scale`, Gemma 2 `c * tanh(logits / c)` with
+    `c = final_logit_softcapping`). A model `refusal` turns away may get a wrong one: call that first."""
     config = config.get_text_config()
     scale = 1.0
-    if getattr(config, "logits_scaling", None) not in (None, 1.0, 1):
-        scale /= float(config.logits_scaling)
-    if getattr(config, "logit_scale", None) not in (None, 1.0, 1):
-        scale *= float(config.logit_scale)
+    for key, (_, power) in LOGIT_SCALES.items():
+        if _set(config, key) is not None:
+            scale *= float(getattr(config, key)) ** power
     cap = getattr(config, "final_logit_softcapping", None)
     return LogitTransform(scale=scale, softcap=float(cap) if cap else None)
 
@@ -67,11 +86,13 @@ def refusal(config) -> str | None:
     """Why this code cannot train a model of `config`'s family, as one line naming the family and the config key,
     or None when it can."""
     text = config.get_text_config()
-    for key in UNSUPPORTED_LOGIT_KEYS:
-        if getattr(text, key, None) not in (None, 1.0, 1):
+    family = family_name(text)
+    for key in (*LOGIT_SCALES, *REFUSED_LOGIT_KEYS):
+        value = _set(text, key)
+        if value is not None and not (key in LOGIT_SCALES and family.startswith(LOGIT_SCALES[key][0])):
             return (
-                f"model family '{family_name(text)}' transforms its logits ({key}={getattr(text, key)}), "
-                "which the log-prob kernels do not apply"
+                f"model family '{family}' transforms its logits with {key}={value}, which the log-prob kernels "
+                "do not apply (lite_rlhf/families.py lists the transforms they do)"
             )
     return None
 
@@ -80,6 +101,11 @@ def refusal(config) -> str | None:
 
 # Sliding window of the tiny models that have one: shorter than a prompt with its chat template, so it acts.
 TINY_WINDOW = 64
+
+# The tiny models' LM head (the embeddings, when tied) times this: logits of std ~4 instead of ~0.25 (random
+# weights of std 0.02 over 128 dimensions), so that Gemma 2's cap at 30 bends them (by ~1% at 5) and a test that
+# leaves the cap out fails.
+TINY_LOGIT_GAIN = 16.0
 
 # family -> (transformers config class, the flags that make it that family). Sizes (hidden, heads, layers,
 # vocab, special ids) come from `models.make_tiny_model`; `head_dim` is always hidden // heads.

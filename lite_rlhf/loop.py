@@ -94,6 +94,7 @@ def run(cfg: Config) -> int:
     say(f"run directory {rd.root}; {len(rd.state['done'])} stages already done")
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir, device=dist.device())
+    say(f"LoRA (rank {cfg.lora.r}) on {', '.join(model.lora_modules)}")
     ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in task.all_prompts}
     check_context(ids, model_dir, cfg.generation, cfg.data.max_length)  # before any model trains
     ids |= {Task.offline_id(i): prompt_ids(model.tokenizer, op.prompt) for i, op in enumerate(task.offline_pairs)}

@@ -269,12 +269,13 @@ def make_tiny_model(
 ) -> Path:
     """Save a random model of `family` (a key of `families.TINY`: its config class with that family's feature
     flags; the default, a plain Llama) and a BPE tokenizer trained on a small corpus, with a ChatML template.
-    `tie_word_embeddings` None keeps the family's own choice (a plain Llama: untied)."""
+    `tie_word_embeddings` None keeps the family's own choice (a plain Llama: untied). Every family but the plain
+    Llama has its LM head (its embeddings, when tied) scaled by `families.TINY_LOGIT_GAIN`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from lite_rlhf.families import tiny_config
+    from lite_rlhf.families import TINY_LOGIT_GAIN, tiny_config
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -317,5 +318,8 @@ def make_tiny_model(
     if tie_word_embeddings is not None:
         config.tie_word_embeddings = tie_word_embeddings
     model = AutoModelForCausalLM.from_config(config)
+    if family != "llama":  # the other families' logits spread wider, so that a soft-cap or a logit scale shows
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(TINY_LOGIT_GAIN)
     model.save_pretrained(directory, safe_serialization=True)
     return directory

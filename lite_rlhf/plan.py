@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lite_rlhf.config import Config, ConfigError, parse_size
+from lite_rlhf.config import ALL_LINEAR, Config, ConfigError, parse_size
 
 GiB = 1024**3
 _CUDA_CONTEXT = 0.5 * GiB
@@ -62,6 +62,7 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool
+    family: str = "llama"  # config.json's model_type: which projections are packed (`families.PACKED`)
 
     @property
     def head_dim(self) -> int:
@@ -99,17 +100,25 @@ def model_shape(name: str) -> Shape:
     return Shape(
         c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
         c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"], bool(c.get("tie_word_embeddings")),
+        c.get("model_type", "llama"),
     )  # fmt: skip
 
 
 def lora_params(s: Shape, cfg: Config) -> int:
+    """Parameters of one LoRA adapter: r x (in + out) for each adapted linear layer. A packed layer (Phi-3's
+    qkv_proj) has one A for its parts, so it holds fewer than its parts would apart."""
+    from lite_rlhf.families import PACKED
+
     kv = s.kv_heads * s.head_dim
     dims = {
         "q_proj": (s.hidden, s.hidden), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv),
         "o_proj": (s.hidden, s.hidden),
         "gate_proj": (s.hidden, s.inter), "up_proj": (s.hidden, s.inter), "down_proj": (s.inter, s.hidden),
     }  # fmt: skip
-    return s.layers * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in cfg.lora.target_modules)
+    for packed, parts in PACKED.get(s.family, {}).items():
+        dims[packed] = (s.hidden, sum(dims.pop(part)[1] for part in parts))
+    targets = set(dims) if tuple(cfg.lora.target_modules) == (ALL_LINEAR,) else set(cfg.lora.target_modules)
+    return s.layers * sum(cfg.lora.r * (a + b) for m, (a, b) in dims.items() if m in targets)
 
 
 def value_bytes(cfg: Config, cuda: bool) -> int:

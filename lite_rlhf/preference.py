@@ -33,6 +33,7 @@ from lite_rlhf import dist
 from lite_rlhf.batching import pad
 from lite_rlhf.config import Config, ConfigError, PreferenceConfig
 from lite_rlhf.data import DataError, Messages, PreferencePair
+from lite_rlhf.families import logit_transform
 from lite_rlhf.ranking import win
 from lite_rlhf.reward import length_figures, train_oracle_command
 from lite_rlhf.roles import SharedModel, label_logits, last_token
@@ -226,7 +227,8 @@ class SeparatePreferenceModel:
         def logits(ids, mask):
             mask = mask.to(self.device)
             hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask).last_hidden_state
-            return label_logits(last_token(hidden, mask), self.model.get_output_embeddings().weight, fmt.labels)
+            weight = self.model.get_output_embeddings().weight
+            return label_logits(last_token(hidden, mask), weight, fmt.labels, logit_transform(self.model.config))
 
         return Judge(self.tokenizer, fmt, logits, cfg.data.max_length, cfg.reward.score_batch, cfg.run.quiet)
 

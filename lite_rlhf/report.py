@@ -160,7 +160,8 @@ def model_card(root: Path, rows: list[dict], chosen_by: str) -> str:
         f"Online iterative {algorithm.upper()} on `{base}`"
         + (" (SmolLM2-135M-Instruct dequantized from a Q4_1 GGUF)" if base in _HUB_IDS else "")
         + f": {cfg['loop']['iterations']} iterations, {cfg['generation']['n']} answers per prompt ranked by {oracle}; "
-        f"this adapter is `{best}`, chosen by {chosen_by}. LoRA rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}.",
+        f"this adapter is `{best}`, chosen by {chosen_by}. LoRA rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, "
+        f"on {adapted_modules(root / 'best')}.",
         "", "```python", "from peft import AutoPeftModelForCausalLM",
         'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")', "```", "",
         "## Data", "", "| key | source |", "|---|---|",
@@ -172,12 +173,18 @@ def model_card(root: Path, rows: list[dict], chosen_by: str) -> str:
     return "\n".join(lines)
 
 
+def adapted_modules(adapter: Path) -> str:
+    """The linear layers a saved adapter holds LoRA weights for, from its adapter_config.json."""
+    targets = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+    return ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+
+
 def merged_card(adapter: Path, base: str) -> str:
     """export's README.md: the adapter's card (or a short one) for the merged weights, which load without peft."""
     card = adapter / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else (
         "---\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- lite-rlhf\n---\n\n"
-        f"# {adapter.name}: a LoRA policy trained by lite-rlhf\n\n"
+        f"# {adapter.name}: a LoRA policy trained by lite-rlhf\n\nLoRA on {adapted_modules(adapter)}.\n\n"
         "```python\nfrom peft import AutoPeftModelForCausalLM\n"
         'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")\n```\n'
     )  # fmt: skip

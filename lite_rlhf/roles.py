@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from lite_rlhf.batching import IGNORE, Batch, length_groups
-from lite_rlhf.config import Config, ConfigError, parse_size
+from lite_rlhf.config import ALL_LINEAR, Config, ConfigError, parse_size
+from lite_rlhf.families import PLAIN_LOGITS, LogitTransform, logit_transform, refusal
 from lite_rlhf.kernels import linear_entropy, linear_logprobs
 from lite_rlhf.models import load_tokenizer, nf4_config, resolve_dtype, resolve_model
 from lite_rlhf.plan import checkpoint_floor, checkpoint_setting, choose_checkpointing, model_shape
@@ -83,9 +84,33 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     return hidden[torch.arange(len(last), device=hidden.device), last]
 
 
-def label_logits(last: torch.Tensor, lm_head: torch.Tensor, labels: list[int]) -> torch.Tensor:
-    """`[B, len(labels)]` fp32 logits of the label tokens from final hidden states `[B, H]`."""
-    return last.float() @ lm_head[labels].float().T
+def lora_targets(decoder: nn.Module, wanted: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """The kinds of linear layer (module names' last part) of `decoder` that get LoRA under
+    `lora.target_modules`, and a line saying which kinds are not adapted or which names match nothing (None when
+    every kind is adapted). `all-linear` (peft's shorthand) is every one of them: on a Llama q/k/v/o and
+    gate/up/down, on a packed family (Phi-3) qkv_proj and gate_up_proj. A list that matches none is an error."""
+    kinds = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+    if tuple(wanted) == (ALL_LINEAR,):
+        return kinds, None
+    names = {w.rsplit(".", 1)[-1] for w in wanted}
+    adapted, missed = [k for k in kinds if k in names], sorted(names - set(kinds))
+    if not adapted:
+        raise ConfigError(f"config key 'lora.target_modules': {', '.join(wanted)} match no linear layer of this "
+                          f"model (it has {', '.join(kinds)}); use {ALL_LINEAR}")  # fmt: skip
+    left = [k for k in kinds if k not in names]
+    if not left and not missed:
+        return adapted, None
+    return adapted, (f"lora.target_modules: LoRA on {', '.join(adapted)}; NOT on {', '.join(left) or '-'}"
+                     + (f"; no such layer: {', '.join(missed)}" if missed else "")
+                     + f" ({ALL_LINEAR} adapts every one)")  # fmt: skip
+
+
+def label_logits(
+    last: torch.Tensor, lm_head: torch.Tensor, labels: list[int], transform: LogitTransform = PLAIN_LOGITS
+) -> torch.Tensor:
+    """`[B, len(labels)]` fp32 logits of the label tokens from final hidden states `[B, H]`, with the model's
+    logit transform (scale, soft-cap: elementwise, so the label rows alone give the model's values)."""
+    return transform.apply(last.float() @ lm_head[labels].float().T)
 
 
 class SharedModel:
@@ -116,18 +141,21 @@ class SharedModel:
         base = AutoModelForCausalLM.from_pretrained(self.base_dir, use_safetensors=True, **kwargs)
         if mcfg.quantization == "nf4":
             keep_nf4_layout(base)
-        for key in ("final_logit_softcapping", "logit_scale"):  # the fused kernel computes plain h @ W.T
-            if getattr(base.config, key, None) not in (None, 1.0):
-                raise ConfigError(
-                    f"config key 'model.name': '{mcfg.name}' scales its logits ({key}), which the log-prob kernel lacks"
-                )
+        why = refusal(base.config)
+        if why:
+            raise ConfigError(f"config key 'model.name': '{mcfg.name}': {why}")
+        self.logit_transform = logit_transform(base.config)  # what the model does to h @ W.T; the kernels do it too
         base.config.use_cache = False
 
+        # the adapted layer kinds (the run's log names them); a list that leaves some out is said here, once
+        self.lora_modules, left_out = lora_targets(base.get_decoder(), cfg.lora.target_modules)
+        if left_out:
+            print(f"[lite-rlhf] warning: {left_out}", flush=True)
         lora = LoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
+            target_modules=self.lora_modules,
             task_type="CAUSAL_LM",
         )
         if self.has_sft:  # the policy must have the sft adapter's shape to start as its copy
@@ -330,17 +358,25 @@ class SharedModel:
         differentiable when grad is on (the reference role turns it off)."""
         return self.token_logps(batch).sum(dim=-1), (batch.targets != IGNORE).sum(dim=-1).to(self.device)
 
+    def logit_inputs(self, hidden: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, float | None]:
+        """`(hidden states, soft-cap)` for the fused kernels such that their `softcap(h @ W.T)` is the model's logits
+        (its `logit_transform`) divided by `temperature`: the linear part (Granite's 1 / logits_scaling, the
+        temperature) folded into the hidden states, as the LM head is linear; the soft-cap to the kernel."""
+        multiplier, softcap = self.logit_transform.with_temperature(temperature)
+        return (hidden * multiplier if multiplier != 1.0 else hidden), softcap
+
     def token_logps(self, batch: Batch, temperature: float = 1.0, *, entropy: bool = False):
         """Per-token log-probs `[B, T]` (fp32; 0 off the response tokens) of the active role with its logits
-        divided by `temperature` (the hidden states are: the LM head is linear), through the fused kernel: the
-        policy-gradient path (GRPO, RLOO, PPO). Differentiable when grad is on. With `entropy`, (log-probs, the
-        per-token entropy `[B, T]` of the same distribution, without gradient) from the same hidden states."""
-        hidden = self.hidden_states(batch.input_ids, batch.mask)  # [B, T, H]
-        if temperature != 1.0:
-            hidden = hidden / temperature
+        (the model's own: scaled or soft-capped as its family does) divided by `temperature`, through the fused
+        kernel: the policy-gradient path (GRPO, RLOO, PPO). Differentiable when grad is on. With `entropy`,
+        (log-probs, the per-token entropy `[B, T]` of the same distribution, without gradient) from the same
+        hidden states."""
+        hidden, softcap = self.logit_inputs(self.hidden_states(batch.input_ids, batch.mask), temperature)  # [B, T, H]
         targets = batch.targets.to(self.device)
-        logp = linear_logprobs(hidden, self.lm_head_weight, targets, ignore_index=IGNORE)
-        return (logp, linear_entropy(hidden, self.lm_head_weight, targets != IGNORE)) if entropy else logp
+        logp = linear_logprobs(hidden, self.lm_head_weight, targets, ignore_index=IGNORE, softcap=softcap)
+        if not entropy:
+            return logp
+        return logp, linear_entropy(hidden, self.lm_head_weight, targets != IGNORE, softcap=softcap)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards `[B]` (fp32): the head on the reward role's hidden state at the last non-padding token."""
@@ -353,7 +389,7 @@ class SharedModel:
         token, for the label tokens only (rows of the LM head: the full vocabulary is never computed)."""
         with self.role("preference"):
             hidden = self.hidden_states(input_ids, attention_mask)
-        return label_logits(last_token(hidden, attention_mask), self.lm_head_weight, labels)
+        return label_logits(last_token(hidden, attention_mask), self.lm_head_weight, labels, self.logit_transform)
 
     def add_preference(self, seed: int) -> None:
         """Add the preference adapter (fresh LoRA drawn from `seed`, the global random state untouched,

@@ -113,7 +113,7 @@ def train_dpo(
         ref_c = torch.tensor([p.ref_chosen_logp or 0.0 for p in chunk], dtype=torch.float32, device=model.device)
         ref_r = torch.tensor([p.ref_rejected_logp or 0.0 for p in chunk], dtype=torch.float32, device=model.device)
         # (None, not computed, only when every loss is reference-free: then the loss never reads them)
-        hidden = model.hidden_states(batch.input_ids, batch.mask)  # [2B, T, H]
+        hidden, softcap = model.logit_inputs(model.hidden_states(batch.input_ids, batch.mask))  # [2B, T, H]
         out = loss_fn(
             hidden,
             model.lm_head_weight,
@@ -128,6 +128,7 @@ def train_dpo(
             rpo_alpha=dpo.rpo_alpha,
             discopop_tau=dpo.discopop_tau,
             simpo_gamma=dpo.simpo_gamma,
+            softcap=softcap,
         )
         stats.add(out, len(chunk))
         return out.loss * len(chunk)  # the micro-batch's sum; the helper divides by the step's pairs
