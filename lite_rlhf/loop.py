@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from lite_rlhf import algorithms, dist
+from lite_rlhf import algorithms, dist, engine_gap
 from lite_rlhf.algorithms.dpo import dpo_loss_fn
 from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.context import Context, Say, commit_policy, derive_seed
@@ -234,11 +234,32 @@ def generate(ctx: Context, t: int, prompts, adapter) -> list[Sample]:
     if ctx.rd.done(name):
         return [Sample(**row) for row in read_jsonl(path)]
     samples = ctx.engine.generate(prompts, n=ctx.cfg.generation.n, adapter=adapter,
-                                  seed=derive_seed(ctx.cfg, t, "generate"),
+                                  seed=derive_seed(ctx.cfg, t, "generate"), logprobs=ctx.engine.logprobs_while_sampling,
                                   desc=None if ctx.cfg.run.quiet else f"iter {t} generate")  # fmt: skip
-    ctx.rd.commit(name, {path: [dataclasses.asdict(s) for s in samples]})
-    ctx.say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts")
+    samples, gap = served_check(ctx, t, samples, adapter)
+    ctx.rd.commit(name, {path: [dataclasses.asdict(s) for s in samples]}, [{"stage": "samples", "iteration": t, **gap}])
+    g = gap["engine_logprob_gap"]
+    seen = f"engine_logprob_gap {g:.2g}/token" if g is not None else "no engine log-probs: gap not checked"
+    ctx.say(f"iteration {t}: {len(samples)} samples for {len(prompts)} prompts; {seen}")
     return samples
+
+
+def served_check(ctx: Context, t: int, samples: list[Sample], adapter) -> tuple[list[Sample], dict]:
+    """Does the engine serve policy_{t-1}? Its log-probs of a few of its answers against the trainer's for the
+    same adapter (`lite_rlhf/engine_gap.py`); a stale engine stops the run before the samples are committed. The
+    samples come back with the engine's log-probs on the checked answers only (committed with them)."""
+    checked = engine_gap.check_answers(samples)
+    mine = [s for s in samples if (s.prompt_id, s.index) in checked]
+    with_lps = {(s.prompt_id, s.index): s for s in ctx.engine.sampled_logprobs(mine, ctx.ids, adapter)}
+    samples = [with_lps.get((s.prompt_id, s.index), dataclasses.replace(s, logprobs=None)) for s in samples]
+    ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")  # the adapter served (π0's copy at t=1)
+    gap = engine_gap.logprob_gap(ctx.model, ctx.ids, list(with_lps.values()), ctx.cfg.data.max_length)
+    reason = engine_gap.stale_reason(gap, engine_gap.tolerance(ctx.cfg))
+    if reason:
+        served = adapter if adapter is not None else "π0 (the base)"
+        raise engine_gap.StaleEngine(f"iteration {t}: the engine does not serve the adapter {served}: {reason}; "
+                                     "nothing of this iteration was committed")  # fmt: skip
+    return samples, gap
 
 
 def scores(ctx: Context, t: int, samples: list[Sample]) -> list[float]:

@@ -27,6 +27,7 @@ _COLUMNS = [
     ("explained_variance", "explained variance", "{:.3f}"),
     ("update_kl", "KL to π0 (update)", "{:.4f}"),
     ("forwards_per_prompt", "forwards/prompt", "{:.1f}"),
+    ("engine_logprob_gap", "engine gap/token", "{:.2g}"),
     ("comparisons_per_prompt", "comparisons/prompt", "{:.1f}"),
     ("val_reward", "val reward", "{:.3f}"),
     ("val_win_rate", "val win vs π0", "{:.2f}"),
@@ -52,7 +53,7 @@ _PLOTS = [("val_reward", "test_reward"), ("gold",), ("length_tokens",), ("kl",),
 
 def eval_rows(root: Path) -> list[dict]:
     """One row per evaluated iteration, merged with that iteration's pair (or RAFT winner, or GRPO/RLOO rollout)
-    counts, and the means over its policy-gradient steps."""
+    counts, the engine's log-prob gap on its samples, and the means over its policy-gradient steps."""
     rows = []
     for it in sorted(root.glob("iter_*/eval.json")):
         rows.append(json.loads(it.read_text()))
@@ -62,13 +63,13 @@ def eval_rows(root: Path) -> list[dict]:
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             rec = json.loads(line)
-            if rec.get("stage") in ("pairs", "winners", "scores", "rollouts"):
+            if rec.get("stage") in ("samples", "pairs", "winners", "scores", "rollouts"):
                 pairs.setdefault(rec["iteration"], {}).update(rec)
             elif rec.get("stage") in ("grpo", "rloo", "ppo"):
                 steps.setdefault(rec["iteration"], []).append(rec)
     for row in rows:
         found = pairs.get(row["iteration"], {})
-        shown = ("pair", "winner", "rollout", "signal", "dropped", "forwards", "comparisons")
+        shown = ("pair", "winner", "rollout", "signal", "dropped", "forwards", "comparisons", "engine_logprob_gap")
         row.update({k: v for k, v in found.items() if k.startswith(shown)})
         taken = steps.get(row["iteration"], [])
         parts = {part: [r for r in taken if r.get("part", "policy") == part] for part in ("policy", "value")}

@@ -229,6 +229,8 @@ def test_the_run_has_every_artifact(setup):
         assert must in a, must
     assert [m["iteration"] for m in a["metrics.jsonl"] if m["stage"] == "eval"] == [0, 1, 2]
     assert [m["iteration"] for m in a["metrics.jsonl"] if m["stage"] == "pairs"] == [1, 2]
+    gaps = [m for m in a["metrics.jsonl"] if m["stage"] == "samples"]  # the engine served each adapter (fp32)
+    assert [m["iteration"] for m in gaps] == [1, 2] and all(m["engine_logprob_gap"] < 1e-3 for m in gaps), gaps
     rows = [x for x in a["report.md"].splitlines() if x.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2 and not any("| – |" in x for x in rows), rows  # pairs columns filled
     stages = {p.split(":")[0] for p in points}
