@@ -404,7 +404,7 @@ def run_trl(spec: dict, pairs: list[dict], tokenizer, meter: StepMeter, seen: Se
             r=lora["r"],
             lora_alpha=lora["alpha"],
             lora_dropout=lora["dropout"],
-            target_modules=list(lora["targets"]),
+            target_modules=lora["targets"],
             task_type="CAUSAL_LM",
         )
         if use_lora
@@ -701,7 +701,7 @@ def main() -> None:
             "r": cfg.lora.r,
             "alpha": cfg.lora.alpha,
             "dropout": cfg.lora.dropout,
-            "targets": list(cfg.lora.target_modules),
+            "targets": cfg.lora.peft_target_modules,
         }
         base_spec = {
             "shape": shape,

@@ -146,7 +146,7 @@ def run_trl(spec: dict, t0: float) -> dict:
                       max_completion_length=length, gradient_checkpointing=spec["variant"] == "trl_gc",
                       report_to="none", save_strategy="no", warmup_steps=0, lr_scheduler_type="constant")  # fmt: skip
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+                      target_modules=cfg.lora.peft_target_modules, task_type="CAUSAL_LM")  # fmt: skip
     data = datasets.Dataset.from_list([{"prompt": "hello"}] * n)
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                           args=args, train_dataset=data, peft_config=lora)  # fmt: skip

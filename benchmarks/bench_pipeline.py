@@ -462,7 +462,7 @@ def lora_config(cfg):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+                      target_modules=cfg.lora.peft_target_modules, task_type="CAUSAL_LM")  # fmt: skip
 
 
 def trl_schedule(cfg, spec: dict, anchor: str) -> dict:

@@ -57,6 +57,12 @@ class LoraConfig:
     # projections, a Phi-3's packed qkv_proj and gate_up_proj), or a list of names (a layer kind left out is said)
     target_modules: tuple[str, ...] = (ALL_LINEAR,)
 
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """`target_modules` as peft's own LoraConfig takes them (a comparison's other side: TRL, plain peft): the
+        all-linear shorthand as a string (peft reads it in a list as a module name), else the list."""
+        return ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -166,3 +166,9 @@ def test_identity_leaves_out_keys_that_change_no_artifact():
              "run.quiet=true", "reward.allow_weak=true"]  # fmt: skip
     assert identity(load_config(None, fixed)) == plain
     assert identity(load_config(None, ["generation.max_new_tokens=7"])) != plain  # one that changes the samples
+
+
+def test_lora_targets_for_peft_keep_the_all_linear_shorthand_a_string():
+    """peft reads all-linear as its shorthand only as a string: in a list it is a module name that matches nothing."""
+    assert load_config(None, []).lora.peft_target_modules == "all-linear"
+    assert load_config(None, ["lora.target_modules=q_proj,v_proj"]).lora.peft_target_modules == ["q_proj", "v_proj"]
