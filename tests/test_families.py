@@ -282,6 +282,20 @@ def test_attention_soft_capping_loads_eager_attention(model, tiny):
         SharedModel(config(tiny("gemma2"), "model.attn_implementation=sdpa"), device="cpu")
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_the_hf_engine_samples_with_the_trainers_attention(model, tiny, family):
+    """generation.backend=hf loads its own copy of the model: with the attention the trainer chose (eager for Gemma
+    2's attention soft-cap), or its answers would come from a model the trainer does not compute log-probs of."""
+    from lite_rlhf.generate import make_engine
+
+    engine = make_engine(tiny(family), config(tiny(family), "generation.backend=hf").generation, lora_rank=4, seed=0)
+    try:
+        trainer = model(family).peft.get_base_model().config._attn_implementation
+        assert engine.model.config._attn_implementation == trainer == ("eager" if family == "gemma2" else "sdpa")
+    finally:
+        engine.close()
+
+
 def test_the_model_card_names_the_adapted_layers(model, tmp_path):
     """The run's card for its chosen adapter says which layers hold LoRA, read from the adapter it describes."""
     from lite_rlhf.config import to_yaml
