@@ -14,6 +14,9 @@ Each family's model is built once per module (SharedModel, a few hundred ms each
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -328,3 +331,13 @@ def test_qlora_on_cpu_logprobs_equal_peft_and_every_lora_a_gets_a_gradient(tiny,
     torch.testing.assert_close(logp[batch.targets[0] != IGNORE], expected, **TOL)
     grads = {n: p.grad for n, p in m.peft.named_parameters() if "lora_A.policy" in n}
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), family
+
+
+def test_the_family_benchmark_answers_help_with_every_family():
+    """benchmarks/families.py (the whole loop per family: minutes each, so not run here) starts, and offers every
+    family of the matrix."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    offered = out.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert offered == FAMILIES, out.stdout
