@@ -43,6 +43,7 @@ from pathlib import Path
 from lite_rlhf import dist
 from lite_rlhf.config import Config, GenerationConfig
 from lite_rlhf.data import Prompt, prompt_ids
+from lite_rlhf.families import attention_implementation
 from lite_rlhf.models import ModelNotFound, check_adapter, dtype_name, nf4_config
 
 
@@ -693,14 +694,17 @@ class HFEngine(Engine):
 
     def __init__(self, model_dir: Path, gen: GenerationConfig, *, seed, quantization, max_model_len):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
         from transformers import GenerationConfig as HFGenerationConfig
 
         super().__init__(model_dir, gen, seed=seed, max_model_len=max_model_len)
         cuda = _cuda()
         self.device = torch.device(gen.device or ("cuda" if cuda else "cpu"))
         self.dtype = getattr(torch, dtype_name(gen.dtype, cuda))
-        kwargs = {}
+        # the attention the trainer's model has (eager for Gemma 2: sdpa drops its attention soft-cap), so that the
+        # answers are sampled from the model the trainer computes log-probs of
+        attn = attention_implementation(AutoConfig.from_pretrained(model_dir), "auto")
+        kwargs = {} if attn == "auto" else {"attn_implementation": attn}
         if quantization == "nf4":
             kwargs["quantization_config"] = nf4_config(self.dtype)
             kwargs["device_map"] = {"": self.device}

@@ -14,6 +14,9 @@ Each family's model is built once per module (SharedModel, a few hundred ms each
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,6 +285,20 @@ def test_attention_soft_capping_loads_eager_attention(model, tiny):
         SharedModel(config(tiny("gemma2"), "model.attn_implementation=sdpa"), device="cpu")
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_the_hf_engine_samples_with_the_trainers_attention(model, tiny, family):
+    """generation.backend=hf loads its own copy of the model: with the attention the trainer chose (eager for Gemma
+    2's attention soft-cap), or its answers would come from a model the trainer does not compute log-probs of."""
+    from lite_rlhf.generate import make_engine
+
+    engine = make_engine(tiny(family), config(tiny(family), "generation.backend=hf").generation, lora_rank=4, seed=0)
+    try:
+        trainer = model(family).peft.get_base_model().config._attn_implementation
+        assert engine.model.config._attn_implementation == trainer == ("eager" if family == "gemma2" else "sdpa")
+    finally:
+        engine.close()
+
+
 def test_the_model_card_names_the_adapted_layers(model, tmp_path):
     """The run's card for its chosen adapter says which layers hold LoRA, read from the adapter it describes."""
     from lite_rlhf.config import to_yaml
@@ -314,3 +331,13 @@ def test_qlora_on_cpu_logprobs_equal_peft_and_every_lora_a_gets_a_gradient(tiny,
     torch.testing.assert_close(logp[batch.targets[0] != IGNORE], expected, **TOL)
     grads = {n: p.grad for n, p in m.peft.named_parameters() if "lora_A.policy" in n}
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values()), family
+
+
+def test_the_family_benchmark_answers_help_with_every_family():
+    """benchmarks/families.py (the whole loop per family: minutes each, so not run here) starts, and offers every
+    family of the matrix."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    offered = out.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert offered == FAMILIES, out.stdout
