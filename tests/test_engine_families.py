@@ -2,7 +2,9 @@
 process, serves a trained (non-zero) LoRA adapter on every linear layer (the default, all-linear) by hot swap,
 and its sampled tokens' log-probs agree with the trainer's for the same adapter (`engine_gap.logprob_gap`, the
 check every run makes). One engine per family, started as the run starts it (`start_engine`); each family's
-engine is closed before the next starts.
+engine is closed before the next starts. The same engine checks `generation.share_weights`: every family of
+lite_rlhf/families.py's TINY shares its base (the trainer's base becomes views of the engine's weights), and the
+trainer's fused log-probs still equal peft's full-logit forward afterwards.
 
 Slow tier: it starts vLLM. Olmo2 is here too: vllm 0.32 serves it through its generic Transformers backend, whose
 start changes the transformers decoder class the trainer's model is an instance of (tests/test_engine_classes.py).
@@ -17,10 +19,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before anything 
 import pytest
 import torch
 
-from lite_rlhf.batching import make_batch
+from lite_rlhf.batching import IGNORE, make_batch
 from lite_rlhf.config import ConfigError, load_config
-from lite_rlhf.data import Prompt, prompt_ids
+from lite_rlhf.data import Prompt, prompt_ids, response_ids
 from lite_rlhf.engine_gap import TOLERANCE, logprob_gap, stale_reason
+from lite_rlhf.families import TINY
 from lite_rlhf.generate import GenerationError, make_engine, start_engine
 from lite_rlhf.models import make_tiny_model
 from lite_rlhf.roles import SharedModel
@@ -95,17 +98,33 @@ def served(request, tmp_path_factory):
     train_a_little(model, ids)
     adapter = model.save_adapter("policy", root / "policy")
     make = lambda share: make_engine(model_dir, cfg.generation, lora_rank=8, seed=0, share=share)  # noqa: E731
+    said = []
     try:
-        engine = start_engine(model, cfg, make, lambda line: None)
+        engine = start_engine(model, cfg, make, said.append)
     except GenerationError as err:
         yield family, str(err)
         return
     try:
         base = engine.generate(PROMPTS, n=1, adapter=None, seed=1, logprobs=True, desc=None)
         hot = engine.generate(PROMPTS, n=1, adapter=adapter, seed=1, logprobs=True, desc=None)  # the hot swap
+        shared = {"shared": engine.shared, "said": said, "fused_and_peft": fused_and_peft(model)}
     finally:
         engine.close()
-    yield family, model, ids, base, hot
+    yield family, model, ids, base, hot, shared
+
+
+def fused_and_peft(model: SharedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's log-probs of one answer through the fused kernel and from peft's full logits, while the engine
+    holds the base."""
+    tok = model.tokenizer
+    prompt = prompt_ids(tok, [{"role": "user", "content": "describe the ocean."}])
+    answer = response_ids(tok, "water is wet.")
+    batch = make_batch([(prompt, answer)], model.pad_id, 512, "keep_ends")
+    with torch.no_grad(), model.role("policy"):
+        logp = model.token_logps(batch)[0]
+        logits = model.peft(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+    scored = batch.targets[0] != IGNORE
+    return logp[scored], logits.log_softmax(-1)[scored].gather(1, batch.targets[0][scored][:, None])[:, 0]
 
 
 def test_the_engine_serves_the_trained_adapter(served):
@@ -113,7 +132,7 @@ def test_the_engine_serves_the_trained_adapter(served):
     if len(rest) == 1:  # refused at start: one line that names the family
         assert "\n" not in rest[0] and family in rest[0], rest[0]
         pytest.skip(f"{family} refused at start: {rest[0]}")
-    model, ids, base, hot = rest
+    model, ids, base, hot, _ = rest
     on_pi0 = logprob_gap(model, ids, base, 256)  # the policy role holds the trained adapter
     on_policy = logprob_gap(model, ids, hot, 256)
     print(family, "π0 served:", on_pi0, "adapter served:", on_policy)
@@ -143,3 +162,17 @@ def test_a_model_vllm_cpu_cannot_serve_is_refused_in_one_line(case, tmp_path):
             engine.close()
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"model family '{family}' (") and why in line, line
+
+
+def test_each_family_shares_its_base_with_the_engine(served):
+    family, *rest = served
+    if len(rest) == 1:
+        pytest.skip(f"{family} refused at start: {rest[0]}")
+    shared = rest[-1]
+    assert len(shared["said"]) == 1, shared["said"]
+    if family in TINY:  # every family of the table shares; another may say why it keeps its own copy
+        assert shared["shared"] and shared["said"][0].startswith("engine: one copy of the base weights"), shared
+    else:
+        assert shared["said"][0].startswith("engine: "), shared
+    fused, peft = shared["fused_and_peft"]
+    torch.testing.assert_close(fused, peft, rtol=1e-5, atol=2e-5)
