@@ -17,7 +17,6 @@ import yaml
 from lite_rlhf.demo.task import split_prompts
 from lite_rlhf.models import make_tiny_model
 
-pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
 SEEDS = ["3", "4"]
 PAIRED = ("gold_max_words", "gold_keyword", "gold_on_topic", "gold_real_answer", "length_chars")
@@ -60,6 +59,7 @@ def same(cell: str, value) -> bool:
     return cell == "" if value is None else float(cell) == float(value)
 
 
+@pytest.mark.slow
 def test_one_row_per_seed_with_its_own_figures(study):
     root, _, _, out = study
     got = rows(root / "results")
@@ -86,6 +86,7 @@ def test_one_row_per_seed_with_its_own_figures(study):
     assert out.stdout.count("running ->") == 2
 
 
+@pytest.mark.slow
 def test_markdown_has_every_seed_and_the_aggregate(study):
     root = study[0]
     (md,) = (root / "results").glob("demo_seeds_*.md")
@@ -111,6 +112,7 @@ def test_a_csv_with_fewer_columns_is_widened_not_misaligned(tmp_path):
                              {"seed": "2", "gain": "0.3", "tax": ""}]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_same_command_again_reruns_nothing(study):
     root, cmd, env, _ = study
     before = rows(root / "results")
@@ -153,6 +155,7 @@ def test_the_aggregate_line_counts_what_it_says():
     assert "+0.200 ± 0.141 (min +0.100, max +0.300)" in last and "1 of 2 above 0" in last and "**1 of 2**" in last
 
 
+@pytest.mark.slow
 def test_answers_side_by_side_are_the_runs_own(study):
     root = study[0]
     run = root / "runs" / f"seed_{SEEDS[0]}"

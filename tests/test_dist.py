@@ -29,7 +29,6 @@ from test_loop import artifacts, data, differences, pg_config  # noqa: F401  (da
 from lite_rlhf.models import make_tiny_model
 from lite_rlhf.runstate import read_jsonl
 
-pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
@@ -45,6 +44,7 @@ def launch(ranks: int, *args, env: dict | None = None) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=clean, timeout=900)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch, grad_accum", [(1, 5), (5, 1)], ids=["uneven-shards", "split-micro-batch"])
 def test_a_dpo_step_on_two_ranks_equals_the_single_process_step(tmp_path, micro_batch, grad_accum):
     model = make_tiny_model(tmp_path / "tiny")
@@ -68,6 +68,7 @@ def test_a_dpo_step_on_two_ranks_equals_the_single_process_step(tmp_path, micro_
         assert rec2 == pytest.approx(rec1, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_ppo_update_on_two_ranks_equals_the_single_process_update(tmp_path):
     """The old values are computed in shares; the policy's and the value's steps divide by the whole step's tokens."""
     model = make_tiny_model(tmp_path / "tiny")
@@ -87,6 +88,7 @@ def test_a_ppo_update_on_two_ranks_equals_the_single_process_update(tmp_path):
         assert figures(rec2) == pytest.approx(figures(rec1), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_grpo_step_on_two_ranks_equals_the_single_process_step(tmp_path):
     """Token aggregation divides by the tokens of the whole step, whichever rank holds them."""
     model = make_tiny_model(tmp_path / "tiny")
@@ -123,6 +125,7 @@ def two_ranks(data):  # noqa: F811
     return root, path, out, spy, done
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_prompts_and_the_pairs(two_ranks):
     root, _, out, spy, done = two_ranks
     assert (out / "summary.json").is_file() and (out / "iter_002" / "policy").is_dir()
@@ -148,6 +151,7 @@ def test_two_ranks_share_the_prompts_and_the_pairs(two_ranks):
     assert done.stdout.count("lite-rlhf: done;") == 1  # rank 0 speaks, the others do not
 
 
+@pytest.mark.slow
 def test_another_number_of_ranks_is_refused(two_ranks):
     root, path, out, _, _ = two_ranks
     before = (out / "state.json").read_text()
@@ -172,6 +176,7 @@ def test_another_number_of_ranks_is_refused(two_ranks):
     [("iter_002/policy:step", "1", "iter_001/policy"), ("iter_001/pairs:written", "0", "iter_001/scores")],
     ids=["rank-1-inside-dpo", "rank-0-files-written-not-marked"],
 )
+@pytest.mark.slow
 def test_a_killed_rank_resumes_to_the_same_artifacts(two_ranks, point, rank, done_before):
     root, path, clean, _, _ = two_ranks
     out = root / "dist" / f"killed-{rank}" / "run"  # the same name as the clean run's: report.md starts with it
@@ -195,6 +200,7 @@ def test_a_killed_rank_resumes_to_the_same_artifacts(two_ranks, point, rank, don
       "iter_001/value_warmup:step")],
     ids=["grpo-inside-update", "ppo-inside-warm-up"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_a_whole_run_on_two_ranks_killed_in_its_update_resumes(data, algorithm, section, point):  # noqa: F811
     root, _, base = data
     path = root / f"dist-{algorithm}.yaml"
@@ -224,6 +230,7 @@ def test_a_whole_run_on_two_ranks_killed_in_its_update_resumes(data, algorithm, 
     assert differences(artifacts(clean), artifacts(killed)) == []
 
 
+@pytest.mark.slow
 def test_a_preference_run_on_two_ranks_ranks_by_knockout(two_ranks):
     """The judge's comparisons (every tournament round, the held-out figures, the win rates) split across
     ranks; the forwards of the whole call are counted, not one rank's share."""

@@ -12,8 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_proof.py"
 
-pytestmark = pytest.mark.slow
-
 
 def rows(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
@@ -41,6 +39,7 @@ def test_without_a_gpu_it_says_to_use_smoke(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_job_and_reports_each_figure(tmp_path):
     out = tmp_path / "proof"
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--smoke"], capture_output=True, text=True,

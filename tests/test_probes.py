@@ -3,13 +3,15 @@ code and the words of a one-line message naming the place (file:line, config key
 traceback. `LITE_RLHF_PROBE_SOURCE=<checkout>` runs the probes against another checkout's code (the
 before/after table of the closing note).
 
-Two ways to run the command line, one set of probes: the quick tier calls `lite_rlhf.cli.main` in this
-process (the imports are paid once, not once per probe; output captured, an escaping exception printed as
-the interpreter would, environment, working directory and signal handler restored after each call); the
-whole suite (`RUN_SLOW=1`, CI) runs each command as its own process, exactly as a user's shell does.
-`LITE_RLHF_PROBE_PROCESS=1` asks for processes in any tier. Probes about processes themselves (SIGTERM,
-a dropped capability) and about what a library keeps for a process's life (wandb's settings, which an
-earlier wandb test in the same process would decide) start one in every tier."""
+Two ways to run the command line, one set of probes: each probe calls `lite_rlhf.cli.main` in this process
+(the imports of torch, transformers and peft are paid once, not once per command: ~5 s a command on the 2-core
+machine; output captured, an escaping exception printed as the interpreter would, environment, working
+directory, signal handler and run-directory locks restored after each call), and the whole suite
+(`RUN_SLOW=1`) also runs `AS_PROCESSES`, one probe of each command and kind of failure, as a process of its
+own, exactly as a user's shell runs it (the console script's exit code, what the interpreter prints at exit).
+`LITE_RLHF_PROBE_PROCESS=1` runs every probe as a process. Probes about processes themselves (SIGTERM, a
+dropped capability) and about what a library keeps for a process's life (wandb's settings, which an earlier
+wandb test in the same process would decide) start one always."""
 
 from __future__ import annotations
 
@@ -30,12 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tier import RUN_SLOW
 
 from lite_rlhf.models import make_tiny_model
 
 SOURCE = os.environ.get("LITE_RLHF_PROBE_SOURCE")
-IN_PROCESS = not (SOURCE or RUN_SLOW or os.environ.get("LITE_RLHF_PROBE_PROCESS"))
+IN_PROCESS = not (SOURCE or os.environ.get("LITE_RLHF_PROBE_PROCESS"))
 
 
 def cli(*args, cwd=None, process=False):
@@ -778,5 +779,21 @@ SLOW_PROBES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("probe, code, words, one_line", SLOW_PROBES, ids=[p[0].__name__[6:] for p in SLOW_PROBES])
-def test_slow_probe(w, tmp_path, probe, code, words, one_line):
+def test_slow_probe(w, tmp_path, monkeypatch, probe, code, words, one_line):
+    monkeypatch.setattr(sys.modules[__name__], "IN_PROCESS", False)  # a blocked call's thread ends with its process
+    test_probe(w, tmp_path, probe, code, words, one_line)
+
+
+# One probe of each command and kind of failure, run again as a process of its own in the whole suite: a config
+# error, bad data of `run` and of `train-rm`, a damaged adapter for `generate`, `export` refusing a user's folder,
+# `plan`'s flag read from the real argv, and a stop after a model trained.
+AS_PROCESSES = ("key_given_twice", "duplicate_id", "invalid_utf8", "adapter_config_not_json",
+                "export_into_a_users_folder", "plan_gpu_mem_negative", "reward_model_below_chance")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe, code, words, one_line", [p for p in PROBES if p[0].__name__[6:] in AS_PROCESSES],
+                         ids=[p[0].__name__[6:] for p in PROBES if p[0].__name__[6:] in AS_PROCESSES])  # fmt: skip
+def test_probe_as_its_own_process(w, tmp_path, monkeypatch, probe, code, words, one_line):
+    monkeypatch.setattr(sys.modules[__name__], "IN_PROCESS", False)
     test_probe(w, tmp_path, probe, code, words, one_line)

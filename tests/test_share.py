@@ -31,8 +31,6 @@ from lite_rlhf.share import (
     reason_not_to_share,
 )
 
-pytestmark = pytest.mark.slow
-
 FRANCE = Prompt("france", [{"role": "user", "content": "What is the capital of France?"}])
 OCEAN = Prompt("ocean", [{"role": "user", "content": "Describe the ocean in two sentences."}])
 LOGPROB_TOL = 1e-4
@@ -86,6 +84,7 @@ def shared(unshared):
     engine.close()
 
 
+@pytest.mark.slow
 def test_every_base_parameter_is_a_view_of_an_engine_weight(shared):
     model, engine, said = shared
     assert engine.shared and len(said) == 1 and "one copy of the base weights" in said[0], said
@@ -97,6 +96,7 @@ def test_every_base_parameter_is_a_view_of_an_engine_weight(shared):
         assert owners, f"{name} is not inside any engine weight's storage"
 
 
+@pytest.mark.slow
 def test_scoring_reference_and_dpo_step_are_bitwise_those_of_the_unshared_path(shared, unshared):
     (model, engine, _), (plain, _) = shared, unshared
     tok, d = model.tokenizer, config().data
@@ -120,6 +120,7 @@ def test_scoring_reference_and_dpo_step_are_bitwise_those_of_the_unshared_path(s
         assert torch.equal(after[name], w), f"training changed the engine's {name}"
 
 
+@pytest.mark.slow
 def test_generation_gives_the_unshared_answers(shared, unshared):
     (_, engine, _), (_, want_all) = shared, unshared
     got_all = answers(engine)
@@ -132,6 +133,7 @@ def test_generation_gives_the_unshared_answers(shared, unshared):
         assert diff <= LOGPROB_TOL, f"max |Δ log p| = {diff:.2e}"
 
 
+@pytest.mark.slow
 def test_a_mismatch_keeps_two_copies_and_says_why(shared):
     """All or nothing: a trainer parameter that differs from the engine's stops the sharing before any
     parameter is re-pointed, and the trainer keeps its own copy."""
