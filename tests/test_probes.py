@@ -4,8 +4,8 @@ traceback. `LITE_RLHF_PROBE_SOURCE=<checkout>` runs the probes against another c
 before/after table of the closing note).
 
 Two ways to run the command line, one set of probes: each probe calls `lite_rlhf.cli.main` in this process
-(the imports of torch, transformers and peft are paid once, not once per command: ~5 s a command on the 2-core
-machine; output captured, an escaping exception printed as the interpreter would, environment, working
+(the imports of torch, transformers and peft are paid once, not once per command: 1.5-1.8 s a command on the
+idle 2-core machine; output captured, an escaping exception printed as the interpreter would, environment, working
 directory, signal handler and run-directory locks restored after each call), and the whole suite
 (`RUN_SLOW=1`) also runs `AS_PROCESSES`, one probe of each command and kind of failure, as a process of its
 own, exactly as a user's shell runs it (the console script's exit code, what the interpreter prints at exit).
