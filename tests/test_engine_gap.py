@@ -15,6 +15,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before anything 
 import pytest
 import torch
 import yaml
+from test_generate import save_random_lora  # a rank-8 LoRA on every projection, B non-zero and scaled
 
 from lite_rlhf import engine_gap
 from lite_rlhf.config import GenerationConfig, load_config
@@ -28,28 +29,11 @@ PROMPTS = [Prompt(f"p{i}", [{"role": "user", "content": f"Describe the {t}."}]) 
     ["ocean", "sky", "fox", "moon"])]  # fmt: skip
 
 
-def save_lora(model_dir, out, seed: int, scale: float):
-    """A rank-8 LoRA on every projection with B non-zero (peft's init_lora_weights=False), B scaled by `scale`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(scale)
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gap")
     model_dir = make_tiny_model(root / "tiny", hidden_size=128, heads=2, kv_heads=1, layers=2)
-    adapters = {name: save_lora(model_dir, root / name, seed, 0.2) for name, seed in (("a", 1), ("b", 2))}
+    adapters = {name: save_random_lora(model_dir, root / name, seed, 0.2) for name, seed in (("a", 1), ("b", 2))}
     trainer = SharedModel(load_config(None, [f"model.name={model_dir}", "lora.r=8", "lora.alpha=16"]))
     trainer.load_adapter("policy", adapters["a"])
     ids = {p.id: prompt_ids(trainer.tokenizer, p.messages) for p in PROMPTS}
