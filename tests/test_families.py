@@ -45,13 +45,7 @@ def config(model_dir, *overrides: str):
                               "model.gradient_checkpointing=false", *overrides])  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny shapes: on 2 shared cores a second OpenMP thread spends longer at barriers than computing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: conftest's one torch thread
 
 
 @pytest.fixture(scope="module")

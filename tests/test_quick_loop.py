@@ -7,16 +7,11 @@ import os
 
 import pytest
 from safetensors.torch import load_file
-from test_probes import cli_in_process
+from test_probes import cli_in_process, jsonl
 
 from lite_rlhf.models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_a_small_dpo_run_goes_from_reward_model_to_report(tmp_path):
