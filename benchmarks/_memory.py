@@ -134,21 +134,40 @@ class PeakMeter:
         self.extra_mib = peak - self.rss_before
 
 
-def run_worker(script: Path, spec: dict, *, timeout: float = 3600.0, extra_env: dict | None = None) -> dict:
+def run_worker(
+    script: Path,
+    spec: dict,
+    *,
+    timeout: float = 3600.0,
+    extra_env: dict | None = None,
+    on_start=None,
+    live_stderr: bool = False,
+) -> dict:
     """Run ``python script --worker <json spec>`` in a fresh process with the mmap threshold set.
 
     The worker must print one JSON object as the last line of its stdout; it is returned as a dict.
-    Raises RuntimeError with the worker's output when it fails.
+    Raises RuntimeError with the worker's output when it fails. `on_start(process)` is called once it runs (a
+    watcher may kill it); `live_stderr` passes its stderr through (progress of long workers) instead of keeping it
+    for the error.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, **(extra_env or {}))
     env.pop("TRITON_INTERPRET", None)  # a CPU benchmark of the interpreter would measure nothing useful
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=None if live_stderr else subprocess.PIPE,
+                            text=True)  # fmt: skip
+    if on_start is not None:
+        on_start(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise RuntimeError(f"benchmark worker ran past {timeout:.0f} s: {' '.join(cmd)}") from None
+    lines = stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-4000:]}"
+            f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{stdout[-4000:]}\n"
+            f"{(stderr or '')[-4000:]}"
         )
     return json.loads(lines[-1])
 

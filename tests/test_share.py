@@ -164,3 +164,27 @@ def test_reasons_for_two_copies():
     assert "0.33.1 is not 0.32.x" in why(version="0.33.1")
     assert "tensor parallelism" in why(cuda=True, **{"model.dtype": "auto", "generation.tensor_parallel_size": 2})
     assert "own card (cuda:1)" in why(cuda=True, **{"model.dtype": "auto", "generation.device": "cuda:1"})
+
+
+def _rss_file_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_page_out_takes_a_mapped_tensor_out_of_memory_and_keeps_its_values(tmp_path):
+    """A checkpoint in the training dtype is mapped, not copied: once the share check has read a tensor, its pages
+    count in this process until `page_out` hands them back; read again, the values are the same."""
+    from lite_rlhf.share import page_out
+
+    values = torch.arange(32 * 2**20, dtype=torch.float32)  # 128 MiB
+    path = tmp_path / "weights.bin"
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel(), dtype=torch.float32)
+    before = _rss_file_mib()
+    assert torch.equal(mapped, values)  # every page read, as the share check reads them
+    read = _rss_file_mib()
+    assert read - before > 100, (before, read)
+    page_out(mapped)
+    assert _rss_file_mib() - before < 20, (before, read, _rss_file_mib())
+    assert torch.equal(mapped, values)
+    page_out(torch.empty(0))  # nothing to do
