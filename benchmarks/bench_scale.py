@@ -411,7 +411,7 @@ def report(results: list[dict], command: str) -> str:
 
 
 FIELDS = ["timestamp", "git_rev", "rung", "params", "phase", "seconds", "peak_mib", "estimate_mib", "error",
-          "status", "load_avg_before"]  # fmt: skip
+          "status", "load_avg_before", "checkpointed_layers", "longest_prompt"]  # fmt: skip
 
 
 def plot(csv_path: Path, png: Path) -> None:
@@ -485,7 +485,9 @@ def main() -> None:
         results.append(r)
         for row in r.get("rows", [{"phase": "-"}]):
             rows.append({**row, "timestamp": stamp, "git_rev": rev, "rung": rung, "params": r["params"],
-                         "status": r["status"], "load_avg_before": load})  # fmt: skip
+                         "status": r["status"], "load_avg_before": load,
+                         "checkpointed_layers": r.get("checkpointed_layers"),
+                         "longest_prompt": r.get("longest_prompt")})  # fmt: skip
         if not args.no_save:  # each rung as it ends: a ladder stopped half-way keeps what it measured
             append_csv(RESULTS / "scale.csv", FIELDS, rows[-len(r.get("rows", [0])) :])
     text = report(results, command)

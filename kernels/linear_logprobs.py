@@ -97,10 +97,16 @@ def _cap_block(z: torch.Tensor, softcap: float | None, need_slope: bool) -> torc
     return slope
 
 
-def _chunk_shape(n_rows: int, vocab: int) -> tuple[int, int]:
-    """(rows, vocab block) for the chunked path: a [rows, vocab block] fp32 block of ~_BLOCK_ELEMENTS."""
+def _chunk_shape(n_rows: int, weight: torch.Tensor) -> tuple[int, int]:
+    """(rows, vocab block) for the chunked path: a [rows, vocab block] fp32 block of ~_BLOCK_ELEMENTS. A 16-bit
+    LM head is read in fp32 one block of rows at a time, a copy of vocab block x H values: that block is held to
+    ~_BLOCK_ELEMENTS too. (Bounded by the logits alone, a few rows took the whole vocabulary in one block: with
+    124 rows a 33,825-row copy of Qwen2.5-1.5B's head, 208 MiB, and 554 MiB of Llama 3 8B's; bench_scale.py.)"""
+    vocab, h_dim = weight.shape
     rows = max(1, min(n_rows, _MAX_ROWS))
     block = max(256, min(vocab, _BLOCK_ELEMENTS // rows))
+    if weight.dtype != torch.float32:
+        block = max(256, min(block, _BLOCK_ELEMENTS // h_dim))
     return rows, block
 
 
@@ -314,7 +320,7 @@ def linear_logprobs(
     compact = scored.numel() < t.numel()
     xs, ts = (x[scored], t[scored]) if compact else (x, t)
     if path == "chunked-torch":
-        rows, block = _chunk_shape(xs.shape[0], weight.shape[0])
+        rows, block = _chunk_shape(xs.shape[0], weight)
         out = _ChunkedLinearLogprobs.apply(xs, weight, ts, ignore_index, need_dh, need_dw, rows, block, softcap)
     else:
         triton_impl = load_triton_module("linear_logprobs_triton")
@@ -345,7 +351,7 @@ def linear_entropy(
     scored = mask.reshape(-1).to(x.device).nonzero().squeeze(1)
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     n, vocab = scored.numel(), weight.shape[0]
-    rows, block = _chunk_shape(max(1, n), vocab)
+    rows, block = _chunk_shape(max(1, n), weight)
     z_buffer, e_buffer = (_block_buffer(max(1, n), vocab, rows, block, x.device) for _ in range(2))
     with torch.no_grad():
         for r0 in range(0, n, rows):

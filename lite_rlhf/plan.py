@@ -35,6 +35,7 @@ from lite_rlhf.config import ALL_LINEAR, Config, ConfigError, parse_size
 
 GiB = 1024**3
 _CUDA_CONTEXT = 0.5 * GiB
+_KERNEL_BLOCK = 4 * 2**20  # values in one block of the log-prob kernel's chunked path (its _BLOCK_ELEMENTS)
 
 # Shapes of common models, for planning without their weights on disk.
 KNOWN_SHAPES = {
@@ -159,7 +160,8 @@ def train_terms(cfg: Config, s: Shape, tokens: int, checkpointed: int, *, cuda: 
         + (2 if cfg.loop.algorithm == "ppo" else 1) * 4 * s.hidden,
         "optimizer + grads": (4 + 8) * lora,  # gradient + AdamW moments of the adapter being trained
         "activations": vb * tokens * kept,
-        "log-prob kernel block": 4 * tokens * s.hidden * 2 + 4 * 1024 * 2048,  # hidden grads + a vocabulary block
+        # hidden grads, a block of logits and (a 16-bit head) the fp32 copy of its rows (kernels/linear_logprobs.py)
+        "log-prob kernel block": 4 * tokens * s.hidden * 2 + 4 * _KERNEL_BLOCK * (1 if vb == 4 else 2),
     }
 
 

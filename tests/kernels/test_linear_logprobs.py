@@ -42,7 +42,7 @@ def test_matches_reference(case, dtype, train_weight):
 def test_matches_reference_with_small_chunks(case, dtype, train_weight, monkeypatch):
     # 16 rows x 128 vocabulary entries per block: several row chunks and vocabulary blocks, with tails,
     # so the online log-sum-exp rescaling and the block-wise weight gradient are exercised.
-    monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
+    monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, weight: (16, 128))
     check_logprobs(case, dtype, train_weight)
 
 
@@ -51,7 +51,7 @@ def test_matches_reference_with_small_chunks(case, dtype, train_weight, monkeypa
 @pytest.mark.parametrize("case, softcap", SOFTCAP_CASES, ids=lambda v: str(v))
 def test_softcap_matches_reference(case, softcap, dtype, train_weight, monkeypatch):
     """Gemma 2's c tanh(z / c) on the logits, forward and both gradients, in blocks of 16 rows x 128 entries."""
-    monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
+    monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, weight: (16, 128))
     check_logprobs(case, dtype, train_weight, softcap=softcap)
 
 
@@ -177,6 +177,24 @@ def test_logits_never_materialized_with_default_chunks(train_weight):
     assert mode.largest <= n_by_v // 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16bit_head_is_read_in_fp32_one_bounded_block_at_a_time(dtype):
+    """A few rows against a large vocabulary: the logits block alone allowed the whole vocabulary in one block, and
+    a 16-bit head's fp32 copy of it (vocab x H) was the largest thing made (208 MiB at Qwen2.5-1.5B's shape). Every
+    tensor made, forward and backward, stays within one block of values."""
+    case = Case("few-rows", (1, 8), 256, 32768)  # 8 rows: the logits bound alone would take all 32,768 rows
+    hidden, weight, targets = make_inputs(case, dtype)
+    hidden.requires_grad_(True)
+    mode = _LargestTensor()
+    with mode:
+        out = linear_logprobs(hidden, weight, targets)
+        out.sum().backward()
+    assert mode.largest <= llp_module._BLOCK_ELEMENTS, f"largest tensor {mode.largest} > one block"
+    assert llp_module._chunk_shape(8, weight.float())[1] == 32768  # fp32: the head's rows are views, not copies
+    ref = linear_logprobs_reference(hidden.detach().float(), weight.float(), targets)
+    torch.testing.assert_close(out.detach(), ref, atol=2e-2, rtol=0)
+
+
 def test_errors_name_the_problem():
     hidden, weight, targets = make_inputs(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="hidden"):
@@ -213,7 +231,7 @@ def test_entropy_matches_the_full_softmax(case, dtype, chunks, monkeypatch):
     """linear_entropy against -sum p log p of the full logits in fp64 (plain torch), 0 where masked; with small
     chunks several row chunks and vocabulary blocks rescale the running sums (the peaked case moves the max)."""
     if chunks == "small":
-        monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, vocab: (16, 128))
+        monkeypatch.setattr(llp_module, "_chunk_shape", lambda n_rows, weight: (16, 128))
     hidden, weight, targets = make_inputs(case, dtype)
     mask = targets != IGNORE
     logp = torch.log_softmax(hidden.double() @ weight.double().t(), dim=-1)
