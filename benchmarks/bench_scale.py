@@ -24,12 +24,14 @@ estimate of the process's resident memory in that phase for the same config (`li
 `lite-rlhf plan --cpu` prints), with the error. Target (issue 45): within 20% in every phase of every rung.
 
 A rung that cannot run here is said, with what the plan says about it: the plan is asked first, and a rung it
-says does not fit this machine's memory is run anyway only under ``--try-unfit``, watched by the parent, which
-stops it before the machine runs out (``--stop-at``).
+says does not fit this machine's memory is run anyway only when ``--try-unfit`` names it (by default the 8B with
+two copies of its weights, to show that the plan's "does not fit" holds), watched by the parent, which stops it
+before the machine runs out (``--stop-at``). Variants of a rung: ``:nf4`` (the trainer's base in 4 bits) and
+``:two-copies`` (``generation.share_weights=false``).
 
     .venv/bin/python benchmarks/bench_scale.py                          # the ladder (~1 h on 2 cores)
     .venv/bin/python benchmarks/bench_scale.py --rungs smollm2-360m qwen2.5-1.5b
-    .venv/bin/python benchmarks/bench_scale.py --rungs llama3.1-8b:nf4   # the 8B base in NF4 (QLoRA)
+    .venv/bin/python benchmarks/bench_scale.py --rungs llama3.1-8b:nf4 --try-unfit llama3.1-8b:nf4
     .venv/bin/python benchmarks/bench_scale.py --rungs tiny --no-save    # smoke: a tiny Llama 3 shape
 
 Models are built once into ``--models`` (default ~/.cache/lite-rlhf/scale, 26 GB for the whole ladder). Writes
@@ -93,7 +95,11 @@ ARCHS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=1, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
         max_position_embeddings=2048, rope_theta=500000.0)),
 }  # fmt: skip
-LADDER = ("smollm2-360m", "qwen2.5-1.5b", "llama3.2-3b", "llama3.1-8b", "llama3.1-8b:nf4")
+LADDER = ("smollm2-360m", "qwen2.5-1.5b", "llama3.2-3b", "llama3.1-8b", "llama3.1-8b:nf4", "llama3.1-8b:two-copies")
+VARIANTS = {  # a rung's ':variant', as config overrides
+    "nf4": ["model.quantization=nf4"],  # the trainer's base in 4 bits (QLoRA; bitsandbytes' CPU backend)
+    "two-copies": ["generation.share_weights=false"],  # the engine's weights apart from the trainer's
+}
 PHASES = ("load", "generate", "score", "reference log-probs", "dpo train", "grpo rollouts", "grpo train")
 
 # The iteration: a handful of prompts, a few short answers each, a couple of DPO steps, one GRPO update.
@@ -107,7 +113,7 @@ WORK = [
 
 
 def rung_overrides(rung: str) -> list[str]:
-    return [*WORK, *(["model.quantization=nf4"] if rung.endswith(":nf4") else [])]
+    return [*WORK, *(VARIANTS[rung.split(":")[1]] if ":" in rung else [])]
 
 
 # --------------------------------------------------------------------------- the models
@@ -348,8 +354,8 @@ def run_rung(rung: str, models: Path, args) -> dict:
     plan_text, fits = cpu_fit(cfg, mem_total())  # what `lite-rlhf plan --cpu` prints for this config
     out = {"rung": rung, "arch": arch, "source": ARCHS[arch][0], "params": parameters(arch), "plan_text": plan_text,
            "plan_fits": fits}  # fmt: skip
-    if not fits and not args.try_unfit:
-        out["status"] = "not run: the plan says it does not fit this machine (--try-unfit runs it, watched)"
+    if not fits and rung not in args.try_unfit:
+        out["status"] = "not run: the plan says it does not fit this machine (--try-unfit RUNG runs it, watched)"
         print(f"[{rung}] {out['status']}", file=sys.stderr, flush=True)
         return out
     print(f"[{rung}] running one iteration ...", file=sys.stderr, flush=True)
@@ -460,8 +466,10 @@ def main() -> None:
     parser.add_argument("--rungs", nargs="*", default=list(LADDER),
                         help=f"architectures, ':nf4' for a 4-bit base (default: {' '.join(LADDER)})")  # fmt: skip
     parser.add_argument("--models", default=str(Path.home() / ".cache" / "lite-rlhf" / "scale"))
-    parser.add_argument("--try-unfit", action="store_true", help="run a rung the plan says does not fit, watched")
-    parser.add_argument("--stop-at", type=float, default=1.0, help="GiB of free memory at which a rung is stopped")
+    parser.add_argument("--try-unfit", nargs="*", default=["llama3.1-8b:two-copies"],
+                        help="rungs to run even where the plan says they do not fit, watched (default: the 8B with "
+                             "two copies of its weights, to show the plan's 'does not fit' holds)")  # fmt: skip
+    parser.add_argument("--stop-at", type=float, default=1.5, help="GiB of free memory at which a rung is stopped")
     parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--plot", action="store_true", help="redraw results/scale.png from results/scale.csv and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -473,8 +481,10 @@ def main() -> None:
         plot(RESULTS / "scale.csv", RESULTS / "scale.png")
         return
     for rung in args.rungs:
-        if rung.split(":")[0] not in ARCHS or rung.split(":")[1:] not in ([], ["nf4"]):
-            parser.error(f"unknown rung '{rung}'; one of {', '.join(ARCHS)} (optionally ':nf4')")
+        arch, *variant = rung.split(":")
+        if arch not in ARCHS or (variant and variant[0] not in VARIANTS) or len(variant) > 1:
+            parser.error(f"unknown rung '{rung}'; one of {', '.join(ARCHS)}, optionally with "
+                         f"{' or '.join(':' + v for v in VARIANTS)}")  # fmt: skip
     command = "benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rev = git_revision(REPO)

@@ -19,7 +19,7 @@ def tiny_rung(tmp_path_factory):
     import bench_scale
 
     models = tmp_path_factory.mktemp("scale")
-    args = type("Args", (), {"try_unfit": False, "stop_at": 1.0})()
+    args = type("Args", (), {"try_unfit": [], "stop_at": 1.0})()
     return bench_scale.run_rung("tiny", models, args), models
 
 
@@ -46,4 +46,4 @@ def test_engine_kv_cache_is_the_iterations_answers(tiny_rung):
     config = json.loads((models / "tiny" / "config.json").read_text())
     assert config["vocab_size"] == 128256
     blocks_per_answer = -(-out["engine_length"] // KV_BLOCK)
-    assert out["kv_blocks"] == out["samples"] * blocks_per_answer
+    assert out["kv_blocks"] == out["samples"] * blocks_per_answer + 1  # vLLM counts the block it holds back
