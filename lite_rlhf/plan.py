@@ -391,26 +391,47 @@ LIBRARIES = 0.5 * GiB
 
 def cpu_estimate(cfg: Config, *, engine_length: int | None = None, budget: float | None = None) -> dict:
     """The CPU layout of `estimate` for the whole process (what its resident memory reaches), with two more terms:
-    the libraries (`LIBRARIES`) in every phase, and the start-up phase `load`, where the engine has loaded its copy
-    of the base beside the trainer's before one copy is given up (`generation.share_weights`). `budget`: what
-    gradient checkpointing=auto fits (the loop's own: 75% of the RAM available)."""
+    the libraries (`LIBRARIES`) in every phase, and the start-up phase `load`, the larger of two moments:
+
+    - the engine reading the checkpoint: its weights so far beside the file it reads, mapped into memory (the
+      largest `.safetensors` file; page cache, which Linux takes back under pressure), and the trainer's base
+      where it is a copy (a checkpoint in another dtype; one in the training dtype is mapped and not yet read);
+    - with one copy of the weights (`generation.share_weights`), the check that the trainer's base equals the
+      engine's: one mapped tensor at a time (`share.page_out`), or the whole converted copy, beside everything
+      the engine holds once started.
+
+    `budget`: what gradient checkpointing=auto fits (the loop's own: 75% of the RAM available)."""
+    from lite_rlhf.models import dtype_name
+
     est = estimate(cfg, cuda=False, engine_length=engine_length, budget=budget)
     phases = est["phases"]
-    load = {k: v for k, v in phases["score"].items() if not k.startswith("activations")}
-    if est["shared"]:  # the engine's copy beside the trainer's while each tensor of the trainer's is checked
-        from lite_rlhf.models import dtype_name
-
-        s = model_shape(cfg.model.name)
-        mapped = checkpoint_dtype(cfg.model.name) == dtype_name(cfg.model.dtype, False)
-        # a checkpoint in the training dtype is mapped, not copied: one tensor at a time (`share.page_out`)
-        largest = s.vocab * s.hidden if mapped else s.linear_params + s.embed_params
-        load["trainer's copy until shared" + (" (its largest tensor)" if mapped else "")] = (
-            value_bytes(cfg, False) * largest
+    s = model_shape(cfg.model.name)
+    vb = value_bytes(cfg, False)
+    mapped = cfg.model.quantization != "nf4" and checkpoint_dtype(cfg.model.name) == dtype_name(cfg.model.dtype, False)
+    copy = 0.0 if mapped else phases["score"]["training weights"]  # the trainer's own (converted or 4-bit) base
+    reading = {"training weights" if mapped else "engine weights": vb * (s.linear_params + s.embed_params),
+               **({} if mapped else {"training weights": copy}),
+               "adapters + head": phases["score"]["adapters + head"],
+               "checkpoint file read by the engine (page cache)": largest_checkpoint_file(cfg.model.name)}  # fmt: skip
+    checking = {k: v for k, v in phases["score"].items() if not k.startswith("activations")}
+    if est["shared"]:
+        checking["trainer's copy until shared" + (" (its largest tensor)" if mapped else "")] = (
+            vb * s.vocab * s.hidden if mapped else copy
         )
-    est["phases"] = {"load": load, **phases}
+    est["phases"] = {"load": max(reading, checking, key=lambda parts: sum(parts.values())), **phases}
     for parts in est["phases"].values():
         parts["libraries (torch, transformers, vLLM)"] = LIBRARIES
     return est
+
+
+def largest_checkpoint_file(name: str) -> float:
+    """Bytes of the model's largest `.safetensors` file (the hub's 7-8B models: ~5 GB shards, assumed where the
+    files are not here)."""
+    from lite_rlhf.models import EMBEDDED_MODEL, embedded_model_dir
+
+    path = embedded_model_dir() if name == EMBEDDED_MODEL else Path(name)
+    sizes = [f.stat().st_size for f in path.glob("*.safetensors")] if path.is_dir() else []
+    return max(sizes, default=5e9)
 
 
 def checkpoint_dtype(name: str) -> str:
@@ -438,18 +459,22 @@ def cpu_fit(cfg: Config, memory: float) -> tuple[str, bool]:
              "base weights: " + ("one copy, the engine's are the trainer's (generation.share_weights)" if est["shared"]
                                  else "two copies, the trainer's and the engine's"), "",
              "| phase | resident | largest part |", "|---|---|---|"]  # fmt: skip
-    worst_phase, worst = "", 0.0
+    worst_phase, worst, needed = "", 0.0, 0.0
     for phase, parts in est["phases"].items():
         total = sum(parts.values())
         name, biggest = max(parts.items(), key=lambda kv: kv[1])
         lines.append(f"| {phase} | {total / GiB:.1f} GiB | {name} {biggest / GiB:.1f} GiB |")
         if total > worst:
             worst_phase, worst = phase, total
-    ok = worst <= memory
+        needed = max(needed, total - sum(v for k, v in parts.items() if k.endswith("(page cache)")))
+    ok = needed <= memory
     lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {memory / GiB:.0f} GiB"]
+    if worst > memory >= needed:
+        lines.append(f"the pages of the checkpoint file the engine reads are page cache, given back under pressure: "
+                     f"{needed / GiB:.1f} GiB must stay")  # fmt: skip
     lines.append(f"full logits would add {est['full_logits_bytes'] / GiB:.1f} GiB in 'train'; the fused kernel "
                  "avoids them")  # fmt: skip
-    lines.append("fits" if ok else "does NOT fit; try, in order: " + ", ".join(_suggestions(cfg, worst_phase, 1)))
+    lines.append("fits" if ok else "does NOT fit; try, in order: " + ", ".join(_cpu_suggestions(cfg, est, worst_phase)))
     return "\n".join(lines), ok
 
 
@@ -457,6 +482,22 @@ def host_memory() -> float:
     """This machine's RAM in bytes (MemTotal)."""
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+
+
+def _cpu_suggestions(cfg: Config, est: dict, phase: str) -> list[str]:
+    """What shrinks the CPU layout's peak, most first: 16-bit weights, one copy of them, then the training terms."""
+    from lite_rlhf.models import dtype_name
+
+    out = []
+    if dtype_name(cfg.model.dtype, False) == "float32":
+        out.append("model.dtype=bfloat16 generation.dtype=bfloat16 (half the weights' memory)")
+    if not est["shared"]:
+        out.append("generation.share_weights=true with one dtype for both and no 4-bit base (one copy of the weights)")
+    if phase == "train":
+        out += [s for s in _suggestions(cfg, phase, 1) if "nf4" not in s]
+    else:
+        out.append(f"data.max_length={cfg.data.max_length // 2}")
+    return out
 
 
 def _suggestions(cfg: Config, phase: str, gpus: int) -> list[str]:
