@@ -256,14 +256,14 @@ def trl_worker(spec: dict) -> dict:
     prompts = load_prompts(spec["files"]["train"])[0]
     data = Dataset.from_list([{"prompt": p.messages, "prompt_id": p.id} for p in prompts])
     common = dict(output_dir=str(out / "trainer"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, **spec["schedule"]["trl"])  # fmt: skip
-    if algorithm == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
-    elif algorithm == "rloo":
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
-    else:
-        from trl.experimental.online_dpo import OnlineDPOConfig as Config, OnlineDPOTrainer as Trainer
+                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  **spec["schedule"]["trl"])  # fmt: skip
+    import trl
+    from trl.experimental import online_dpo
 
+    Config, Trainer = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+                       "online_dpo": (online_dpo.OnlineDPOConfig, online_dpo.OnlineDPOTrainer)}[algorithm]  # fmt: skip
+    if algorithm == "online_dpo":
         common["max_length"] = spec["max_length"]
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -291,8 +291,9 @@ def eval_worker(spec: dict) -> dict:
     from lite_rlhf.models import resolve_model
     from lite_rlhf.roles import SharedModel
 
-    cfg = load_config(None, [*base_overrides(spec), f"generation.temperature={spec['temperature']}", "generation.top_p=1.0",
-                             f"generation.max_new_tokens={spec['max_new_tokens']}", f"run.seed={spec['seed']}"])  # fmt: skip
+    sampling = [f"generation.temperature={spec['temperature']}", "generation.top_p=1.0",
+                f"generation.max_new_tokens={spec['max_new_tokens']}", f"run.seed={spec['seed']}"]  # fmt: skip
+    cfg = load_config(None, [*base_overrides(spec), *sampling])
     model_dir = resolve_model(cfg.model.name)
     model = SharedModel(cfg, model_dir=model_dir, device="cpu")
     held = load_prompts(spec["files"]["held"], split="test_prompts")[0]
@@ -304,13 +305,15 @@ def eval_worker(spec: dict) -> dict:
     by_id = {p.id: p for p in held}
     out = {}
     for label, adapter in spec["adapters"].items():
+        logprobs = adapter is not None and engine.logprobs_while_sampling
         samples = engine.generate(held, n=spec["eval_samples"], adapter=adapter, seed=spec["eval_seed"],
-                                  logprobs=adapter is not None and engine.logprobs_while_sampling, desc=None)  # fmt: skip
+                                  logprobs=logprobs, desc=None)  # fmt: skip
         rows = [by_id[s.prompt_id] for s in samples]
         scores = call(fn, rows, [s.text for s in samples], [s.token_ids for s in samples])
         figures = {"reward": spread([s for s in scores if s is not None])["mean"],
                    "length_tokens": statistics.fmean(s.n_tokens for s in samples), "kl": 0.0, "gold": None}  # fmt: skip
-        gold = [GOLD.check(p.meta, s.text)["passed"] for p, s in zip(rows, samples, strict=True) if GOLD.applies(p.meta)]
+        gold = [GOLD.check(p.meta, s.text)["passed"] for p, s in zip(rows, samples, strict=True)
+                if GOLD.applies(p.meta)]  # fmt: skip
         if gold:
             figures["gold"] = statistics.fmean(map(float, gold))
         if adapter is not None:
@@ -354,8 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     ap.add_argument("--prompts", type=Path, help="JSONL of prompts in the demo's format (default: the demo's training "
                     "prompts, lite_rlhf/demo/prompts.jsonl)")  # fmt: skip
-    ap.add_argument("--eval-prompts", type=Path, help="held-out JSONL (default: the demo's test prompts with the demo's "
-                    "prompts, else the prompts after the training ones)")  # fmt: skip
+    ap.add_argument("--eval-prompts", type=Path, help="held-out JSONL (default: the demo's test prompts with the "
+                    "demo's prompts, else the prompts after the training ones)")  # fmt: skip
     ap.add_argument("--reward", default=None, help=f"module:function or file.py:function, TRL's signature (default "
                     f"{DEMO_REWARD})")  # fmt: skip
     ap.add_argument("--updates", type=int, default=8, help="optimizer updates (our loop's iterations)")
@@ -452,9 +455,10 @@ def compare(args, work: Path) -> dict:
                              lr=args.lr or LR[algorithm], beta=args.beta if args.beta is not None else BETA[algorithm],
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=seed)  # fmt: skip
             spec = base | {"algorithm": algorithm, "schedule": sched, "seed": seed}
-            lite = job(work, f"{algorithm}_lite_{seed}", spec | {"kind": "lite", "out": str(work / f"{algorithm}_lite_{seed}")})
-            trl = job(work, f"{algorithm}_trl_{seed}", spec | {"kind": "trl", "out": str(work / f"{algorithm}_trl_{seed}"),
-                                                               "init_adapter": lite["init_adapter"]})  # fmt: skip
+            name = f"{algorithm}_{{}}_{seed}"
+            lite = job(work, name.format("lite"), spec | {"kind": "lite", "out": str(work / name.format("lite"))})
+            trl = job(work, name.format("trl"), spec | {"kind": "trl", "out": str(work / name.format("trl")),
+                                                        "init_adapter": lite["init_adapter"]})  # fmt: skip
             runs[algorithm, "lite", seed], runs[algorithm, "trl", seed] = lite | {"schedule": sched}, trl
             adapters |= {f"{algorithm}_lite": lite["final_adapter"], f"{algorithm}_trl": trl["final_adapter"]}
         evals[seed] = job(work, f"eval_{seed}", base | {
@@ -482,8 +486,8 @@ def summarize(runs: dict, evals: dict, args) -> dict:
     """Per algorithm and library: the seeds' curves and their spread per update, and each figure's spread over seeds;
     "pi0": π0's held-out figures."""
     seeds = sorted(evals)
-    table: dict = {"pi0": {k: spread([evals[s]["eval"]["pi0"][k] for s in seeds]) for k in ("reward", "gold",
-                                                                                            "length_tokens")}}  # fmt: skip
+    table: dict = {"pi0": {k: spread([evals[s]["eval"]["pi0"][k] for s in seeds])
+                           for k in ("reward", "gold", "length_tokens")}}  # fmt: skip
     for algorithm in args.algorithms:
         table[algorithm] = {}
         for library in LIBRARIES:
@@ -492,7 +496,8 @@ def summarize(runs: dict, evals: dict, args) -> dict:
             per_seed = [{"seed": s, "curve": r["curve"], "heldout_reward": h["reward"], "heldout_gold": h["gold"],
                          "heldout_kl": h["kl"], "heldout_tokens": h["length_tokens"], "wall_s": r["wall_s"],
                          "peak_mib": r["peak_mib"], "loop_eval_s": r.get("loop_eval_s"),
-                         "pairs_kept": r.get("pairs_kept")} for s, r, h in zip(seeds, mine, held, strict=True)]  # fmt: skip
+                         "pairs_kept": r.get("pairs_kept")}
+                        for s, r, h in zip(seeds, mine, held, strict=True)]  # fmt: skip
             table[algorithm][library] = {"seeds": per_seed, "curve": curve_over_seeds([r["curve"] for r in mine]),
                                          **{k: spread([p[k] for p in per_seed]) for k in FIGURES},
                                          "loop_eval_s": spread([p["loop_eval_s"] for p in per_seed])}  # fmt: skip
@@ -515,7 +520,8 @@ def report(table: dict, runs: dict, evals: dict, args, reward: str) -> str:
     lines = [
         "# Beside TRL, the same run: GRPO, RLOO and online DPO, lite-rlhf and TRL 1.16", "",
         f"`{' '.join(['python', 'benchmarks/bench_parity.py', *map(shlex.quote, sys.argv[1:])])}`", "",
-        f"revision {git_revision(REPO)}; {machine_description()}; {datetime.date.today()}; model {model}; LoRA r {args.lora_r}, alpha {args.lora_alpha:g}; seeds "
+        f"revision {git_revision(REPO)}; {machine_description()}; {datetime.date.today()}; model {model}; "
+        f"LoRA r {args.lora_r}, alpha {args.lora_alpha:g}; seeds "
         f"{', '.join(map(str, seeds))}; reward `{reward}`; {args.updates} updates of {per_update} prompts x "
         f"{args.samples} samples (online DPO: x 2), temperature {args.temperature:g}, max {args.max_new_tokens} new "
         f"tokens ({first['total_samples']} samples per GRPO/RLOO run); our engine: {args.backend}", "",
@@ -537,18 +543,18 @@ def report(table: dict, runs: dict, evals: dict, args, reward: str) -> str:
                          f"{pm(t['heldout_gold'])} | {pm(t['heldout_kl'], '.2f')} | {pm(t['heldout_tokens'], '.1f')} | "
                          f"{pm(t['wall_s'], '.0f')} | {pm(t['loop_eval_s'], '.0f') if library == 'lite' else ''} | "
                          f"{pm(t['peak_mib'], '.0f')} |")  # fmt: skip
-    lines += ["", "Ours / TRL (means over seeds) and whether our held-out reward reaches TRL's less the spread (the larger "
-              "sd of the two):", "", "| algorithm | held-out reward, ours - TRL | within the spread | wall | peak |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "Ours / TRL (means over seeds) and whether our held-out reward reaches TRL's less the spread (the "
+              "larger sd of the two):", "", "| algorithm | held-out reward, ours - TRL | within the spread | wall | "
+              "peak |", "|---|---|---|---|---|"]  # fmt: skip
     for algorithm in args.algorithms:
         a, b = table[algorithm]["lite"], table[algorithm]["trl"]
         gap = a["heldout_reward"]["mean"] - b["heldout_reward"]["mean"]
         sd = max(a["heldout_reward"]["sd"], b["heldout_reward"]["sd"])
         ok = "yes" if gap >= -sd else "no"
-        lines.append(f"| {algorithm} | {gap:+.3f} | {ok} (sd {sd:.3f}) | {ratio(a['wall_s']['mean'], b['wall_s']['mean']):.2f}x | "
-                     f"{ratio(a['peak_mib']['mean'], b['peak_mib']['mean']):.2f}x |")  # fmt: skip
+        wall, peak = (ratio(a[k]["mean"], b[k]["mean"]) for k in ("wall_s", "peak_mib"))
+        lines.append(f"| {algorithm} | {gap:+.3f} | {ok} (sd {sd:.3f}) | {wall:.2f}x | {peak:.2f}x |")
     lines += ["", "Mean reward of the samples at each update (mean ± sd over seeds; x: samples seen):", ""]
-    header = "| update | samples seen | " + " | ".join(f"{a} {lib}" for a in args.algorithms for lib in LIBRARIES) + " |"
+    header = "| update | samples seen | " + " | ".join(f"{a} {b}" for a in args.algorithms for b in LIBRARIES) + " |"
     lines += [header, "|" + "---|" * (2 + 2 * len(args.algorithms))]
     for u in range(args.updates):
         cells = []
@@ -593,7 +599,8 @@ CSV_FIELDS = ["date", "revision", "machine", "model", "reward", "algorithm", "li
 
 def csv_rows(table: dict, args) -> list[dict]:
     common = {"date": datetime.date.today().isoformat(), "revision": git_revision(REPO),
-              "machine": machine_description(), "model": "tiny" if args.tiny else args.model, "reward": args.reward or DEMO_REWARD,
+              "machine": machine_description(), "model": "tiny" if args.tiny else args.model,
+              "reward": args.reward or DEMO_REWARD,
               "updates": args.updates, "prompts_per_update": args.prompts_per_update, "samples": args.samples,
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}  # fmt: skip
     out = []
