@@ -11,7 +11,7 @@ Each run is a fresh process (`_memory.run_worker`, ``MALLOC_MMAP_THRESHOLD_`` se
 lite-rlhf's loop (`loop.run`, the code of `lite-rlhf run`), then TRL's trainer (GRPOTrainer, RLOOTrainer,
 trl.experimental.online_dpo.OnlineDPOTrainer), then one evaluation process per seed that samples every final policy
 (and π0) with the same engine, seed and settings. A finished process's figures are kept in the work directory
-(``--work``): the same command, run again, goes on where it stopped.
+(``--work``): the same command, run again, goes on with the first unfinished process (started again from nothing).
 
 The run both libraries make, per algorithm (`schedule` builds both sides' settings from one description):
 - the same model (fp32, no gradient checkpointing), LoRA (rank, alpha, dropout 0, the layers lite-rlhf's
@@ -38,6 +38,7 @@ import datetime
 import json
 import math
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -362,9 +363,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reward", default=None, help=f"module:function or file.py:function, TRL's signature (default "
                     f"{DEMO_REWARD})")  # fmt: skip
     ap.add_argument("--updates", type=int, default=8, help="optimizer updates (our loop's iterations)")
-    ap.add_argument("--prompts-per-update", type=int, default=8)
+    ap.add_argument("--prompts-per-update", type=int, default=4)
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt (GRPO, RLOO; online DPO: always 2)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.7, help="0.7: at 1.0 the 135M model answers in emoji soup")
     ap.add_argument("--lr", type=float, help="learning rate of every algorithm (default: " +
                     ", ".join(f"{a} {v:g}" for a, v in LR.items()) + ")")  # fmt: skip
@@ -375,7 +376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--backend", choices=("auto", "vllm", "hf"), help="our engine (run and shared evaluation); "
                     "default auto (vLLM where installed), hf with --tiny")  # fmt: skip
-    ap.add_argument("--eval-max", type=int, default=24, help="held-out prompts evaluated (0: all)")
+    ap.add_argument("--eval-max", type=int, default=20, help="held-out prompts evaluated (0: all)")
     ap.add_argument("--eval-samples", type=int, default=2, help="answers per held-out prompt")
     ap.add_argument("--work", type=Path, help="run directories and finished figures (default: runs/bench_parity; "
                     "a temporary directory with --no-save)")  # fmt: skip
@@ -415,6 +416,8 @@ def job(work: Path, name: str, spec: dict) -> dict:
             print(f"  {name}: kept from {done}", flush=True)
             return kept
     print(f"  {name} ...", end=" ", flush=True)
+    if "out" in spec:  # a run cut off before: started again from nothing, so that its wall and peak are whole
+        shutil.rmtree(spec["out"], ignore_errors=True)
     start = time.perf_counter()
     got = run_worker(Path(__file__), spec, timeout=3 * 3600)
     got |= {"wall_s": round(time.perf_counter() - start, 1), "spec": spec}
