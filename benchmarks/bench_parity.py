@@ -365,7 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "demo's prompts, else the prompts after the training ones)")  # fmt: skip
     ap.add_argument("--reward", default=None, help=f"module:function or file.py:function, TRL's signature (default "
                     f"{DEMO_REWARD})")  # fmt: skip
-    ap.add_argument("--updates", type=int, default=8, help="optimizer updates (our loop's iterations)")
+    ap.add_argument("--updates", type=int, default=6, help="optimizer updates (our loop's iterations)")
     ap.add_argument("--prompts-per-update", type=int, default=4)
     ap.add_argument("--samples", type=int, default=4, help="samples per prompt (GRPO, RLOO; online DPO: always 2)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
