@@ -450,7 +450,7 @@ def compare(args, work: Path) -> dict:
     files = run_files(work, train, held)
     model = make_tiny(work) if args.tiny else args.model
     base = {"model": model, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "files": files, "reward": reward,
-            "backend": args.backend, "kv_cache_gib": 0.25 if args.tiny else 1.0,
+            "backend": args.backend, "kv_cache_gib": 0.25 if args.tiny else "auto",
             "max_length": 128 if args.tiny else 256}  # fmt: skip
     runs: dict = {}  # (algorithm, library, seed) -> figures
     evals: dict = {}  # seed -> label -> figures
