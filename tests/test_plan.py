@@ -200,7 +200,7 @@ def test_cpu_plan_says_its_peak_and_whether_it_fits(tmp_path, capsys):
     worst_phase, worst = max(((p, sum(parts.values())) for p, parts in est.items()), key=lambda pv: pv[1])
     assert all(parts["libraries (torch, transformers, vLLM)"] == LIBRARIES for parts in est.values())
     text, ok = cpu_fit(cfg, 8 * GiB)
-    assert ok and text.endswith("fits") and f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against 8 GiB" in text
+    assert ok and text.endswith("fits") and f"peak: {worst / GiB:.1f} GiB in '{worst_phase}' against 8.0 GiB" in text
     text, ok = cpu_fit(cfg, worst * 0.9)
     assert not ok and "does NOT fit; try" in text, text
     assert main(["plan", "--cpu", "--mem", "0.5GB", f"model.name={path}", "model.dtype=float32"]) == 1
