@@ -78,7 +78,11 @@ and such figures are not valid. Run it under the shared lock; the 1-minute load 
     .venv/bin/python benchmarks/bench_dpo_step.py                         # every shape, default variants, k=4
     .venv/bin/python benchmarks/bench_dpo_step.py --shape short --steps 2 --variants a c --out /tmp/x.csv
     .venv/bin/python benchmarks/bench_dpo_step.py --model ~/.cache/lite-rlhf/scale/qwen2.5-1.5b --dtype bfloat16 \
-        --shape short --steps 2 --variants a c2                     # a 1.5B model: bench_dpo_step_qwen2.5-1.5b_bfloat16
+        --shape short --pairs-per-step 2 --answer-tokens 64 --steps 2 --variants a c c2
+                                            # a 1.5B model, less work: results/bench_dpo_step_qwen2.5-1.5b_bfloat16.*
+
+``--pairs-per-step`` and ``--answer-tokens`` shrink the chosen shape (its micro-batch at most that many pairs; every
+answer that long), for a model where the demo's shapes take too long.
 
 Prints a markdown table (ratios to ``a``) and the targets, appends rows to the CSV (default
 ``benchmarks/results/bench_dpo_step.csv``; with another model or dtype ``bench_dpo_step_<model>[_<dtype>].csv``) and
@@ -530,7 +534,7 @@ def worker(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir(spec))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pairs = build_pairs(tokenizer, spec["shape"], spec["steps"] * spec["pairs_per_step"])
+    pairs = build_pairs(tokenizer, spec["shape"], spec["steps"] * spec["pairs_per_step"], spec["answer_tokens"])
     torch.manual_seed(0)
 
     seen = SeenBatches()
@@ -678,6 +682,10 @@ def main() -> None:
         "(default: benchmarks/results/bench_dpo_step[_<model>][_<dtype>].csv)",
     )
     add_model_args(parser)
+    parser.add_argument("--pairs-per-step", type=int, default=None,
+                        help="pairs per optimizer step instead of the shape's (less work on a large model)")
+    parser.add_argument("--answer-tokens", type=int, default=None,
+                        help="every answer this many tokens instead of the shape's lengths")
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: configs/demo.yaml)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: configs/demo.yaml)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated target modules (default: the config's)")
@@ -703,12 +711,15 @@ def main() -> None:
         lora_overrides.append(f"lora.target_modules={args.lora_targets}")
 
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    sizes = {**SHAPES, **{shape: resized(SHAPES[shape], args.pairs_per_step, args.answer_tokens) for shape in shapes}}
+    if bad := [k for k in shapes if sizes[k]["pairs_per_step"] % sizes[k]["micro_batch"]]:
+        parser.error(f"--pairs-per-step {args.pairs_per_step} is no multiple of the micro-batch of {', '.join(bad)}")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_dpo_step.py", *sys.argv[1:]])
     started = datetime.datetime.now(datetime.UTC)
     t_run = time.perf_counter()
     rows, failed = [], []
     for shape in shapes:
-        per_step, micro = SHAPES[shape]["pairs_per_step"], SHAPES[shape]["micro_batch"]
+        per_step, micro = sizes[shape]["pairs_per_step"], sizes[shape]["micro_batch"]
         shape_overrides = [
             *config_overrides(model),
             *lora_overrides,
@@ -730,6 +741,7 @@ def main() -> None:
             "steps": args.steps,
             "pairs_per_step": per_step,
             "micro_batch": micro,
+            "answer_tokens": sizes[shape]["answer_tokens"],
             "overrides": shape_overrides,
             "lora": lora,
             "lr": cfg.dpo.lr,
@@ -794,7 +806,7 @@ def main() -> None:
         f"- model: {describe_model(model)}, CPU; {args.steps} steps per variant, s/step = mean of steps "
         f"2..{args.steps}",
         "- shapes: " + "; ".join(f"{k} = {v['pairs_per_step']} pairs/step in micro-batches of {v['micro_batch']}, "
-                                 f"answers {v['answer_tokens']} tokens" for k, v in SHAPES.items())
+                                 f"answers {v['answer_tokens']} tokens" for k, v in sizes.items())
         + f"; prompts >= {PROMPT_TOKENS} tokens (see the docstring)",
     ]
     if a_row:
@@ -826,11 +838,21 @@ def main() -> None:
     print(f"\nappended {len(rows)} rows to {out}; wrote {md}")
 
 
+def resized(shape: dict, pairs_per_step: int | None, answer_tokens: int | None) -> dict:
+    """`shape` with fewer pairs per step (its micro-batch at most that) and answers of one length, where given."""
+    out = dict(shape)
+    if pairs_per_step:
+        out.update(pairs_per_step=pairs_per_step, micro_batch=min(shape["micro_batch"], pairs_per_step))
+    if answer_tokens:
+        out["answer_tokens"] = answer_tokens
+    return out
+
+
 def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.datetime, model: dict) -> None:
     fields = [
         "timestamp", "git_rev", "machine", "torch", "transformers", "trl", "peft", "model", "dtype", "params",
-        "shape", "variant",
-        "pairs_per_step", "steps", "baseline_mib", "peak_mib", "peak_vs_a", "setup_peak_mib", "train_peak_mib",
+        "shape", "variant", "pairs_per_step", "answer_tokens", "steps", "baseline_mib", "peak_mib", "peak_vs_a",
+        "setup_peak_mib", "train_peak_mib",
         "process_peak_mib", "process_peak_vs_a", "s_per_step", "time_vs_a", "pairs_per_s", "pairs_per_s_vs_a",
         "first_step_s", "step_s", "policy_fwd_s", "ref_fwd_s", "setup_s", "attn_implementation", "tokens_seen",
         "same_tokens_as_a", "lora", "gradient_checkpointing", "checkpointed_layers", "budget_mib", "plan_train_mib",
@@ -843,8 +865,8 @@ def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.da
         "pairs_per_s_vs_a": 3, "first_step_s": 3, "policy_fwd_s": 3, "ref_fwd_s": 3, "setup_s": 2,
         "load_start": 2, "load_end": 2,
     }  # fmt: skip
-    plain = ["shape", "variant", "pairs_per_step", "steps", "attn_implementation", "lora", "gradient_checkpointing",
-             "optimizer", "threads", "peak_reset"]  # fmt: skip
+    plain = ["shape", "variant", "pairs_per_step", "answer_tokens", "steps", "attn_implementation", "lora",
+             "gradient_checkpointing", "optimizer", "threads", "peak_reset"]  # fmt: skip
     common = {
         "timestamp": started.isoformat(timespec="seconds"),
         "git_rev": git_revision(REPO),

@@ -161,8 +161,8 @@ def run_four(spec: dict) -> dict:
     model_dir = resolve_model(cfg.model.name)
     tok = load_tokenizer(model_dir)
     samples = build_samples(tok, n, spec["length"])
-    targets = json.loads((tmp / "reward" / "adapter_config.json").read_text())["target_modules"]  # our adapters' layers
-    lora = dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets)
+    layers = json.loads((tmp / "reward" / "adapter_config.json").read_text())["target_modules"]  # our adapters' layers
+    lora = dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=layers)
     load = dict(dtype=torch_dtype(spec), use_safetensors=True)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, **load), LoraConfig(**lora,
                                                                                               task_type="CAUSAL_LM"))
