@@ -871,8 +871,9 @@ NOTES = [
     "- lite-rlhf serves the policy by LoRA (as at every iteration after the first); the RLHFlow-style generate "
     "serves a full model directory: at iteration 1 the base itself, later the previous round's merged model "
     "(its cost: the train process's merge + save row).",
-    "- The RLHFlow-style engine mirrors lite-rlhf's CPU settings (in-process engine, the same dtype and KV-cache "
-    "bytes, eager, no prefix cache); RLHFlow's own scripts start vLLM's default separate engine process "
+    "- The RLHFlow-style engine mirrors lite-rlhf's CPU settings (in-process engine, the same dtype, eager, no "
+    "prefix cache) but keeps the 1 GiB KV cache every engine had before generation.kv_cache_gib=auto sized "
+    "lite-rlhf's to the iteration; RLHFlow's own scripts start vLLM's default separate engine process "
     "(13-15 s instead of 2-4 s on this machine, docs/cpu-stack.md): the anchor is favoured there.",
     "- The standalone reward model scores the generated ids after the chat-templated prompt, as lite-rlhf does "
     "(RLHFlow's scripts re-tokenize the text; the cost is the same); pairs follow lite-rlhf's rule (pairs.py). "
