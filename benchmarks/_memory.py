@@ -207,10 +207,14 @@ def git_revision(cwd: Path) -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def step_bench_main(script: Path, name: str, variants: tuple[str, ...], fields: list[str], worker, report) -> None:
+def step_bench_main(
+    script: Path, name: str, variants: tuple[str, ...], fields: list[str], worker, report, models: bool = False
+) -> None:
     """``main()`` of the one-update benchmarks (bench_grpo_step.py, bench_ppo_step.py): the same arguments, each
     variant in a fresh worker process (`run_worker`), the rows appended to RESULTS/<name>.csv and `report(rows,
-    args)` written to RESULTS/<name>.md and printed. ``--worker`` runs `worker(spec)` in the child."""
+    args)` written to RESULTS/<name>.md and printed. ``--worker`` runs `worker(spec)` in the child. `models`: the
+    script takes ``--model`` and ``--dtype`` (benchmarks/_model.py), passed in every worker's spec as "model" and
+    "dtype"; another model or dtype than the default writes RESULTS/<name>_<model>[_<dtype>].{csv,md}."""
     ap = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or name).split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--answers", type=int, default=8, help="answers per step (two prompts, half each)")
@@ -218,6 +222,10 @@ def step_bench_main(script: Path, name: str, variants: tuple[str, ...], fields: 
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per variant (at least 2)")
     ap.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
     ap.add_argument("--results", type=Path, default=script.parent / "results", help="CSV and markdown go here")
+    if models:
+        from _model import add_model_args
+
+        add_model_args(ap)
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -226,10 +234,17 @@ def step_bench_main(script: Path, name: str, variants: tuple[str, ...], fields: 
         ap.error(f"unknown variant {', '.join(unknown)}; valid: {', '.join(variants)}")
     import tempfile
 
+    model = {}
+    if models:
+        from _model import model_spec, results_stem
+
+        model = model_spec(args)
+        name = results_stem(name, model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
-            spec = {"variant": variant, "answers": args.answers, "length": args.length, "steps": args.steps, "tmp": tmp}
+            spec = {"variant": variant, "answers": args.answers, "length": args.length, "steps": args.steps, "tmp": tmp,
+                    **model}  # fmt: skip
             row = run_worker(script, spec) | {"revision": git_revision(script.parent.parent),
                                               "machine": machine_description()}  # fmt: skip
             print(json.dumps(row), flush=True)

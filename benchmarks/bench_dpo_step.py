@@ -1,7 +1,9 @@
 """One DPO training step, lite-rlhf against TRL's DPOTrainer: peak memory and seconds per step on CPU.
 
 Every variant trains SmolLM2-135M-Instruct (the embedded model, ``resolve_model("smollm2-135m-instruct")``)
-in fp32 on the CPU, on the same token sequences in the same order, with the same pairs per step:
+in fp32 on the CPU, or the model and dtype of ``--model DIR --dtype bfloat16`` (benchmarks/_model.py: lite-rlhf by
+config overrides, TRL's model loaded in that dtype with ``bf16=True``), on the same token sequences in the same order,
+with the same pairs per step:
 
 - ``a``:  lite-rlhf with its defaults (``model.gradient_checkpointing=auto`` with the default budget, 75% of the
   available RAM, and on CPU at least a quarter of the layers: the row says how many layers that checkpointed):
@@ -75,9 +77,16 @@ and such figures are not valid. Run it under the shared lock; the 1-minute load 
 
     .venv/bin/python benchmarks/bench_dpo_step.py                         # every shape, default variants, k=4
     .venv/bin/python benchmarks/bench_dpo_step.py --shape short --steps 2 --variants a c --out /tmp/x.csv
+    .venv/bin/python benchmarks/bench_dpo_step.py --model ~/.cache/lite-rlhf/scale/qwen2.5-1.5b --dtype bfloat16 \
+        --shape short --pairs-per-step 2 --answer-tokens 64 --steps 2 --variants a c c2
+                                            # a 1.5B model, less work: results/bench_dpo_step_qwen2.5-1.5b_bfloat16.*
+
+``--pairs-per-step`` and ``--answer-tokens`` shrink the chosen shape (its micro-batch at most that many pairs; every
+answer that long), for a model where the demo's shapes take too long.
 
 Prints a markdown table (ratios to ``a``) and the targets, appends rows to the CSV (default
-``benchmarks/results/bench_dpo_step.csv``) and writes the same report as markdown beside it (``.md``).
+``benchmarks/results/bench_dpo_step.csv``; with another model or dtype ``bench_dpo_step_<model>[_<dtype>].csv``) and
+writes the same report as markdown beside it (``.md``).
 """
 
 from __future__ import annotations
@@ -107,11 +116,20 @@ from _memory import (  # noqa: E402
     reset_peak,
     run_worker,
 )
+from _model import (  # noqa: E402
+    add_model_args,
+    config_overrides,
+    describe_model,
+    model_dir,
+    model_spec,
+    parameters,
+    results_stem,
+    torch_dtype,
+)
 
-RESULTS = HERE / "results" / "bench_dpo_step.csv"
+RESULTS = HERE / "results"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DEMO_PAIRS = REPO / "lite_rlhf" / "demo" / "preferences_train.jsonl"
-MODEL = "smollm2-135m-instruct"
 PROMPT_TOKENS = 65  # the prompt grows by demo topic sentences until it has at least this many tokens
 SHAPES = {
     "short": {"pairs_per_step": 4, "answer_tokens": 110, "micro_batch": 4},
@@ -391,14 +409,12 @@ def run_trl(spec: dict, pairs: list[dict], tokenizer, meter: StepMeter, seen: Se
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lite_rlhf.models import resolve_model
-
     use_lora, precompute, checkpointing, extra = TRL_SETTINGS[spec["variant"]]
     lora = spec["lora"]
     dataset = Dataset.from_list(
         [{"prompt": p["prompt_text"], "chosen": p["chosen_text"], "rejected": p["rejected_text"]} for p in pairs]
     )
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(spec), dtype=torch_dtype(spec))
     peft_config = (
         LoraConfig(
             r=lora["r"],
@@ -413,7 +429,7 @@ def run_trl(spec: dict, pairs: list[dict], tokenizer, meter: StepMeter, seen: Se
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_dpo_step-"),
         use_cpu=True,
-        bf16=False,
+        bf16=spec["dtype"] == "bfloat16",  # DPOConfig's default is True: fp32 asked for explicitly
         fp16=False,
         per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["pairs_per_step"] // spec["micro_batch"],
@@ -509,17 +525,16 @@ def worker(spec: dict) -> dict:
 
     import lite_rlhf.algorithms.dpo  # noqa: F401
     import lite_rlhf.roles  # noqa: F401
-    from lite_rlhf.models import resolve_model
 
     lite = spec["variant"] in LITE_VARIANTS
     if not lite:
         import datasets  # noqa: F401
         import trl  # noqa: F401
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(spec))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pairs = build_pairs(tokenizer, spec["shape"], spec["steps"] * spec["pairs_per_step"])
+    pairs = build_pairs(tokenizer, spec["shape"], spec["steps"] * spec["pairs_per_step"], spec["answer_tokens"])
     torch.manual_seed(0)
 
     seen = SeenBatches()
@@ -659,7 +674,18 @@ def main() -> None:
     parser.add_argument("--shape", choices=(*SHAPES, "all"), default="all")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant; step 1 is warm-up")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="CSV to append to; the .md beside it is rewritten")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV to append to; the .md beside it is rewritten "
+        "(default: benchmarks/results/bench_dpo_step[_<model>][_<dtype>].csv)",
+    )
+    add_model_args(parser)
+    parser.add_argument("--pairs-per-step", type=int, default=None,
+                        help="pairs per optimizer step instead of the shape's (less work on a large model)")
+    parser.add_argument("--answer-tokens", type=int, default=None,
+                        help="every answer this many tokens instead of the shape's lengths")
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: configs/demo.yaml)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: configs/demo.yaml)")
     parser.add_argument("--lora-targets", default=None, help="comma-separated target modules (default: the config's)")
@@ -671,6 +697,8 @@ def main() -> None:
         return
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is warm-up)")
+    model = model_spec(args)
+    out = args.out or RESULTS / f"{results_stem('bench_dpo_step', model)}.csv"
 
     from lite_rlhf.config import load_config
 
@@ -683,20 +711,24 @@ def main() -> None:
         lora_overrides.append(f"lora.target_modules={args.lora_targets}")
 
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    sizes = {**SHAPES, **{shape: resized(SHAPES[shape], args.pairs_per_step, args.answer_tokens) for shape in shapes}}
+    if bad := [k for k in shapes if sizes[k]["pairs_per_step"] % sizes[k]["micro_batch"]]:
+        parser.error(f"--pairs-per-step {args.pairs_per_step} is no multiple of the micro-batch of {', '.join(bad)}")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_dpo_step.py", *sys.argv[1:]])
     started = datetime.datetime.now(datetime.UTC)
     t_run = time.perf_counter()
     rows, failed = [], []
     for shape in shapes:
-        per_step, micro = SHAPES[shape]["pairs_per_step"], SHAPES[shape]["micro_batch"]
-        overrides = [
+        per_step, micro = sizes[shape]["pairs_per_step"], sizes[shape]["micro_batch"]
+        shape_overrides = [
+            *config_overrides(model),
             *lora_overrides,
             f"dpo.micro_batch={micro}",
             f"dpo.grad_accum={per_step // micro}",
             "dpo.epochs=1",
             "data.max_length=4096",  # above every row: nothing is truncated
         ]
-        cfg = load_config(DEMO_CONFIG, overrides)
+        cfg = load_config(DEMO_CONFIG, shape_overrides)
         lora = {
             "r": cfg.lora.r,
             "alpha": cfg.lora.alpha,
@@ -704,11 +736,13 @@ def main() -> None:
             "targets": cfg.lora.peft_target_modules,
         }
         base_spec = {
+            **model,
             "shape": shape,
             "steps": args.steps,
             "pairs_per_step": per_step,
             "micro_batch": micro,
-            "overrides": overrides,
+            "answer_tokens": sizes[shape]["answer_tokens"],
+            "overrides": shape_overrides,
             "lora": lora,
             "lr": cfg.dpo.lr,
             "beta": cfg.dpo.beta,
@@ -762,16 +796,17 @@ def main() -> None:
     a_row = next((r for r in rows if r["variant"] == "a"), None)
     trl_row = next((r for r in rows if r["variant"] not in LITE_VARIANTS), None)
     header = [
-        "# DPO training step: lite-rlhf vs TRL DPOTrainer (CPU, fp32)",
+        f"# DPO training step: lite-rlhf vs TRL DPOTrainer (CPU, {model['dtype']})",
         "",
         f"- date: {started.isoformat(timespec='seconds')}; run time {run_s / 60:.1f} min",
         f"- machine: {machine_description()}; torch threads {rows[0]['threads']}",
         f"- git revision: {git_revision(REPO)}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
         f"- command: `{command}`",
-        f"- model: {MODEL} (fp32, CPU); {args.steps} steps per variant, s/step = mean of steps 2..{args.steps}",
+        f"- model: {describe_model(model)}, CPU; {args.steps} steps per variant, s/step = mean of steps "
+        f"2..{args.steps}",
         "- shapes: " + "; ".join(f"{k} = {v['pairs_per_step']} pairs/step in micro-batches of {v['micro_batch']}, "
-                                 f"answers {v['answer_tokens']} tokens" for k, v in SHAPES.items())
+                                 f"answers {v['answer_tokens']} tokens" for k, v in sizes.items())
         + f"; prompts >= {PROMPT_TOKENS} tokens (see the docstring)",
     ]
     if a_row:
@@ -797,16 +832,27 @@ def main() -> None:
     print()
     print("\n".join(report))
 
-    write_csv(args.out, rows, versions, started)
-    md = args.out.with_suffix(".md")
+    write_csv(out, rows, versions, started, model)
+    md = out.with_suffix(".md")
     md.write_text("\n".join(report) + "\n")
-    print(f"\nappended {len(rows)} rows to {args.out}; wrote {md}")
+    print(f"\nappended {len(rows)} rows to {out}; wrote {md}")
 
 
-def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.datetime) -> None:
+def resized(shape: dict, pairs_per_step: int | None, answer_tokens: int | None) -> dict:
+    """`shape` with fewer pairs per step (its micro-batch at most that) and answers of one length, where given."""
+    out = dict(shape)
+    if pairs_per_step:
+        out.update(pairs_per_step=pairs_per_step, micro_batch=min(shape["micro_batch"], pairs_per_step))
+    if answer_tokens:
+        out["answer_tokens"] = answer_tokens
+    return out
+
+
+def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.datetime, model: dict) -> None:
     fields = [
-        "timestamp", "git_rev", "machine", "torch", "transformers", "trl", "peft", "shape", "variant",
-        "pairs_per_step", "steps", "baseline_mib", "peak_mib", "peak_vs_a", "setup_peak_mib", "train_peak_mib",
+        "timestamp", "git_rev", "machine", "torch", "transformers", "trl", "peft", "model", "dtype", "params",
+        "shape", "variant", "pairs_per_step", "answer_tokens", "steps", "baseline_mib", "peak_mib", "peak_vs_a",
+        "setup_peak_mib", "train_peak_mib",
         "process_peak_mib", "process_peak_vs_a", "s_per_step", "time_vs_a", "pairs_per_s", "pairs_per_s_vs_a",
         "first_step_s", "step_s", "policy_fwd_s", "ref_fwd_s", "setup_s", "attn_implementation", "tokens_seen",
         "same_tokens_as_a", "lora", "gradient_checkpointing", "checkpointed_layers", "budget_mib", "plan_train_mib",
@@ -819,13 +865,16 @@ def write_csv(path: Path, rows: list[dict], versions: dict, started: datetime.da
         "pairs_per_s_vs_a": 3, "first_step_s": 3, "policy_fwd_s": 3, "ref_fwd_s": 3, "setup_s": 2,
         "load_start": 2, "load_end": 2,
     }  # fmt: skip
-    plain = ["shape", "variant", "pairs_per_step", "steps", "attn_implementation", "lora", "gradient_checkpointing",
-             "optimizer", "threads", "peak_reset"]  # fmt: skip
+    plain = ["shape", "variant", "pairs_per_step", "answer_tokens", "steps", "attn_implementation", "lora",
+             "gradient_checkpointing", "optimizer", "threads", "peak_reset"]  # fmt: skip
     common = {
         "timestamp": started.isoformat(timespec="seconds"),
         "git_rev": git_revision(REPO),
         "machine": machine_description(),
         **{k: versions[k] for k in ("torch", "transformers", "trl", "peft")},
+        "model": model["model"],
+        "dtype": model["dtype"],
+        "params": parameters(model),
     }
     out = [
         {

