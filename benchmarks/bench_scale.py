@@ -492,7 +492,11 @@ def plot(results: list[dict], png: Path) -> None:
     mem.set(xscale="log", xlabel="parameters (billions)", ylabel="peak resident memory (GiB)",
             title="memory per phase: measured (o) and plan --cpu (x)")  # fmt: skip
     wall.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="wall time (s)",
-             title="time per phase (2 CPU cores, beside other jobs)")  # fmt: skip
+             title="time per phase (2 CPU cores)")  # fmt: skip
+    for ax in (mem, wall):
+        ticks = sorted({r["params"] / 1e9 for r in ran})
+        ax.set_xticks(ticks, [f"{t:.2g}B" for t in ticks])
+        ax.minorticks_off()
     mem.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
