@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shutil
 import sys
@@ -225,6 +224,7 @@ def worker(spec: dict) -> dict:
     import torch  # noqa: F401  the post-import state: every library the loop uses, no model yet
     import transformers  # noqa: F401
     import vllm  # noqa: F401
+    from _memory import current_rss_mib
 
     from lite_rlhf.algorithms import dpo, grpo
     from lite_rlhf.config import load_config
@@ -232,12 +232,10 @@ def worker(spec: dict) -> dict:
     from lite_rlhf.data import prompt_ids
     from lite_rlhf.generate import LazyEngine, check_context, make_engine, sized_for, start_engine
     from lite_rlhf.loop import generate, scores
+    from lite_rlhf.roles import SharedModel
     from lite_rlhf.runstate import RunDir
     from lite_rlhf.scoring import Oracle
-    from lite_rlhf.roles import SharedModel
     from lite_rlhf.task import load_task
-
-    from _memory import current_rss_mib
 
     baseline = current_rss_mib()
     cfg = load_config(None, [f"model.name={spec['model_dir']}", f"run.out_dir={spec['out_dir']}", *spec["set"]])
@@ -255,7 +253,7 @@ def worker(spec: dict) -> dict:
         engine = LazyEngine(lambda: start_engine(model, cfg, lambda share: make_engine(
             model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, quantization=cfg.model.quantization,
             max_model_len=length, share=share), print))  # fmt: skip
-        engine.description  # started now, as the loop's first generation starts it
+        _ = engine.description  # the engine starts now, as the loop's first generation starts it
         ctx = Context(RunDir(cfg), cfg, task, model, engine, Oracle(cfg, model), ids, say)
         commit_policy(ctx, 0)
         return ctx
@@ -413,8 +411,9 @@ def report(results: list[dict], command: str) -> str:
                          f"{r['plan_text']}\n```")  # fmt: skip
             continue
         for row in r["rows"]:
+            peak, plan = row["peak_mib"] / 1024, row["estimate_mib"] / 1024
             lines.append(f"| {r['rung']} | {r['params'] / 1e9:.2f}B | {row['phase']} | {row['seconds']} "
-                         f"| {row['peak_mib'] / 1024:.2f} | {row['estimate_mib'] / 1024:.2f} | {row['error']:+.0%} |")  # fmt: skip
+                         f"| {peak:.2f} | {plan:.2f} | {row['error']:+.0%} |")  # fmt: skip
             if abs(row["error"]) > TARGET:
                 misses.append(f"{r['rung']} {row['phase']} ({row['error']:+.0%})")
         notes.append(f"- **{r['rung']}** ({r['source']}): {r['note']}")
