@@ -22,6 +22,8 @@ The run both libraries make, per algorithm (`schedule` builds both sides' settin
   train_sampling_strategy=sequential for online DPO), G samples per prompt (online DPO: 2), temperature, top-p 1,
   no top-k, max new tokens;
 - one optimizer step per update on all of its samples (AdamW, constant lr, no warm-up, weight decay 0, clip 1.0),
+  one optimizer for the run (ours: loop.keep_optimizer=true, AdamW's moments carried from update to update as
+  TRL's trainer keeps them; online DPO: dpo.train_on=current, each update on its own pairs as TRL's),
   the same lr, β, ε = 0.2, μ = 1 (each batch used once); GRPO: token-mean aggregation over the step (TRL
   loss_type=dapo), advantages over the group's std, k3 KL without TRL's importance-ratio factor
   (use_bias_correction_kl=False); RLOO: the KL in the reward, sequence ratio; online DPO: sigmoid loss, no RPO term;
@@ -60,13 +62,6 @@ DEMO_REWARD = "lite_rlhf.demo.task:checker_reward"
 MICRO_BATCH = 8  # answers per forward pass on both sides (the step is the same: gradients accumulate)
 TRL_ONLY_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
 NOT_MATCHED = [
-    "Adam's state: TRL keeps one AdamW for the whole run; our loop makes a fresh AdamW (and lr schedule) for each "
-    "iteration's update, so with one step per update each of our steps is Adam's first (about lr x sign(gradient) "
-    "per weight) where TRL's later steps are scaled by its running second moment. Matching it needs the optimizer "
-    "kept across iterations in lite_rlhf/train.py.",
-    "Online DPO's data: our loop trains each iteration on every pair so far (Algorithm 1: D = D ∪ pairs_t, one "
-    "epoch), so update t takes t optimizer steps of P pairs under a cosine schedule over them; TRL trains each pair "
-    "once, one step per update. Our loop has no option to train on the current pairs alone.",
     "Online DPO's ties: our loop drops a prompt whose 2 answers score the same (no pair); TRL makes a pair of every "
     "prompt (the first answer chosen on a tie). The pairs we kept are in the table.",
     "Sampling: ours samples with its engine (vLLM on CPU by default, HF with --backend hf), TRL with transformers' "
@@ -96,13 +91,13 @@ def schedule(algorithm: str, prompts: int, samples: int, updates: int, *, lr: fl
             f"generation.n={n}", f"generation.temperature={temperature}", "generation.top_p=1.0",
             f"generation.max_new_tokens={max_new_tokens}", f"run.seed={seed}",
             f"{loop}.lr={lr}", f"{loop}.beta={beta}", f"{loop}.epochs=1", f"{loop}.warmup_ratio=0",
-            f"{loop}.max_grad_norm=1.0", f"{loop}.weight_decay=0"]  # fmt: skip
+            f"{loop}.max_grad_norm=1.0", f"{loop}.weight_decay=0", "loop.keep_optimizer=true"]  # fmt: skip
     trl = dict(learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                max_steps=updates, seed=seed, temperature=temperature, top_p=1.0, top_k=0)  # fmt: skip
     if algorithm == "online_dpo":
-        # one step of P pairs per update (ours: all pairs so far each iteration, NOT_MATCHED)
-        lite += [f"dpo.micro_batch={prompts}", "dpo.grad_accum=1", "dpo.loss_type=[sigmoid]", "dpo.rpo_alpha=0",
-                 "pairs.allow_truncated=true"]  # fmt: skip
+        # one step on this update's P pairs (ours: dpo.train_on=current; the default trains on every pair so far)
+        lite += ["dpo.train_on=current", f"dpo.micro_batch={prompts}", "dpo.grad_accum=1", "dpo.loss_type=[sigmoid]",
+                 "dpo.rpo_alpha=0", "pairs.allow_truncated=true"]  # fmt: skip
         trl |= dict(per_device_train_batch_size=prompts, gradient_accumulation_steps=1, beta=[beta],
                     loss_type="sigmoid", max_new_tokens=max_new_tokens, missing_eos_penalty=None,
                     train_sampling_strategy="sequential")  # fmt: skip

@@ -229,6 +229,9 @@ class DPOConfig(TrainerConfig):
     discopop_tau: float = _f(0.05, lo=0, lo_open=True)  # discopop's temperature τ (TRL's default, its paper's 0.05)
     # auto: Triton on CUDA (or under TRITON_INTERPRET=1), else chunked torch; reference: full logits, for checks
     kernel: Literal["auto", "triton", "chunked", "reference"] = "auto"
+    # the pairs each iteration trains on: all, every pair so far (Algorithm 1: D = D ∪ pairs_t, the offline pairs
+    # included); current, this iteration's alone (fully online, as TRL's OnlineDPOTrainer)
+    train_on: Literal["all", "current"] = "all"
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,10 @@ class LoopConfig:
     algorithm: Literal["dpo", "raft", "grpo", "rloo", "ppo"] = "dpo"
     iterations: int = _f(3, lo=1)  # T of Algorithm 1 (paper: 3)
     prompts_per_iteration: int = _f(0, lo=0)  # 0: split the prompt set evenly over the iterations
+    # one optimizer for the run: AdamW's moments and step count go from each iteration's update to the next (as TRL's
+    # online trainers keep theirs), saved beside each policy (iter_t/optimizer/); off: a fresh AdamW per iteration, as
+    # iterative DPO's recipe retrains each round. The lr schedule restarts each iteration either way
+    keep_optimizer: bool = False
 
 
 @dataclass(frozen=True)

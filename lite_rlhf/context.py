@@ -2,13 +2,19 @@
 
 `Context` carries the run directory, the config, the task, the shared model, the engine, the oracle and the
 prompts' token ids. `update_policy` trains policy_t from policy_{t-1} with the engine asleep and commits it; an
-algorithm (`lite_rlhf/algorithms/`) calls it with its own training step.
+algorithm (`lite_rlhf/algorithms/`) calls it with its own training step. With loop.keep_optimizer the optimizer's
+moments go from one update to the next (`train.carrying`), saved beside each policy (iter_t/optimizer/) so that a
+killed run resumes with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
+from pathlib import Path
+
+import torch
 
 from lite_rlhf import dist
 from lite_rlhf.config import Config
@@ -17,6 +23,9 @@ from lite_rlhf.roles import SharedModel
 from lite_rlhf.runstate import RunDir, kill_point
 from lite_rlhf.scoring import Oracle
 from lite_rlhf.task import Task
+from lite_rlhf.train import carrying
+
+OPTIMIZER = "optimizer"  # iter_t/optimizer/state.pt: the optimizer states after update t (loop.keep_optimizer)
 
 
 @dataclasses.dataclass
@@ -62,6 +71,8 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train, ex
     if ctx.rd.done(name):
         return
     ctx.model.load_adapter("policy", ctx.rd.iter_dir(t - 1) / "policy")
+    keep = ctx.cfg.loop.keep_optimizer
+    states = read_optimizer(ctx.rd.iter_dir(t - 1) / OPTIMIZER) if keep else {}
     records: list[dict] = []
     if not n:  # said whatever run.quiet: a run that trains on nothing is not done (loop.main_run)
         if dist.is_main():
@@ -70,6 +81,15 @@ def update_policy(ctx: Context, t: int, stage: str, what: str, n: int, train, ex
     else:
         ctx.say(f"iteration {t}: {what}")
         ctx.engine.sleep()
-        train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
+        with carrying(states) if keep else contextlib.nullcontext():
+            train(lambda rec: (records.append({"stage": stage, "iteration": t, **rec}), kill_point(f"{name}:step")))
         ctx.engine.wake()
+    if keep:  # the states as they are after this update (unchanged when it trained on nothing)
+        extra = (extra or {}) | {ctx.rd.iter_dir(t) / OPTIMIZER: lambda tmp: torch.save(states, tmp / "state.pt")}
     commit_policy(ctx, t, records, extra)
+
+
+def read_optimizer(path: Path) -> dict[str, dict]:
+    """The optimizer states saved after an update ({} before the first: iter_000 has none)."""
+    f = path / "state.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.exists() else {}

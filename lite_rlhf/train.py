@@ -17,6 +17,7 @@ before clipping, so the step is the single-process step; the step's record combi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -43,6 +44,20 @@ class TrainSection(Protocol):
 
 Steps = list[list[list[int]]]  # optimizer steps -> micro-batches -> example indices
 COUNTS = ("tokens",)  # step figures that are counts (summed over ranks); every other one is a mean
+_carried: dict[str, dict] | None = None  # the optimizer states `carrying` lends to `optimize`, by trainer name
+
+
+@contextlib.contextmanager
+def carrying(states: dict[str, dict]) -> Iterator[dict[str, dict]]:
+    """Within: `optimize(name=...)` starts from `states[name]` (an optimizer's state_dict()["state"]) when it is
+    there, and puts its own there when it ends. The learning rate, schedule and decay come from the section each
+    time; only the moments and step counts carry (TRL's online trainers keep one optimizer for the whole run)."""
+    global _carried
+    before, _carried = _carried, states
+    try:
+        yield states
+    finally:
+        _carried = before
 
 
 def plan_steps(n: int, sec: TrainSection, seed: int) -> Steps:
@@ -106,6 +121,8 @@ def optimize(
     that yields its loss in parts (a generator) has each part backpropagated before it computes the next, so the
     parts' graphs never sit in memory together (PPO-ptx: the policy's, then the pretraining windows')."""
     opt = torch.optim.AdamW(params, lr=sec.lr, weight_decay=sec.weight_decay)
+    if _carried is not None and name in _carried:  # before the schedule: it sets the rate from the section's lr
+        opt.load_state_dict({"state": _carried[name], "param_groups": opt.state_dict()["param_groups"]})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(math.ceil(sec.warmup_ratio * len(steps)), len(steps)))
     clip = sec.max_grad_norm if sec.max_grad_norm > 0 else float("inf")
     with tqdm(total=len(steps), desc=name, unit="step", disable=quiet) as bar:
@@ -131,6 +148,8 @@ def optimize(
             on_step(record)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
             bar.update(1)
+    if _carried is not None:
+        _carried[name] = opt.state_dict()["state"]
 
 
 def combine(parts: list[tuple[dict, float]]) -> dict:

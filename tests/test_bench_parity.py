@@ -51,6 +51,7 @@ def test_policy_gradient_schedules_do_the_same_work(bench, algorithm, prompts, s
     assert trl["per_device_train_batch_size"] == int(lite[f"{algorithm}.micro_batch"])  # the same forward passes
     assert s["total_samples"] == 8 * per_update
     assert (trl["learning_rate"], trl["beta"], trl["epsilon"]) == (5e-4, 0.04, 0.2)
+    assert lite["loop.keep_optimizer"] == "true"  # one AdamW for the run, as TRL's
     assert [lite[f"{algorithm}.{k}"] for k in ("lr", "beta", "eps_low")] == ["0.0005", "0.04", "0.2"]
 
 
@@ -68,6 +69,7 @@ def test_online_dpo_samples_two_per_prompt(bench):
     assert int(lite["dpo.micro_batch"]) * int(lite["dpo.grad_accum"]) == 6 == trl["per_device_train_batch_size"]
     assert trl["train_sampling_strategy"] == "sequential" and trl["beta"] == [0.04]
     assert lite["dpo.rpo_alpha"] == "0" and trl["loss_type"] == "sigmoid"
+    assert lite["dpo.train_on"] == "current" and lite["loop.keep_optimizer"] == "true"  # each pair once, one AdamW
 
 
 def test_schedules_are_valid_configs(bench):

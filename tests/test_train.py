@@ -1,6 +1,7 @@
 """The optimizer-step helper every trainer uses: the plan of steps, accumulation over uneven
 micro-batches, the schedule, the stop on a non-finite loss."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lite_rlhf.train import NonFiniteLoss, optimize, plan_steps
+from lite_rlhf.train import NonFiniteLoss, carrying, optimize, plan_steps
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,30 @@ def test_no_step_runs_at_lr_zero(warmup_ratio, total):
     assert lrs[warmup] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1], strict=True))
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :], strict=False))
+
+
+def test_carried_state_makes_two_calls_one_adamw_and_a_fresh_one_does_not():
+    """loop.keep_optimizer: two `optimize` calls of one step each inside `carrying` are plain torch AdamW's two
+    steps (moments and step count carried); without it the second call is a first step again."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.randn(4)
+    ref = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.0)
+    for _ in range(2):
+        opt.zero_grad()
+        ((x @ ref - y) ** 2).mean().backward()
+        opt.step()
+
+    def two_calls(states):
+        w = torch.nn.Parameter(torch.ones(3))
+        with carrying(states) if states is not None else contextlib.nullcontext():
+            for _ in range(2):
+                optimize([w], Section(micro_batch=4, grad_accum=1), [[[0, 1, 2, 3]]],
+                         lambda idx: ((x[idx] @ w - y[idx]) ** 2).sum(), dict, name="t", quiet=True,
+                         on_step=lambda rec: None)  # fmt: skip
+        return w.detach()
+
+    states = {}
+    assert_close(two_calls(states), ref.detach())
+    assert int(states["t"][0]["step"]) == 2  # what the loop saves beside the policy
+    assert not torch.allclose(two_calls(None), ref.detach(), atol=1e-4)

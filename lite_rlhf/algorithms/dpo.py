@@ -1,5 +1,6 @@
 """DPO (loop.algorithm=dpo): each iteration's best-vs-worst pairs join every pair so far, and the policy is
-trained on them from the previous one, with π0 as the reference (paper section 3.3).
+trained on them from the previous one, with π0 as the reference (paper section 3.3); dpo.train_on=current trains
+each iteration on its own pairs alone (online DPO).
 
 The trainer: reference log-probs once per pair, then training through the fused kernels.
 
@@ -182,9 +183,11 @@ def start(ctx: Context) -> list[Pair]:
 
 
 def iteration(ctx: Context, t: int, samples: list[Sample], rewards: list[float | None], kept: list[Pair]) -> list:
-    """This iteration's pairs join the ones kept; policy_t = DPO on all of them from policy_{t-1}."""
-    history = kept + pairs(ctx, t, samples, rewards)
-    dpo(ctx, t, history)
+    """This iteration's pairs join the ones kept; policy_t = DPO on all of them (dpo.train_on=current: on this
+    iteration's alone) from policy_{t-1}."""
+    new = pairs(ctx, t, samples, rewards)
+    history = kept + new
+    dpo(ctx, t, history if ctx.cfg.dpo.train_on == "all" else new)
     return history
 
 
@@ -246,7 +249,7 @@ def pairs(ctx: Context, t: int, samples: list[Sample], rewards: list[float]) -> 
 
 
 def dpo(ctx: Context, t: int, history: list[Pair]) -> None:
-    """DPO on all pairs so far, from the previous policy, reference π0."""
+    """DPO on `history` (all pairs so far, or this iteration's), from the previous policy, reference π0."""
     loss = reductions(ctx.cfg.dpo.loss_type, dpo_path(ctx.cfg.dpo, ctx.model.device))  # Triton or torch, per loss
     update_policy(ctx, t, "dpo", f"DPO on {len(history)} pairs (loss {loss})", len(history), lambda on_step: train_dpo(
         ctx.model, history, ctx.ids, ctx.cfg.dpo, ctx.cfg.data, seed=derive_seed(ctx.cfg, t, "dpo"),
