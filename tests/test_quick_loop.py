@@ -30,6 +30,7 @@ def test_a_small_dpo_run_goes_from_reward_model_to_report(tmp_path):
         "generation.n=2", "generation.max_new_tokens=6", "pairs.allow_truncated=true", "loop.iterations=2",
         "loop.keep_optimizer=true", "dpo.train_on=current",
         "reward.micro_batch=4", "reward.grad_accum=1", "dpo.micro_batch=2", "dpo.grad_accum=1", "dpo.lr=1e-2",
+        "dpo.epochs=1",
         "eval.samples_per_prompt=1", f"run.out_dir={run}", "--quiet",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -48,7 +49,7 @@ def test_a_small_dpo_run_goes_from_reward_model_to_report(tmp_path):
     assert [m["iteration"] for m in metrics if m["stage"] == "eval"] == [0, 1, 2]
     pairs = {t: len((run / f"iter_{t:03d}" / "pairs.jsonl").read_text().splitlines()) for t in (1, 2)}
     steps = {t: sum(m["stage"] == "dpo" and m["iteration"] == t for m in metrics) for t in (1, 2)}
-    assert steps[2] == math.ceil(2.0 * pairs[2] / 2)  # dpo.epochs x this iteration's pairs alone / micro-batch
+    assert pairs[1] and steps[2] == math.ceil(pairs[2] / 2)  # this iteration's pairs alone, 2 per step
     # one AdamW for the run: after update 2 its step count is both updates' steps
     state = torch.load(run / "iter_002" / "optimizer" / "state.pt", weights_only=True)
     assert {int(s["step"]) for s in state["dpo"].values()} == {steps[1] + steps[2]}
