@@ -355,7 +355,8 @@ def lite_worker(spec: dict) -> dict:
         length = check_context(ids, model_dir, cfg.generation, cfg.data.max_length)
         gen = sized_for(cfg.generation, model_dir, length, len(prompts) * cfg.generation.n)  # as the loop sizes it
         engine = start_engine(model, cfg, lambda share: make_engine(
-            model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, max_model_len=length, share=share), print)  # fmt: skip
+            model_dir, gen, lora_rank=cfg.lora.r, seed=cfg.run.seed, max_model_len=length, share=share),
+            print)  # fmt: skip
         return model, Oracle(cfg, model), engine
 
     model, oracle, engine = ph.run("load model + reward, start vLLM", STAGES[0], setup,

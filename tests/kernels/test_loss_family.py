@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.testing import assert_close
-
 from lite_rlhf.kernels.dpo_loss import LOSS_TYPES, SMOOTHED, dpo_loss
 from lite_rlhf.kernels.fused_dpo import LossSpec, loss_recipe, preference_loss
+from torch.testing import assert_close
 
 PAIRS, LENGTH = 5, 7
 
