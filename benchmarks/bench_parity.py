@@ -577,7 +577,9 @@ def report(table: dict, runs: dict, evals: dict, args, reward: str) -> str:
 MATCHED = [
     "- One update = one of our loop's iterations = one TRL optimizer step on a fresh batch: our loop.iterations = "
     "the updates, loop.prompts_per_iteration = TRL's prompts per batch; μ = 1, one optimizer step per update "
-    "(micro-batches of 8 answers accumulated on both sides), the same total samples.",
+    "(micro-batches of 8 answers accumulated on both sides), the same total samples. One AdamW for the run on both "
+    "sides (ours: loop.keep_optimizer=true carries its moments and step count from update to update); online DPO "
+    "trains each update on its own pairs (ours: dpo.train_on=current).",
     "- The same model (fp32, no gradient checkpointing), LoRA rank, alpha, dropout 0 and layers (ours: all-linear's "
     "7 projections, given to peft by name), and the same initial adapter: ours (seeded) saved at π0 and loaded into "
     "TRL's peft model (B = 0: both start at π0 with the same A).",
